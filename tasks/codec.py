@@ -1,0 +1,184 @@
+"""Versioned JSON codec for the events in ``tasks.events``.
+
+Wire format (version 1): one JSON object per Kafka message, ``{"v": 1, "t": <type>,
+...fields}``; decimals travel as JSON strings so no consumer can read them as floats,
+times as integers (epoch microseconds). ``decode`` validates; anything it rejects raises
+``CodecError`` whose ``reason`` is what the DLQ record carries. Decoding never raises
+anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from tasks.events import SIDES, TX_STATUSES, Candle, Event, Quote, Trade, UserTransaction
+
+VERSION = 1
+# Times outside [2009-01-03, now + 1 day] are absurd for crypto market data.
+MIN_TIME_US = 1_230_940_800_000_000
+MAX_FUTURE_US = 86_400_000_000
+MAX_ID = 2**63 - 1
+
+
+class CodecError(ValueError):
+    """A message that cannot be decoded or fails validation; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _str(name: str, v: Any) -> str:
+    if type(v) is not str or not v:
+        raise CodecError(f"{name}: expected a non-empty string, got {v!r:.60}")
+    return v
+
+
+def _dec(name: str, v: Any, positive: bool) -> Decimal:
+    if type(v) is not str:
+        raise CodecError(f"{name}: expected a decimal string, got {type(v).__name__}")
+    try:
+        d = Decimal(v)
+    except (InvalidOperation, ValueError):
+        raise CodecError(f"{name}: not a number: {v!r:.60}") from None
+    if not d.is_finite():
+        raise CodecError(f"{name}: not finite: {v!r:.60}")
+    if d < 0 or (positive and d == 0):
+        raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
+    return d
+
+
+def _pos(name: str, v: Any) -> Decimal:
+    return _dec(name, v, True)
+
+
+def _nonneg(name: str, v: Any) -> Decimal:
+    return _dec(name, v, False)
+
+
+def _int(name: str, v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_ID:
+        raise CodecError(f"{name}: expected a non-negative integer, got {v!r:.60}")
+    return v
+
+
+def _opt_int(name: str, v: Any) -> int | None:
+    return None if v is None else _int(name, v)
+
+
+def _time(name: str, v: Any) -> int:
+    if type(v) is not int:
+        raise CodecError(f"{name}: expected integer epoch microseconds, got {v!r:.60}")
+    if v < MIN_TIME_US or v > time.time_ns() // 1000 + MAX_FUTURE_US:
+        raise CodecError(f"{name}: absurd timestamp {v} (epoch microseconds)")
+    return v
+
+
+def _side(name: str, v: Any) -> str:
+    if v not in SIDES:
+        raise CodecError(f"{name}: unknown side {v!r:.60}")
+    return v
+
+
+def _status(name: str, v: Any) -> str:
+    if v not in TX_STATUSES:
+        raise CodecError(f"{name}: unknown status {v!r:.60}")
+    return v
+
+
+Check = Callable[[str, Any], Any]
+_SCHEMAS: dict[str, tuple[type, tuple[tuple[str, Check], ...]]] = {
+    "trade": (
+        Trade,
+        (
+            ("venue", _str), ("symbol", _str), ("venue_symbol", _str), ("trade_id", _int),
+            ("price", _pos), ("qty", _pos), ("side", _side), ("event_us", _time),
+            ("recv_us", _time),
+        ),
+    ),
+    "quote": (
+        Quote,
+        (
+            ("venue", _str), ("symbol", _str), ("venue_symbol", _str),
+            ("update_id", _opt_int), ("bid_price", _pos), ("bid_qty", _nonneg),
+            ("ask_price", _pos), ("ask_qty", _nonneg), ("event_us", _time),
+            ("recv_us", _time),
+        ),
+    ),
+    "tx": (
+        UserTransaction,
+        (
+            ("tx_id", _str), ("user_id", _str), ("symbol", _str), ("side", _side),
+            ("qty", _pos), ("price", _pos), ("fee", _nonneg), ("status", _status),
+            ("event_us", _time),
+        ),
+    ),
+    "candle": (
+        Candle,
+        (
+            ("venue", _str), ("symbol", _str), ("interval", _str), ("open_us", _time),
+            ("open", _pos), ("high", _pos), ("low", _pos), ("close", _pos),
+            ("volume", _nonneg), ("trade_count", _int), ("vwap", _nonneg), ("source", _str),
+        ),
+    ),
+}
+_TYPE_OF: dict[type, str] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f for f, _ in fields) for cls, fields in _SCHEMAS.values()
+}
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    """The wire dict of an event: decimals as strings."""
+    out: dict[str, Any] = {"v": VERSION, "t": _TYPE_OF[type(event)]}
+    for f in _FIELDS[type(event)]:
+        v = getattr(event, f)
+        out[f] = str(v) if type(v) is Decimal else v
+    return out
+
+
+def encode(event: Event) -> bytes:
+    return _dumps(to_dict(event)).encode()
+
+
+def from_dict(obj: Any) -> Event:
+    """Validate a wire dict and build its event; raises CodecError only."""
+    if type(obj) is not dict:
+        raise CodecError(f"expected a JSON object, got {type(obj).__name__}")
+    if obj.get("v") != VERSION:
+        raise CodecError(f"unsupported codec version {obj.get('v')!r:.20}")
+    schema = _SCHEMAS.get(obj.get("t"))  # type: ignore[arg-type]
+    if schema is None:
+        raise CodecError(f"unknown event type {obj.get('t')!r:.40}")
+    cls, fields = schema
+    args = []
+    for name, check in fields:
+        try:
+            v = obj[name]
+        except KeyError:
+            if name == "source" or name == "update_id":
+                v = "trades" if name == "source" else None
+            else:
+                raise CodecError(f"{name}: missing") from None
+        args.append(check(name, v))
+    return cls(*args)
+
+
+def decode(data: bytes | str) -> Event:
+    try:
+        obj = json.loads(data)
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CodecError(f"not JSON: {e}") from None
+    except RecursionError:
+        raise CodecError("not JSON: nested too deeply") from None
+    return from_dict(obj)
+
+
+def validate(event: Event) -> Event:
+    """Check an event built in code (e.g. by an adapter) against the wire rules."""
+    return from_dict(to_dict(event))

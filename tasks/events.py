@@ -1,0 +1,108 @@
+"""The project's vocabulary: normalised market and user events.
+
+Every venue adapter produces these, every sink consumes them. Prices and sizes are
+``Decimal`` (never float). All times are integer epoch **microseconds** (``*_us``):
+Binance gives milliseconds, Coinbase and Kraken give RFC 3339 with microseconds, and
+microseconds keep all of them exact in one BIGINT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+Side = Literal["buy", "sell"]
+SIDES: frozenset[str] = frozenset({"buy", "sell"})
+TX_STATUSES: frozenset[str] = frozenset({"filled", "cancelled", "rejected"})
+
+
+@dataclass(frozen=True, slots=True)
+class Trade:
+    """One public trade; ``side`` is the taker's side."""
+
+    venue: str
+    symbol: str  # canonical, e.g. BTC-USDT
+    venue_symbol: str  # as the venue spells it, e.g. BTCUSDT
+    trade_id: int
+    price: Decimal
+    qty: Decimal
+    side: Side
+    event_us: int
+    recv_us: int
+
+    @property
+    def key(self) -> str:
+        return self.symbol
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """Top of book. ``update_id`` is the venue's book sequence where it has one."""
+
+    venue: str
+    symbol: str
+    venue_symbol: str
+    update_id: int | None
+    bid_price: Decimal
+    bid_qty: Decimal
+    ask_price: Decimal
+    ask_qty: Decimal
+    event_us: int
+    recv_us: int
+
+    @property
+    def key(self) -> str:
+        return self.symbol
+
+
+@dataclass(frozen=True, slots=True)
+class UserTransaction:
+    """A user's fill on the trading platform; quote-asset fee. Keyed by user id."""
+
+    tx_id: str
+    user_id: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    price: Decimal
+    fee: Decimal
+    status: str
+    event_us: int
+
+    @property
+    def key(self) -> str:
+        return self.user_id
+
+
+@dataclass(frozen=True, slots=True)
+class Candle:
+    """OHLCV over [open_us, open_us + interval). ``source`` is 'trades' or 'venue'."""
+
+    venue: str
+    symbol: str
+    interval: str
+    open_us: int
+    open: Decimal
+    high: Decimal
+    low: Decimal
+    close: Decimal
+    volume: Decimal
+    trade_count: int
+    vwap: Decimal
+    source: str = "trades"
+
+    @property
+    def key(self) -> str:
+        return self.symbol
+
+
+Event = Trade | Quote | UserTransaction | Candle
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """BTC-USDT -> ('BTC', 'USDT')."""
+    base, _, quote = symbol.partition("-")
+    if not base or not quote:
+        raise ValueError(f"not a canonical symbol: {symbol!r}")
+    return base, quote
