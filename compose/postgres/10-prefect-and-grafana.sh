@@ -7,7 +7,7 @@ set -eu
 : "${PREFECT_DB_PASSWORD:?PREFECT_DB_PASSWORD must be set}"
 : "${GRAFANA_PG_PASSWORD:?GRAFANA_PG_PASSWORD must be set}"
 
-psql --set ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
+psql --no-psqlrc --set ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
     --set prefect_password="$PREFECT_DB_PASSWORD" \
     --set grafana_password="$GRAFANA_PG_PASSWORD" \
     --set app_db="$POSTGRES_DB" \
@@ -22,6 +22,6 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"app_user" IN SCHEMA public
     GRANT SELECT ON TABLES TO grafana_reader;
 SQL
 
-psql --set ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname prefect <<'SQL'
+psql --no-psqlrc --set ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname prefect <<'SQL'
 CREATE EXTENSION IF NOT EXISTS pg_trgm;
 SQL
