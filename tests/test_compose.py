@@ -328,6 +328,7 @@ def test_app_containers_get_the_fixed_environment(
     assert worker["TAPELINE_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["TAPELINE_METRICS_PORT"] == "9108"
+    assert worker["TAPELINE_SIMULATOR_URL"] == "http://simulator:18765"
     assert "@postgres:5432/tapeline" in worker["TAPELINE_PG_DSN"]
     assert "@mongo:27017/" in worker["TAPELINE_MONGO_URL"]
     assert environment(services["kafka-init"]) == {"TAPELINE_KAFKA_BOOTSTRAP": "kafka:9092"}
