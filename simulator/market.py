@@ -1,0 +1,345 @@
+"""A synthetic, deterministic market per symbol: the one truth every venue format shows.
+
+Why this shape: the pipeline's correctness tests need a stream whose every trade can be
+fetched again from REST (gap repair) and whose content does not depend on timing. So
+the *content* of the trade sequence (ids, prices, sizes, sides, book updates) comes from
+one seeded RNG per symbol and only the *arrival times* come from a second RNG and the
+wall clock: the same seed gives the same trades at any rate or machine speed.
+
+Prices and sizes are integers in units of ``10**-dp`` (tick and lot decimals), kept in
+compact ``array`` columns so millions of trades per symbol fit in memory for REST.
+Every trade executes at the touch (a taker buy at the ask, a taker sell at the bid), so
+each trade price lies inside the best bid/ask last published before it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from array import array
+from bisect import bisect_left
+from dataclasses import dataclass
+from decimal import Decimal
+from itertools import compress
+from operator import mul
+from typing import NamedTuple
+
+from simulator.wire import decimals_of
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    symbol: str  # canonical, e.g. BTC-USDT
+    start_price: Decimal
+    tick: Decimal  # price step
+    lot: Decimal  # size step
+
+
+# Plausible levels and venue-like steps for the usual pairs; anything else gets defaults.
+_KNOWN: dict[str, tuple[str, str, str]] = {
+    "BTC": ("43000", "0.01", "0.00001"),
+    "ETH": ("2300", "0.01", "0.0001"),
+    "SOL": ("100", "0.01", "0.001"),
+    "BNB": ("300", "0.01", "0.001"),
+    "XRP": ("0.6", "0.0001", "1"),
+    "DOGE": ("0.08", "0.00001", "1"),
+}
+
+
+def instrument(symbol: str) -> Instrument:
+    base, _, quote = symbol.partition("-")
+    if not base or not quote:
+        raise ValueError(f"not a canonical symbol: {symbol!r}")
+    price, tick, lot = _KNOWN.get(base, ("100", "0.01", "0.001"))
+    return Instrument(symbol, Decimal(price), Decimal(tick), Decimal(lot))
+
+
+class TradeRow(NamedTuple):
+    id: int
+    price: int  # units of 10**-price_dp
+    qty: int  # units of 10**-qty_dp
+    ts_ms: int
+    buyer_maker: bool  # True when the taker sold
+
+
+class QuoteRow(NamedTuple):
+    update_id: int
+    bid: int
+    bid_qty: int
+    ask: int
+    ask_qty: int
+    ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarketParams:
+    rate: float  # mean trades per second for this symbol (before bursts)
+    seed: int = 1
+    start_id: int = 1_000_000
+    max_history: int = 2_000_000
+    volatility: float = 0.0001  # relative mid stdev per sqrt(second) (~56% a year)
+    quote_ratio: float = 0.2  # chance per trade of a size-only book update
+    burst_rate: float = 0.05  # bursts started per second
+    burst_factor: float = 4.0  # arrival rate multiplier during a burst
+    burst_s: float = 0.5
+    max_spread_ticks: int = 3
+
+
+class Market:
+    """One symbol's order flow and its full (bounded) trade history."""
+
+    def __init__(self, inst: Instrument, params: MarketParams, start_ms: int):
+        self.inst = inst
+        self.symbol = inst.symbol
+        self.params = params
+        self.price_dp = decimals_of(inst.tick)
+        self.qty_dp = decimals_of(inst.lot)
+        self.tick = int(inst.tick.scaleb(self.price_dp))
+        self.lot = int(inst.lot.scaleb(self.qty_dp))
+        self._path = random.Random(f"{params.seed}:{inst.symbol}:path")
+        self._arrivals = random.Random(f"{params.seed}:{inst.symbol}:arrivals")
+        mid = int(inst.start_price.scaleb(self.price_dp)) // self.tick * self.tick
+        self.bid = max(self.tick, mid)
+        self.ask = self.bid + self.tick
+        notional = Decimal(500)  # a typical print of ~500 quote units
+        typical_lots = max(1.0, float(notional / inst.start_price / inst.lot))
+        self._qty_mu = math.log(typical_lots)
+        self.bid_qty = self._level_qty()
+        self.ask_qty = self._level_qty()
+        # per-trade mid stdev in ticks, so that ``volatility`` holds per second at the base
+        # rate; fixed at start so the path does not depend on how trades are batched
+        self._sigma = (mid / self.tick) * params.volatility / math.sqrt(max(params.rate, 1e-9))
+        self._drift = 0.0
+        self.update_id = params.start_id * 10
+        self.next_id = params.start_id
+        self.first_id = params.start_id  # first id generated since start
+        self.generated = 0
+        self.last_ms = start_ms
+        # session statistics for the venues' ticker channels
+        self.open_price = 0
+        self.last_price = 0
+        self.high = 0
+        self.low = 0
+        self.volume = 0  # qty units
+        self.quote_volume = 0  # units of 10**-(price_dp + qty_dp)
+        self._burst_until = 0.0
+        self._clock = 0.0  # seconds of market time advanced
+        # history columns; index i holds trade id history_first_id + i
+        self.history_first_id = params.start_id
+        self._px = array("q")
+        self._qty = array("q")
+        self._ts = array("q")
+        self._taker_buy = bytearray()
+        self._trim_chunk = max(1000, params.max_history // 10)
+
+    # ---- generation -------------------------------------------------------------------
+
+    def advance(self, dt_s: float, now_ms: int) -> tuple[list[TradeRow], list[QuoteRow]]:
+        """Generate the trades that arrive in the next ``dt_s`` seconds (Poisson, with bursts)."""
+        p = self.params
+        self._clock += dt_s
+        rnd = self._arrivals.random
+        if p.burst_rate > 0 and rnd() < p.burst_rate * dt_s:
+            self._burst_until = self._clock + p.burst_s
+        lam = p.rate * dt_s * (p.burst_factor if self._clock < self._burst_until else 1.0)
+        return self.generate(_poisson(rnd, lam), now_ms)
+
+    def generate(self, n: int, now_ms: int) -> tuple[list[TradeRow], list[QuoteRow]]:
+        """The next ``n`` trades, stamped evenly over (last_ms, now_ms], and the book updates
+        they cause. The content depends only on the seed and the trade count so far."""
+        if n <= 0:
+            return [], []
+        p = self.params
+        r = self._path.random
+        gauss = self._path.gauss
+        tick = self.tick
+        sigma = self._sigma
+        start = self.last_ms
+        span = max(0, now_ms - start)
+        trades: list[TradeRow] = []
+        quotes: list[QuoteRow] = []
+        px_col, qty_col, ts_col, buy_col = self._px, self._qty, self._ts, self._taker_buy
+        tid = self.next_id
+        for i in range(1, n + 1):
+            ts = start + span * i // n
+            buy = r() < 0.5
+            qty = self._trade_qty()
+            moved = False
+            if buy:
+                price = self.ask
+                self.ask_qty -= qty
+                if self.ask_qty <= 0:
+                    self.ask += tick
+                    self.ask_qty = self._level_qty()
+                    moved = True
+            else:
+                price = self.bid
+                self.bid_qty -= qty
+                if self.bid_qty <= 0:
+                    if self.bid > tick:
+                        self.bid -= tick
+                    self.bid_qty = self._level_qty()
+                    moved = True
+            self._drift += gauss(0.0, sigma)
+            if abs(self._drift) >= 1.0:
+                step = int(self._drift)
+                self._drift -= step
+                step = max(step, 1 - self.bid // tick)  # keep the bid at least one tick
+                self.bid += step * tick
+                self.ask += step * tick
+                moved = True
+            if self.ask - self.bid > p.max_spread_ticks * tick:
+                if buy:
+                    self.bid = self.ask - tick
+                else:
+                    self.ask = self.bid + tick
+                moved = True
+            trades.append(TradeRow(tid, price, qty, ts, not buy))
+            px_col.append(price)
+            qty_col.append(qty)
+            ts_col.append(ts)
+            buy_col.append(buy)
+            tid += 1
+            if moved or r() < p.quote_ratio:
+                if not moved:
+                    self.bid_qty = self._level_qty()
+                self.update_id += 1 + int(r() * 4)
+                quotes.append(
+                    QuoteRow(self.update_id, self.bid, self.bid_qty, self.ask, self.ask_qty, ts)
+                )
+        self.next_id = tid
+        self.generated += n
+        px, qty = px_col[-n:], qty_col[-n:]
+        if not self.open_price:
+            self.open_price = self.low = px[0]
+        self.last_price = px[-1]
+        self.high = max(self.high, max(px))
+        self.low = min(self.low, min(px))
+        self.volume += sum(qty)
+        self.quote_volume += sum(map(mul, px, qty))
+        self.last_ms = max(start, now_ms)
+        if len(px_col) > p.max_history + self._trim_chunk:
+            self._trim(len(px_col) - p.max_history)
+        return trades, quotes
+
+    def _trade_qty(self) -> int:
+        lots = int(self._path.lognormvariate(self._qty_mu, 1.1))
+        return max(1, lots) * self.lot
+
+    def _level_qty(self) -> int:
+        lots = int(self._path.lognormvariate(self._qty_mu + 1.5, 1.0))
+        return max(1, lots) * self.lot
+
+    def _trim(self, k: int) -> None:
+        del self._px[:k]
+        del self._qty[:k]
+        del self._ts[:k]
+        del self._taker_buy[:k]
+        self.history_first_id += k
+
+    # ---- history ----------------------------------------------------------------------
+
+    @property
+    def last_id(self) -> int:
+        """Id of the newest trade (first_id - 1 when none yet)."""
+        return self.next_id - 1
+
+    def quote(self, ts_ms: int) -> QuoteRow:
+        return QuoteRow(self.update_id, self.bid, self.bid_qty, self.ask, self.ask_qty, ts_ms)
+
+    def _row(self, i: int) -> TradeRow:
+        return TradeRow(
+            self.history_first_id + i,
+            self._px[i],
+            self._qty[i],
+            self._ts[i],
+            not self._taker_buy[i],
+        )
+
+    def rows(self, lo: int, hi: int) -> list[TradeRow]:
+        """Rows by history index [lo, hi)."""
+        return [self._row(i) for i in range(max(0, lo), min(hi, len(self._px)))]
+
+    def from_id(self, trade_id: int, limit: int) -> list[TradeRow]:
+        """Up to ``limit`` trades with id >= trade_id (from the oldest kept, if older)."""
+        lo = max(0, trade_id - self.history_first_id)
+        return self.rows(lo, lo + limit)
+
+    def recent(self, limit: int) -> list[TradeRow]:
+        n = len(self._px)
+        return self.rows(n - limit, n)
+
+    def index_at(self, ts_ms: int) -> int:
+        """History index of the first trade at or after ``ts_ms``."""
+        return bisect_left(self._ts, ts_ms)
+
+    def __len__(self) -> int:
+        return len(self._px)
+
+    def bars(self, interval_ms: int, start_ms: int, end_ms: int, limit: int) -> list[Bar]:
+        """OHLCV bars of [start_ms, end_ms] in ``interval_ms`` buckets, oldest first, only
+        buckets that hold trades. ``start_ms`` is floored to a bucket boundary."""
+        ts = self._ts
+        if not ts:
+            return []
+        t = max(start_ms, ts[0]) // interval_ms * interval_ms
+        out: list[Bar] = []
+        i = self.index_at(t)
+        n = len(ts)
+        while len(out) < limit and i < n and t <= end_ms:
+            bucket = ts[i] // interval_ms * interval_ms
+            if bucket > end_ms:
+                break
+            j = bisect_left(ts, bucket + interval_ms, i)
+            px, qty, buys = self._px[i:j], self._qty[i:j], self._taker_buy[i:j]
+            out.append(
+                Bar(
+                    open_ms=bucket,
+                    open=px[0],
+                    high=max(px),
+                    low=min(px),
+                    close=px[-1],
+                    volume=sum(qty),
+                    quote_volume=sum(map(mul, px, qty)),
+                    count=j - i,
+                    taker_buy_volume=sum(compress(qty, buys)),
+                    taker_buy_quote=sum(map(mul, compress(px, buys), compress(qty, buys))),
+                    first_id=self.history_first_id + i,
+                    last_id=self.history_first_id + j - 1,
+                )
+            )
+            i = j
+            t = bucket + interval_ms
+        return out
+
+
+class Bar(NamedTuple):
+    open_ms: int
+    open: int
+    high: int
+    low: int
+    close: int
+    volume: int  # qty units
+    quote_volume: int  # units of 10**-(price_dp + qty_dp)
+    count: int
+    taker_buy_volume: int
+    taker_buy_quote: int
+    first_id: int
+    last_id: int
+
+
+def _poisson(rnd, lam: float) -> int:
+    """A Poisson draw: Knuth's product method for small means, normal approximation above."""
+    if lam <= 0:
+        return 0
+    if lam < 30:
+        limit = math.exp(-lam)
+        k, prod = 0, rnd()
+        while prod > limit:
+            k += 1
+            prod *= rnd()
+        return k
+    # Box-Muller from the same uniform source keeps the draw sequence reproducible
+    u1, u2 = rnd() or 1e-12, rnd()
+    z = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+    return max(0, round(lam + z * math.sqrt(lam)))

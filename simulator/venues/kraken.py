@@ -1,0 +1,228 @@
+"""Kraken spot WebSocket v2, at ``/kraken`` (also ``/kraken/v2``).
+
+On connect a ``status`` update (system ``online``). Subscribe with
+``{"method":"subscribe","params":{"channel":"trade","symbol":["BTC/USD"],"snapshot":false},
+"req_id":1}``; one ack per symbol ``{"method":"subscribe","result":{"channel","snapshot",
+"symbol"},"success":true,"time_in","time_out","req_id"}``; unknown pairs get
+``success:false`` with an ``error``. ``ping`` is answered with ``pong``.
+
+- trade: optional ``snapshot`` (the last 50 trades, default off), then ``update``
+  messages batching each tick's trades: ``{"symbol","side","price","qty","ord_type",
+  "trade_id","timestamp"}``; ``side`` is the taker's side; ``price``/``qty`` are JSON
+  numbers written with the instrument's exact decimals (parse them with Decimal).
+- ticker: snapshot on subscribe (default on), then an update per tick with changes.
+- heartbeat: ``{"channel":"heartbeat"}`` every second once anything is subscribed.
+The shutdown fault sends a ``status`` update with system ``maintenance`` and then closes.
+Symbols are the canonical ones with ``/``: BTC-USDT -> BTC/USDT.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from simulator.faults import TRADE
+from simulator.hub import Client
+from simulator.market import Market, QuoteRow, TradeRow
+from simulator.venues import Items, VenueBase
+from simulator.wire import fmt_units, rfc3339_ms
+
+NAME = "kraken"
+API_VERSION = "2.0.10"
+TRADE_FMT = (
+    '{"symbol":"%s","side":"%s","price":%s,"qty":%s,"ord_type":"market",'
+    '"trade_id":%d,"timestamp":"%s"}'
+)
+CHANNELS = {"trade": "trade", "ticker": "quote"}
+SNAPSHOT_TRADES = 50
+
+
+def venue_symbol(symbol: str) -> str:
+    """BTC-USDT -> BTC/USDT"""
+    return symbol.replace("-", "/")
+
+
+def _trade(m: Market, t: TradeRow) -> str:
+    return TRADE_FMT % (
+        venue_symbol(m.symbol),
+        "sell" if t.buyer_maker else "buy",
+        fmt_units(t.price, m.price_dp),
+        fmt_units(t.qty, m.qty_dp),
+        t.id,
+        rfc3339_ms(t.ts_ms),
+    )
+
+
+def _malformed(kind: str, m: Market, t: TradeRow) -> str:
+    good = _trade(m, t)
+    price = f'"price":{fmt_units(t.price, m.price_dp)}'
+    if kind == "nan_price":
+        return good.replace(price, '"price":NaN', 1)
+    if kind == "missing_field":
+        return good.replace(price + ",", "", 1)
+    return good
+
+
+def _ticker(m: Market, q: QuoteRow) -> str:
+    pdp, qdp = m.price_dp, m.qty_dp
+    # quote units (10**-(pdp+qdp)) over qty units (10**-qdp) leave price units (10**-pdp)
+    vwap = m.quote_volume // m.volume if m.volume else m.last_price
+    change = m.last_price - m.open_price
+    pct = change * 100 / m.open_price if m.open_price else 0.0
+    return (
+        '{"symbol":"%s","bid":%s,"bid_qty":%s,"ask":%s,"ask_qty":%s,"last":%s,"volume":%s,'
+        '"vwap":%s,"low":%s,"high":%s,"change":%s,"change_pct":%.2f}'
+        % (
+            venue_symbol(m.symbol),
+            fmt_units(q.bid, pdp),
+            fmt_units(q.bid_qty, qdp),
+            fmt_units(q.ask, pdp),
+            fmt_units(q.ask_qty, qdp),
+            fmt_units(m.last_price, pdp),
+            fmt_units(m.volume, qdp),
+            fmt_units(vwap, pdp),
+            fmt_units(m.low, pdp),
+            fmt_units(m.high, pdp),
+            fmt_units(change, pdp),
+            pct,
+        )
+    )
+
+
+def _now_iso() -> str:
+    return rfc3339_ms(time.time_ns() // 1_000_000)
+
+
+class Kraken(VenueBase):
+    name = NAME
+
+    def __init__(self, hub, markets, faults):
+        super().__init__(hub, markets, faults)
+        self._by_pair = {venue_symbol(s): s for s in markets}
+
+    def accepts(self, path: str) -> bool:
+        return path in ("/kraken", "/kraken/v2")
+
+    def open(self, c: Client, path: str, query: dict[str, str]) -> None:
+        c.state["heartbeat"] = False
+        self.push(c, self._status(c, "online"))
+
+    def _status(self, c: Client, system: str) -> str:
+        data = {
+            "version": API_VERSION,
+            "system": system,
+            "api_version": "v2",
+            "connection_id": c.id,
+        }
+        return json.dumps(
+            {"channel": "status", "type": "update", "data": [data]}, separators=(",", ":")
+        )
+
+    def shutdown_frame(self, c: Client) -> str | None:
+        return self._status(c, "maintenance")
+
+    def receive(self, c: Client, text: str) -> None:
+        time_in = _now_iso()
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            self._reply(c, {"error": "Malformed request", "success": False}, time_in)
+            return
+        if not isinstance(msg, dict):
+            self._reply(c, {"error": "Malformed request", "success": False}, time_in)
+            return
+        method = msg.get("method")
+        base = {"method": method}
+        if "req_id" in msg:
+            base["req_id"] = msg["req_id"]
+        if method == "ping":
+            self._reply(c, base | {"method": "pong"}, time_in)
+            return
+        if method not in ("subscribe", "unsubscribe"):
+            self._reply(
+                c, base | {"error": f"Method not found: {method}", "success": False}, time_in
+            )
+            return
+        params = msg.get("params") if isinstance(msg.get("params"), dict) else {}
+        channel = params.get("channel")
+        if channel == "heartbeat":
+            c.state["heartbeat"] = method == "subscribe"
+            self._reply(c, base | {"result": {"channel": channel}, "success": True}, time_in)
+            return
+        if channel not in CHANNELS:
+            self._reply(
+                c, base | {"error": f"Channel {channel} not found", "success": False}, time_in
+            )
+            return
+        pairs = params.get("symbol")
+        if not isinstance(pairs, list) or not pairs:
+            self._reply(c, base | {"error": "Missing symbol", "success": False}, time_in)
+            return
+        snapshot = bool(params.get("snapshot", channel == "ticker"))
+        for pair in pairs:
+            sym = self._by_pair.get(pair) if isinstance(pair, str) else None
+            if sym is None:
+                err = f"Currency pair not supported {pair}"
+                self._reply(c, base | {"error": err, "success": False, "symbol": pair}, time_in)
+                continue
+            key = (CHANNELS[channel], sym)
+            result = {"channel": channel, "symbol": pair}
+            if method == "unsubscribe":
+                self.hub.unsubscribe(c, key)
+                self._reply(c, base | {"result": result, "success": True}, time_in)
+                continue
+            result["snapshot"] = snapshot
+            self._reply(c, base | {"result": result, "success": True}, time_in)
+            if snapshot:
+                self._snapshot(c, channel, sym)
+            self.hub.subscribe(c, key)
+            c.state["heartbeat"] = True
+
+    def _reply(self, c: Client, body: dict, time_in: str) -> None:
+        body = body | {"time_in": time_in, "time_out": _now_iso()}
+        self.push(c, json.dumps(body, separators=(",", ":")))
+
+    def _snapshot(self, c: Client, channel: str, sym: str) -> None:
+        m = self.markets[sym]
+        if channel == "trade":
+            rows = m.recent(SNAPSHOT_TRADES)
+            data = ",".join(_trade(m, t) for t in rows)
+            self.faults.ledger(sym).snapshot_trades += len(rows)
+        else:
+            data = _ticker(m, m.quote(time.time_ns() // 1_000_000))
+        self.push(c, '{"channel":"%s","type":"snapshot","data":[%s]}' % (channel, data))
+
+    def publish(self, symbol: str, items: Items, quotes: list[QuoteRow], now_ms: int) -> None:
+        m = self.markets[symbol]
+        led = self.faults.ledger(symbol)
+        hub = self.hub
+        if items:
+            group = tuple(hub.subscribers(self.name, ("trade", symbol)))
+            trades = []
+            for kind, t in items:
+                if kind is TRADE:
+                    trades.append(_trade(m, t))
+                    continue
+                frame = '{"channel":"trade","type":"update","data":[%s]}' % _malformed(kind, m, t)
+                if kind == "invalid_json":
+                    frame = frame[: len(frame) // 2]
+                for c in group:
+                    hub.push(c, frame)
+                led.note_malformed(kind, t.id, [frame], len(group))
+            if trades:
+                frame = '{"channel":"trade","type":"update","data":[%s]}' % ",".join(trades)
+                for c in group:
+                    hub.push(c, frame)
+        if items or quotes:
+            group = tuple(hub.subscribers(self.name, ("quote", symbol)))
+            if group:
+                data = _ticker(m, m.quote(now_ms))
+                frame = '{"channel":"ticker","type":"update","data":[%s]}' % data
+                for c in group:
+                    hub.push(c, frame)
+                led.quotes_sent += 1
+
+    def heartbeat(self, now_ms: int) -> None:
+        for c in tuple(self.hub.clients[self.name]):
+            if c.state.get("heartbeat"):
+                self.push(c, '{"channel":"heartbeat"}')
