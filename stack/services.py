@@ -1,0 +1,568 @@
+"""The real services of the local stack: Apache Kafka, PostgreSQL, a MongoDB-protocol
+server and the Prefect server, on loopback, with data and logs under ``$TAPELINE_HOME``.
+
+Each service installs what it needs once (cached: Maven repository, Go build cache,
+Debian packages), starts idempotently (a healthy running instance is reused) and is
+waited on with a real round trip, not just an open port.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
+from tasks import config
+
+STACK_DIR = Path(__file__).resolve().parent
+# Downloads and builds outlive any one $TAPELINE_HOME (and ``down --purge``).
+CACHE = Path(os.environ.get("TAPELINE_CACHE", Path.home() / ".cache" / "tapeline"))
+
+
+def _run(cmd: list[str], what: str, log: Path, **kw) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        res = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
+    if res.returncode != 0:
+        raise StackError(f"{what} failed (exit {res.returncode}); see {log}")
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _apt_install(packages: list[str], log: Path) -> None:
+    if not _is_root() or not shutil.which("apt-get"):
+        raise StackError(f"install {' '.join(packages)} (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    _run(["apt-get", "update", "-q"], "apt-get update", log, env=env)
+    _run(
+        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+        f"apt-get install {' '.join(packages)}",
+        log,
+        env=env,
+    )
+
+
+@dataclass
+class Service:
+    name: str
+    settings: config.Settings
+
+    @property
+    def dir(self) -> Path:
+        return self.settings.home / self.name
+
+    @property
+    def log(self) -> Path:
+        return self.settings.home / "logs" / f"{self.name}.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.settings.home / "run" / f"{self.name}.pid"
+
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        """Fetch or build what the service runs; cached after the first time."""
+
+    def launch(self) -> int:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def version(self) -> str:
+        return ""
+
+    start_timeout = 90.0
+
+    def start(self) -> int | None:
+        """Install and launch unless a healthy instance answers; returns the new pid."""
+        (self.settings.home / "run").mkdir(parents=True, exist_ok=True)
+        if self.answers():
+            return None
+        self.install()
+        return self.launch()
+
+    def answers(self) -> bool:
+        try:
+            return self.healthy()
+        except Exception:
+            return False
+
+    def down(self) -> bool:
+        return stop(self.pidfile)
+
+
+class Kafka(Service):
+    """Apache Kafka in KRaft mode (one broker+controller), jars resolved by Maven."""
+
+    start_timeout = 120.0
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.settings.kafka.bootstrap[0].rpartition(":")
+        return host, int(port)
+
+    def where(self) -> str:
+        return ",".join(self.settings.kafka.bootstrap)
+
+    @property
+    def lib(self) -> Path:
+        return CACHE / "kafka-lib"
+
+    def install(self) -> None:
+        lib = self.lib
+        stamp = lib / ".resolved"
+        pom = STACK_DIR / "pom.xml"
+        if stamp.exists() and stamp.read_text() == pom.read_text():
+            return
+        if not shutil.which("mvn"):
+            _apt_install(["maven"], self.log)
+        if not shutil.which("java"):
+            _apt_install(["openjdk-17-jre-headless"], self.log)
+        shutil.rmtree(lib, ignore_errors=True)
+        _run(
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={lib}",
+            ],
+            "resolving Kafka jars with Maven",
+            self.log,
+        )
+        stamp.write_text(pom.read_text())
+
+    def _write_config(self) -> Path:
+        host, port = self.host_port
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        props = self.dir / "server.properties"
+        props.write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@{host}:{port + 1}",
+                    f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{port + 1}",
+                    f"advertised.listeners=PLAINTEXT://{host}:{port}",
+                    "controller.listener.names=CONTROLLER",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={data}",
+                    f"num.partitions={self.settings.topics.partitions}",
+                    "offsets.topic.replication.factor=1",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=false",
+                    "",
+                ]
+            )
+        )
+        (self.dir / "log4j.properties").write_text(
+            "\n".join(
+                [
+                    "log4j.rootLogger=INFO, file",
+                    "log4j.logger.kafka=INFO",
+                    "log4j.logger.org.apache.kafka=INFO",
+                    "log4j.appender.file=org.apache.log4j.FileAppender",
+                    f"log4j.appender.file.File={self.log}",
+                    "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
+                    "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+                    "",
+                ]
+            )
+        )
+        return props
+
+    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+        return [
+            "java",
+            f"-Xmx{heap}",
+            "-cp",
+            str(self.lib / "*"),
+            f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
+            main,
+            *args,
+        ]
+
+    def launch(self) -> int:
+        props = self._write_config()
+        if not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = uuid.uuid4().bytes
+
+            cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+            _run(
+                self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
+                "formatting Kafka storage",
+                self.log,
+            )
+        cmd = self._java("kafka.Kafka", str(props), heap="1g")
+        cmd[1:1] = ["-Xms256m", "-XX:+UseG1GC"]
+        return spawn(cmd, self.log.with_suffix(".out"), self.pidfile)
+
+    def healthy(self) -> bool:
+        if not port_open(*self.host_port):
+            return False
+        return kafka_round_trip(self.settings)
+
+    def version(self) -> str:
+        """What the broker itself says: its start-up banner and its DescribeFeatures."""
+        from tasks.kafka import admin
+
+        client = admin(self.settings)
+        try:
+            level = client.describe_features()["metadata.version"]["finalized"][1]
+        finally:
+            client.close()
+        banner = re.findall(r"Kafka version: (\S+)", self.log.read_text(errors="replace"))
+        return f"Apache Kafka {banner[-1] if banner else '?'} (metadata.version level {level})"
+
+
+def kafka_round_trip(settings: config.Settings, topic: str = "_tapeline.health") -> bool:
+    """Produce a unique record and read it back: the broker really works end to end."""
+    from kafka import TopicPartition
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    from tasks.kafka import admin, consumer, producer
+
+    client = admin(settings, request_timeout_ms=5000)
+    try:
+        if topic not in client.list_topics():
+            with contextlib.suppress(TopicAlreadyExistsError):
+                client.create_topics([NewTopic(topic, 1, 1)])
+    finally:
+        client.close()
+    token = uuid.uuid4().hex.encode()
+    p = producer(settings, linger_ms=0, max_block_ms=5000)
+    try:
+        meta = p.send(topic, key=b"health", value=token).get(timeout=10)
+    finally:
+        p.close(timeout=5)
+    c = consumer(None, settings, consumer_timeout_ms=5000)
+    try:
+        tp = TopicPartition(topic, meta.partition)
+        c.assign([tp])
+        c.seek(tp, meta.offset)
+        for rec in c:
+            return rec.value == token
+        return False
+    finally:
+        c.close()
+
+
+class Postgres(Service):
+    """PostgreSQL from Debian's packages in its own data directory and port."""
+
+    @property
+    def url(self):
+        return urlsplit(self.settings.pg_dsn)
+
+    def where(self) -> str:
+        u = self.url
+        return f"{u.hostname}:{u.port or 5432}/{u.path.lstrip('/')}"
+
+    def _bindir(self) -> Path | None:
+        candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+        return candidates[0].parent if candidates else None
+
+    @property
+    def _user(self) -> str | None:
+        return "postgres" if _is_root() else None
+
+    def install(self) -> None:
+        if self._bindir() is None:
+            _apt_install(["postgresql"], self.log)
+        if self._bindir() is None:
+            raise StackError(f"PostgreSQL binaries not found after install; see {self.log}")
+
+    def _ensure_traversable(self) -> None:
+        """The server runs as ``postgres``, which must be able to reach its data folder."""
+        if not self._user:
+            return
+        for d in reversed(self.dir.resolve().parents):
+            mode = d.stat().st_mode
+            if not mode & 0o001:
+                d.chmod(mode | 0o001)  # search only: no listing, no reading
+                with open(self.log, "a") as out:
+                    out.write(f"granted o+x on {d} so user postgres can reach {self.dir}\n")
+
+    def _chown(self, *paths: Path) -> None:
+        if self._user:
+            for p in paths:
+                shutil.chown(p, self._user, self._user)
+
+    def launch(self) -> int:
+        bindir = self._bindir()
+        assert bindir is not None
+        data, sock = self.dir / "data", self.dir / "socket"
+        for d in (self.dir, sock):
+            d.mkdir(parents=True, exist_ok=True)
+        self._chown(self.dir, sock)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.log.touch()
+        self._ensure_traversable()
+        self._chown(self.log)
+        u = self.url
+        if not (data / "PG_VERSION").exists():
+            pwfile = self.dir / ".pw"
+            pwfile.write_text(u.password or os.environ.get("PGPASSWORD", ""))
+            self._chown(pwfile)
+            pwfile.chmod(0o600)
+            try:
+                cmd = [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    u.username or "tapeline",
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]
+                _run(
+                    ["runuser", "-u", self._user, "--", *cmd] if self._user else cmd,
+                    "initdb",
+                    self.log,
+                )
+            finally:
+                pwfile.unlink(missing_ok=True)
+        cmd = [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-h",
+            u.hostname or "127.0.0.1",
+            "-p",
+            str(u.port or 5432),
+            "-k",
+            str(sock),
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=256MB",
+            "-c",
+            "synchronous_commit=on",
+            "-c",
+            "max_wal_size=2GB",
+            "-c",
+            "fsync=on",
+        ]
+        return spawn(cmd, self.log, self.pidfile, user=self._user)
+
+    def healthy(self) -> bool:
+        import psycopg2
+
+        u = self.url
+        if not port_open(u.hostname or "127.0.0.1", u.port or 5432):
+            return False
+        dbname = u.path.lstrip("/") or "tapeline"
+        try:
+            conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=3)
+        except psycopg2.OperationalError as e:
+            if f'database "{dbname}" does not exist' not in str(e):
+                raise
+            conn = psycopg2.connect(self.settings.pg_dsn, dbname="postgres", connect_timeout=3)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{dbname}"')
+            conn.close()
+            conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=3)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                return cur.fetchone() == (1,)
+        finally:
+            conn.close()
+
+    def version(self) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=3)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SHOW server_version")
+                return f"PostgreSQL {cur.fetchone()[0]}"
+        finally:
+            conn.close()
+
+    def down(self) -> bool:
+        """``pg_ctl stop -m fast`` for a clean checkpoint, then make sure it is gone."""
+        bindir = self._bindir()
+        data = self.dir / "data"
+        running = read_pid(self.pidfile) is not None
+        if bindir and running and (data / "postmaster.pid").exists():
+            cmd = [str(bindir / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]
+            subprocess.run(
+                ["runuser", "-u", self._user, "--", *cmd] if self._user else cmd,
+                capture_output=True,
+                timeout=60,
+            )
+        return stop(self.pidfile) or running
+
+
+class Mongo(Service):
+    """``mongod`` when the machine has one, else FerretDB 1.x on SQLite, built with Go."""
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        u = urlsplit(self.settings.mongo_url)
+        return u.hostname or "127.0.0.1", u.port or 27017
+
+    def where(self) -> str:
+        host, port = self.host_port
+        return f"{host}:{port} ({'mongod' if shutil.which('mongod') else 'FerretDB'})"
+
+    @property
+    def binary(self) -> Path:
+        return CACHE / "bin" / "ferretdb-local"
+
+    def install(self) -> None:
+        if shutil.which("mongod"):
+            return
+        src = STACK_DIR / "ferretdb"
+        stamp = self.binary.with_suffix(".stamp")
+        want = (src / "go.sum").read_text() + (src / "main.go").read_text()
+        if self.binary.exists() and stamp.exists() and stamp.read_text() == want:
+            return
+        if not shutil.which("go"):
+            _apt_install(["golang-go"], self.log)
+        self.binary.parent.mkdir(parents=True, exist_ok=True)
+        _run(
+            ["go", "build", "-trimpath", "-o", str(self.binary), "."],
+            "building FerretDB (go build)",
+            self.log,
+            cwd=src,
+            env={**os.environ, "CGO_ENABLED": "0"},
+        )
+        stamp.write_text(want)
+
+    def launch(self) -> int:
+        host, port = self.host_port
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mongod"):
+            cmd = ["mongod", "--dbpath", str(data), "--bind_ip", host, "--port", str(port)]
+        else:
+            cmd = [str(self.binary), "-listen", f"{host}:{port}", "-sqlite-dir", str(data)]
+        return spawn(cmd, self.log, self.pidfile)
+
+    def healthy(self) -> bool:
+        import pymongo
+
+        if not port_open(*self.host_port):
+            return False
+        client = pymongo.MongoClient(self.settings.mongo_url, serverSelectionTimeoutMS=2000)
+        try:
+            return client.admin.command("ping").get("ok") == 1.0
+        finally:
+            client.close()
+
+    def version(self) -> str:
+        import pymongo
+
+        client = pymongo.MongoClient(self.settings.mongo_url, serverSelectionTimeoutMS=2000)
+        try:
+            info = client.server_info()
+        finally:
+            client.close()
+        if "ferretdbVersion" not in info:
+            return f"MongoDB {info.get('version')}"
+        pinned = re.search(r"FerretDB (v\S+)", (STACK_DIR / "ferretdb" / "go.mod").read_text())
+        return f"FerretDB {pinned.group(1) if pinned else '?'} (speaks MongoDB {info['version']})"
+
+
+class PrefectServer(Service):
+    """``prefect server start`` on SQLite with its own PREFECT_HOME."""
+
+    start_timeout = 120.0
+
+    @property
+    def url(self):
+        return urlsplit(self.settings.prefect_api_url)
+
+    def where(self) -> str:
+        u = self.url
+        return f"{u.scheme}://{u.hostname}:{u.port} (UI), API {self.settings.prefect_api_url}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PREFECT_HOME": str(self.dir),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_URL": self.settings.prefect_api_url,
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+
+    def launch(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        u = self.url
+        prefect = Path(sys.executable).parent / "prefect"
+        cmd = [
+            str(prefect) if prefect.exists() else "prefect",
+            "server",
+            "start",
+            "--host",
+            u.hostname or "127.0.0.1",
+            "--port",
+            str(u.port or 4200),
+        ]
+        return spawn(cmd, self.log, self.pidfile, env=self.env())
+
+    def healthy(self) -> bool:
+        with urllib.request.urlopen(self.settings.prefect_api_url + "/health", timeout=3) as r:
+            return r.status == 200 and r.read().strip() == b"true"
+
+    def version(self) -> str:
+        with urllib.request.urlopen(
+            self.settings.prefect_api_url + "/admin/version", timeout=3
+        ) as r:
+            return f"Prefect server {r.read().decode().strip(chr(34))}"
+
+
+ORDER = ("kafka", "postgres", "mongo", "prefect")
+CLASSES: dict[str, type[Service]] = {
+    "kafka": Kafka,
+    "postgres": Postgres,
+    "mongo": Mongo,
+    "prefect": PrefectServer,
+}
+
+
+def services(
+    settings: config.Settings | None = None, names: tuple[str, ...] = ORDER
+) -> list[Service]:
+    settings = settings or config.load()
+    return [CLASSES[n](n, settings) for n in names]
+
+
+def up(items: list[Service]) -> dict[str, str]:
+    """Start every service, then wait for all of them: the slow starts overlap."""
+    started = {s.name: s.start() for s in items}
+    for s in items:
+        pid = started[s.name]
+        if pid is not None:
+            wait_until(s.healthy, s.name, s.log, s.start_timeout, pid)
+    return {n: "running" if pid is None else "started" for n, pid in started.items()}
