@@ -1,0 +1,90 @@
+"""The local stack keeps data across a restart and leaves nothing behind on teardown.
+
+Runs a second, private stack (Kafka, PostgreSQL, MongoDB protocol) on other ports in a
+temporary TAPELINE_HOME, so the session's shared stack is not disturbed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg2
+import pymongo
+import pytest
+
+from stack.process import port_open
+from tasks import config
+
+PORTS = {"kafka": 29092, "postgres": 25432, "mongo": 27217}
+
+
+@pytest.fixture
+def private_env(settings, kafka, postgres, mongo):  # the shared ones prove installs work
+    home = settings.home / f"test-stack-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "TAPELINE_HOME": str(home),
+        "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{PORTS['kafka']}",
+        "TAPELINE_PG_DSN": f"postgresql://tapeline:s3cret@127.0.0.1:{PORTS['postgres']}/tapeline",
+        "TAPELINE_MONGO_URL": f"mongodb://127.0.0.1:{PORTS['mongo']}/",
+    }
+    yield env
+    _stack(env, "down", "--purge")
+
+
+def _stack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stack", *args, "--only", "kafka,postgres,mongo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_restart_keeps_data_and_teardown_leaves_no_listener(private_env):
+    s = config.load(private_env)
+    up = _stack(private_env, "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert "Apache Kafka 3.9" in up.stdout
+
+    token = uuid.uuid4().hex
+    with psycopg2.connect(s.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS keep (token TEXT)")
+        cur.execute("INSERT INTO keep VALUES (%s)", (token,))
+    with pymongo.MongoClient(s.mongo_url) as client:
+        client.keep.things.insert_one({"_id": token})
+    from kafka import TopicPartition
+
+    from tasks.kafka import consumer, producer
+
+    p = producer(s)
+    meta = p.send("market.alerts", key=b"k", value=token.encode()).get(timeout=10)
+    p.close()
+
+    down = _stack(private_env, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    for port in PORTS.values():
+        assert not port_open("127.0.0.1", port), f"port {port} still listening after down"
+
+    again = _stack(private_env, "up")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "exists   market.alerts" in again.stdout
+    with psycopg2.connect(s.pg_dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM keep WHERE token = %s", (token,))
+        assert cur.fetchone() == (1,)
+    with pymongo.MongoClient(s.mongo_url) as client:
+        assert client.keep.things.find_one({"_id": token}) == {"_id": token}
+    c = consumer(None, s, consumer_timeout_ms=5000)
+    tp = TopicPartition("market.alerts", meta.partition)
+    c.assign([tp])
+    c.seek(tp, meta.offset)
+    assert next(iter(c)).value == token.encode()
+    c.close()
+
+    assert _stack(private_env, "down").returncode == 0
+    for port in PORTS.values():
+        assert not port_open("127.0.0.1", port)
