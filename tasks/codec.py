@@ -10,6 +10,7 @@ anything else.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
@@ -22,6 +23,11 @@ VERSION = 1
 MIN_TIME_US = 1_230_940_800_000_000
 MAX_FUTURE_US = 86_400_000_000
 MAX_ID = 2**63 - 1
+# Plain ASCII decimal syntax: Decimal() alone also takes "1_000", " 1 ", non-ASCII digits.
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# |value| within 1e-40..1e40: anything beyond is garbage that would overflow NUMERIC
+# columns or decimal arithmetic downstream and stall a sink.
+MAX_ADJUSTED_EXP = 40
 
 
 class CodecError(ValueError):
@@ -35,18 +41,32 @@ class CodecError(ValueError):
 def _str(name: str, v: Any) -> str:
     if type(v) is not str or not v:
         raise CodecError(f"{name}: expected a non-empty string, got {v!r:.60}")
+    if "\x00" in v or not (v.isascii() or _utf8(v)):  # text columns and encode() refuse these
+        raise CodecError(f"{name}: NUL or unpaired surrogate in {v!r:.60}")
     return v
+
+
+def _utf8(v: str) -> bool:
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _dec(name: str, v: Any, positive: bool) -> Decimal:
     if type(v) is not str:
         raise CodecError(f"{name}: expected a decimal string, got {type(v).__name__}")
+    if _DECIMAL.fullmatch(v) is None:
+        if v.lstrip("+-").lower() in ("nan", "snan", "inf", "infinity"):
+            raise CodecError(f"{name}: not finite: {v!r:.60}")
+        raise CodecError(f"{name}: not a number: {v!r:.60}")
     try:
         d = Decimal(v)
-    except (InvalidOperation, ValueError):
-        raise CodecError(f"{name}: not a number: {v!r:.60}") from None
-    if not d.is_finite():
-        raise CodecError(f"{name}: not finite: {v!r:.60}")
+    except InvalidOperation:  # an exponent beyond the decimal module's range
+        raise CodecError(f"{name}: magnitude out of range: {v!r:.60}") from None
+    if d and abs(d.adjusted()) > MAX_ADJUSTED_EXP:
+        raise CodecError(f"{name}: magnitude out of range: {v!r:.60}")
     if d < 0 or (positive and d == 0):
         raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
     return d
@@ -79,13 +99,13 @@ def _time(name: str, v: Any) -> int:
 
 
 def _side(name: str, v: Any) -> str:
-    if v not in SIDES:
+    if type(v) is not str or v not in SIDES:
         raise CodecError(f"{name}: unknown side {v!r:.60}")
     return v
 
 
 def _status(name: str, v: Any) -> str:
-    if v not in TX_STATUSES:
+    if type(v) is not str or v not in TX_STATUSES:
         raise CodecError(f"{name}: unknown status {v!r:.60}")
     return v
 
@@ -150,9 +170,10 @@ def from_dict(obj: Any) -> Event:
     """Validate a wire dict and build its event; raises CodecError only."""
     if type(obj) is not dict:
         raise CodecError(f"expected a JSON object, got {type(obj).__name__}")
-    if obj.get("v") != VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != VERSION:
         raise CodecError(f"unsupported codec version {obj.get('v')!r:.20}")
-    schema = _SCHEMAS.get(obj.get("t"))  # type: ignore[arg-type]
+    t = obj.get("t")
+    schema = _SCHEMAS.get(t) if type(t) is str else None
     if schema is None:
         raise CodecError(f"unknown event type {obj.get('t')!r:.40}")
     cls, fields = schema
