@@ -14,6 +14,8 @@ import re
 import time
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from json.encoder import encode_basestring
+from operator import attrgetter, call, index
 from typing import Any
 
 from tasks.events import SIDES, TX_STATUSES, Candle, Event, Quote, Trade, UserTransaction
@@ -150,7 +152,6 @@ _TYPE_OF: dict[type, str] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
 _FIELDS: dict[type, tuple[str, ...]] = {
     cls: tuple(f for f, _ in fields) for cls, fields in _SCHEMAS.values()
 }
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def to_dict(event: Event) -> dict[str, Any]:
@@ -162,8 +163,39 @@ def to_dict(event: Event) -> dict[str, Any]:
     return out
 
 
+def _int_or_null(v: int | None) -> str:
+    return "null" if v is None else str(index(v))
+
+
+# encode() writes each type from a template instead of to_dict + json: it is the ingest
+# hot path, and this is ~4x faster for the same bytes (tests/test_codec.py checks both
+# agree). Writers refuse wrong types, so a bad value raises and never forges JSON.
+_WRITERS: dict[Check, Callable[[Any], Any]] = {
+    _str: encode_basestring, _side: encode_basestring, _status: encode_basestring,
+    _pos: Decimal.__str__, _nonneg: Decimal.__str__, _int: index, _time: index,
+    _opt_int: _int_or_null,
+}  # fmt: skip
+
+
+def _template(t: str, fields: tuple[tuple[str, Check], ...]) -> str:
+    """'{"v":1,"t":"trade","venue":%s,...,"price":"%s",...}': decimals go in quotes."""
+    slots = [f'"{f}":"%s"' if c in (_pos, _nonneg) else f'"{f}":%s' for f, c in fields]
+    return "{" + ",".join([f'"v":{VERSION}', f'"t":"{t}"', *slots]) + "}"
+
+
+_ENCODERS: dict[type, tuple[str, tuple[Callable[[Any], Any], ...], attrgetter]] = {
+    cls: (
+        _template(t, fields),
+        tuple(_WRITERS[c] for _, c in fields),
+        attrgetter(*(f for f, _ in fields)),
+    )
+    for t, (cls, fields) in _SCHEMAS.items()
+}
+
+
 def encode(event: Event) -> bytes:
-    return _dumps(to_dict(event)).encode()
+    template, writers, values = _ENCODERS[type(event)]
+    return (template % tuple(map(call, writers, values(event)))).encode()
 
 
 def from_dict(obj: Any) -> Event:

@@ -236,3 +236,11 @@ def test_decode_rejects_what_is_not_a_message(data, reason):
     with pytest.raises(CodecError) as exc:
         decode(data)
     assert exc.value.reason.startswith(reason)
+
+
+def test_encode_refuses_wrong_types_instead_of_writing_bad_json():
+    bad = Trade("b", "A-B", "AB", '1,"x":2', Decimal(1), Decimal(1), "buy", T0, T0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode(bad)
+    with pytest.raises(TypeError):
+        encode(Trade("b", "A-B", "AB", 1, "1", Decimal(1), "buy", T0, T0))  # type: ignore[arg-type]
