@@ -14,7 +14,6 @@ Frames arrive as ``{"stream": ..., "data": {...}}`` envelopes (or raw payloads o
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from typing import Any
 
 from tasks.events import Quote, Trade
@@ -85,10 +84,7 @@ def default_config(name: str) -> VenueConfig:
         raise ValueError(f"not a Binance venue: {name!r}; known: {sorted(CONFIGS)}") from None
 
 
-@lru_cache(maxsize=8192)
-def _split(venue_symbol: str) -> str:
-    base, quote = split_concatenated(venue_symbol, QUOTE_ASSETS)
-    return f"{base}-{quote}"
+MAX_CACHED_SYMBOLS = 8192
 
 
 class Binance:
@@ -99,8 +95,9 @@ class Binance:
     def __init__(self, config: VenueConfig | None = None):
         self.config = config or CONFIGS["binance"]
         self.name = self.config.name
-        # Symbols we were asked for map back exactly, whatever the suffix rule would say.
-        self._known: dict[str, str] = {}
+        # venue -> canonical. Symbols we were asked for map back exactly, whatever the
+        # suffix rule would say; the rest are learned as frames name them (bounded).
+        self._canonical: dict[str, str] = {}
 
     # -- symbols -------------------------------------------------------------------------
 
@@ -109,12 +106,18 @@ class Binance:
         if not base or not sep or not quote or "-" in quote:
             raise ValueError(f"not a canonical symbol: {symbol!r}")
         venue_symbol = base + quote
-        self._known[venue_symbol] = f"{base}-{quote}"
+        self._canonical[venue_symbol] = f"{base}-{quote}"
         return venue_symbol
 
     def to_canonical(self, venue_symbol: str) -> str:
         vs = venue_symbol.upper()
-        return self._known.get(vs) or _split(vs)
+        canonical = self._canonical.get(vs)
+        if canonical is None:
+            base, quote = split_concatenated(vs, QUOTE_ASSETS)
+            canonical = f"{base}-{quote}"
+            if len(self._canonical) < MAX_CACHED_SYMBOLS:
+                self._canonical[vs] = canonical
+        return canonical
 
     # -- subscribing ---------------------------------------------------------------------
 
@@ -196,17 +199,21 @@ class Binance:
         return self._control(msg)
 
     def _trade(self, d: dict[str, Any], recv_us: int) -> Trade:
+        # The hot path: one dict, then the codec's own checks (no second pass here).
         try:
             vs, m, t_ms = d["s"], d["m"], d["T"]
             wire = {
-                "v": 1, "t": "trade", "venue": self.name, "symbol": self._symbol(vs),
-                "venue_symbol": vs, "trade_id": d["t"], "price": d["p"], "qty": d["q"],
-                "side": self._taker_side(m),
-                "event_us": ms_to_us(self.name, "T", t_ms), "recv_us": recv_us,
+                "v": 1, "t": "trade", "venue": self.name,
+                "symbol": self._symbol(vs), "venue_symbol": vs,
+                "trade_id": d["t"], "price": d["p"], "qty": d["q"],
+                # m: "is the buyer the market maker?"; if so the taker sold.
+                "side": "sell" if m is True else "buy" if m is False else self._bad_m(m),
+                "event_us": t_ms * 1000 if type(t_ms) is int else ms_to_us(self.name, "T", t_ms),
+                "recv_us": recv_us,
             }  # fmt: skip
         except KeyError as k:
             raise FeedError(f"{self.name} trade: missing field {k}") from None
-        return build(self.name, f"trade {vs}", wire)  # type: ignore[return-value]
+        return build(self.name, "trade", wire)
 
     def _quote(self, d: dict[str, Any], recv_us: int) -> Quote:
         # Spot bookTicker carries no time; futures-style payloads carry T and E.
@@ -214,7 +221,8 @@ class Binance:
         try:
             vs = d["s"]
             wire = {
-                "v": 1, "t": "quote", "venue": self.name, "symbol": self._symbol(vs),
+                "v": 1, "t": "quote", "venue": self.name,
+                "symbol": self._symbol(vs),
                 "venue_symbol": vs, "update_id": d["u"], "bid_price": d["b"],
                 "bid_qty": d["B"], "ask_price": d["a"], "ask_qty": d["A"],
                 "event_us": ms_to_us(self.name, t_field, d[t_field]) if t_field else recv_us,
@@ -222,25 +230,20 @@ class Binance:
             }  # fmt: skip
         except KeyError as k:
             raise FeedError(f"{self.name} bookTicker: missing field {k}") from None
-        return build(self.name, f"bookTicker {vs}", wire)  # type: ignore[return-value]
+        return build(self.name, "bookTicker", wire)
 
     def _symbol(self, vs: Any) -> str:
         if type(vs) is not str:
             raise FeedError(f"{self.name}: s: expected a symbol string, got {vs!r:.60}")
-        canonical = self._known.get(vs)
+        canonical = self._canonical.get(vs)
         if canonical is not None:
             return canonical
         try:
-            return _split(vs)
+            return self.to_canonical(vs)
         except ValueError as e:
             raise FeedError(f"{self.name}: s: {e}") from None
 
-    def _taker_side(self, m: Any) -> str:
-        """m is "is the buyer the market maker?"; if so the taker sold."""
-        if m is True:
-            return "sell"
-        if m is False:
-            return "buy"
+    def _bad_m(self, m: Any) -> str:
         raise FeedError(f"{self.name}: m: expected true or false, got {m!r:.60}")
 
     def _control(self, msg: dict[str, Any]) -> Parsed:

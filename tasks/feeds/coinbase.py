@@ -139,7 +139,7 @@ class Coinbase:
             }  # fmt: skip
         except KeyError as k:
             raise FeedError(f"{self.name} market_trades: missing field {k}") from None
-        return build(self.name, f"market_trades {product}", wire)  # type: ignore[return-value]
+        return build(self.name, "market_trades", wire)
 
     def _tickers(self, msg: dict[str, Any], recv_us: int) -> Parsed:
         seq = msg.get("sequence_num")
@@ -163,7 +163,7 @@ class Coinbase:
                     }  # fmt: skip
                 except KeyError as k:
                     raise FeedError(f"{self.name} ticker: missing field {k}") from None
-                quotes.append(build(self.name, f"ticker {product}", wire))
+                quotes.append(build(self.name, "ticker", wire))
         return Parsed(quotes)
 
     def _dec(self, obj: dict[str, Any], field: str) -> str:

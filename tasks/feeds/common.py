@@ -16,7 +16,6 @@ from decimal import Decimal
 from typing import Any
 
 from tasks.codec import CodecError, from_dict
-from tasks.events import Quote, Trade
 from tasks.feeds.base import FeedError
 
 _DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=Decimal)
@@ -37,12 +36,12 @@ def loads(venue: str, raw: str | bytes) -> Any:
         raise FeedError(f"{venue}: not JSON: nested too deeply") from None
 
 
-def build(venue: str, what: str, wire: dict[str, Any]) -> Trade | Quote:
-    """Validate a wire dict with the codec's rules and build its event."""
+def build(venue: str, what: str, wire: dict[str, Any]) -> Any:
+    """Validate a wire dict with the codec's rules and build its Trade or Quote."""
     try:
-        return from_dict(wire)  # type: ignore[return-value]
+        return from_dict(wire)
     except CodecError as e:
-        raise FeedError(f"{venue} {what}: {e.reason}") from None
+        raise FeedError(f"{venue} {what} {wire.get('venue_symbol')!r:.40}: {e.reason}") from None
 
 
 def ms_to_us(venue: str, field: str, v: Any) -> int:

@@ -122,7 +122,7 @@ class Kraken:
             }  # fmt: skip
         except KeyError as k:
             raise FeedError(f"{self.name} trade: missing field {k}") from None
-        return build(self.name, f"trade {pair}", wire)  # type: ignore[return-value]
+        return build(self.name, "trade", wire)
 
     def _quote(self, d: dict[str, Any], recv_us: int) -> Quote:
         ts = d.get("timestamp")  # present on newer payloads; else the receive time
@@ -138,7 +138,7 @@ class Kraken:
             }  # fmt: skip
         except KeyError as k:
             raise FeedError(f"{self.name} ticker: missing field {k}") from None
-        return build(self.name, f"ticker {pair}", wire)  # type: ignore[return-value]
+        return build(self.name, "ticker", wire)
 
     def _dec(self, obj: dict[str, Any], field: str) -> str:
         return decimal_text(self.name, field, obj[field])
