@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from itertools import compress
 from operator import mul
+from statistics import NormalDist
 from typing import NamedTuple
 
 from simulator.wire import decimals_of
@@ -52,6 +53,10 @@ def instrument(symbol: str) -> Instrument:
         raise ValueError(f"not a canonical symbol: {symbol!r}")
     price, tick, lot = _KNOWN.get(base, ("100", "0.01", "0.001"))
     return Instrument(symbol, Decimal(price), Decimal(tick), Decimal(lot))
+
+
+_TABLE_SIZE = 4096
+_Z = [NormalDist().inv_cdf((i + 0.5) / _TABLE_SIZE) for i in range(_TABLE_SIZE)]
 
 
 class TradeRow(NamedTuple):
@@ -101,15 +106,19 @@ class Market:
         mid = int(inst.start_price.scaleb(self.price_dp)) // self.tick * self.tick
         self.bid = max(self.tick, mid)
         self.ask = self.bid + self.tick
+        # Random sizes and steps are drawn by inverse CDF from fixed quantile tables: one
+        # uniform draw each, several times cheaper than random.gauss/lognormvariate.
         notional = Decimal(500)  # a typical print of ~500 quote units
-        typical_lots = max(1.0, float(notional / inst.start_price / inst.lot))
-        self._qty_mu = math.log(typical_lots)
-        self.bid_qty = self._level_qty()
-        self.ask_qty = self._level_qty()
+        mu = math.log(max(1.0, float(notional / inst.start_price / inst.lot)))
+        self._trade_lots = [max(1, int(math.exp(mu + 1.1 * z))) * self.lot for z in _Z]
+        self._level_lots = [max(1, int(math.exp(mu + 1.5 + z))) * self.lot for z in _Z]
         # per-trade mid stdev in ticks, so that ``volatility`` holds per second at the base
         # rate; fixed at start so the path does not depend on how trades are batched
-        self._sigma = (mid / self.tick) * params.volatility / math.sqrt(max(params.rate, 1e-9))
+        sigma = (mid / self.tick) * params.volatility / math.sqrt(max(params.rate, 1e-9))
+        self._steps = [sigma * z for z in _Z]
         self._drift = 0.0
+        self.bid_qty = self._level_lots[int(self._path.random() * _TABLE_SIZE)]
+        self.ask_qty = self._level_lots[int(self._path.random() * _TABLE_SIZE)]
         self.update_id = params.start_id * 10
         self.next_id = params.start_id
         self.first_id = params.start_id  # first id generated since start
@@ -149,11 +158,14 @@ class Market:
         they cause. The content depends only on the seed and the trade count so far."""
         if n <= 0:
             return [], []
-        p = self.params
         r = self._path.random
-        gauss = self._path.gauss
         tick = self.tick
-        sigma = self._sigma
+        steps, trade_lots, level_lots = self._steps, self._trade_lots, self._level_lots
+        size = _TABLE_SIZE
+        quote_ratio = self.params.quote_ratio
+        max_spread = self.params.max_spread_ticks * tick
+        bid, ask, bid_qty, ask_qty = self.bid, self.ask, self.bid_qty, self.ask_qty
+        drift, update_id = self._drift, self.update_id
         start = self.last_ms
         span = max(0, now_ms - start)
         trades: list[TradeRow] = []
@@ -163,36 +175,36 @@ class Market:
         for i in range(1, n + 1):
             ts = start + span * i // n
             buy = r() < 0.5
-            qty = self._trade_qty()
+            qty = trade_lots[int(r() * size)]
             moved = False
             if buy:
-                price = self.ask
-                self.ask_qty -= qty
-                if self.ask_qty <= 0:
-                    self.ask += tick
-                    self.ask_qty = self._level_qty()
+                price = ask
+                ask_qty -= qty
+                if ask_qty <= 0:
+                    ask += tick
+                    ask_qty = level_lots[int(r() * size)]
                     moved = True
             else:
-                price = self.bid
-                self.bid_qty -= qty
-                if self.bid_qty <= 0:
-                    if self.bid > tick:
-                        self.bid -= tick
-                    self.bid_qty = self._level_qty()
+                price = bid
+                bid_qty -= qty
+                if bid_qty <= 0:
+                    if bid > tick:
+                        bid -= tick
+                    bid_qty = level_lots[int(r() * size)]
                     moved = True
-            self._drift += gauss(0.0, sigma)
-            if abs(self._drift) >= 1.0:
-                step = int(self._drift)
-                self._drift -= step
-                step = max(step, 1 - self.bid // tick)  # keep the bid at least one tick
-                self.bid += step * tick
-                self.ask += step * tick
+            drift += steps[int(r() * size)]
+            if drift >= 1.0 or drift <= -1.0:
+                step = int(drift)
+                drift -= step
+                step = max(step, 1 - bid // tick)  # keep the bid at least one tick
+                bid += step * tick
+                ask += step * tick
                 moved = True
-            if self.ask - self.bid > p.max_spread_ticks * tick:
+            if ask - bid > max_spread:
                 if buy:
-                    self.bid = self.ask - tick
+                    bid = ask - tick
                 else:
-                    self.ask = self.bid + tick
+                    ask = bid + tick
                 moved = True
             trades.append(TradeRow(tid, price, qty, ts, not buy))
             px_col.append(price)
@@ -200,13 +212,13 @@ class Market:
             ts_col.append(ts)
             buy_col.append(buy)
             tid += 1
-            if moved or r() < p.quote_ratio:
+            if moved or r() < quote_ratio:
                 if not moved:
-                    self.bid_qty = self._level_qty()
-                self.update_id += 1 + int(r() * 4)
-                quotes.append(
-                    QuoteRow(self.update_id, self.bid, self.bid_qty, self.ask, self.ask_qty, ts)
-                )
+                    bid_qty = level_lots[int(r() * size)]
+                update_id += 1 + int(r() * 4)
+                quotes.append(QuoteRow(update_id, bid, bid_qty, ask, ask_qty, ts))
+        self.bid, self.ask, self.bid_qty, self.ask_qty = bid, ask, bid_qty, ask_qty
+        self._drift, self.update_id = drift, update_id
         self.next_id = tid
         self.generated += n
         px, qty = px_col[-n:], qty_col[-n:]
@@ -218,17 +230,9 @@ class Market:
         self.volume += sum(qty)
         self.quote_volume += sum(map(mul, px, qty))
         self.last_ms = max(start, now_ms)
-        if len(px_col) > p.max_history + self._trim_chunk:
-            self._trim(len(px_col) - p.max_history)
+        if len(px_col) > self.params.max_history + self._trim_chunk:
+            self._trim(len(px_col) - self.params.max_history)
         return trades, quotes
-
-    def _trade_qty(self) -> int:
-        lots = int(self._path.lognormvariate(self._qty_mu, 1.1))
-        return max(1, lots) * self.lot
-
-    def _level_qty(self) -> int:
-        lots = int(self._path.lognormvariate(self._qty_mu + 1.5, 1.0))
-        return max(1, lots) * self.lot
 
     def _trim(self, k: int) -> None:
         del self._px[:k]
