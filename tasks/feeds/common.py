@@ -41,7 +41,8 @@ def build(venue: str, what: str, wire: dict[str, Any]) -> Any:
     try:
         return from_dict(wire)
     except CodecError as e:
-        raise FeedError(f"{venue} {what} {wire.get('venue_symbol')!r:.40}: {e.reason}") from None
+        symbol = wire.get("venue_symbol", wire.get("symbol"))
+        raise FeedError(f"{venue} {what} {symbol!r:.40}: {e.reason}") from None
 
 
 def ms_to_us(venue: str, field: str, v: Any) -> int:

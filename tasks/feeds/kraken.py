@@ -23,6 +23,7 @@ CONFIG = VenueConfig(
 )
 CHANNELS: dict[str, str] = {"trades": "trade", "quotes": "ticker"}
 LEGACY_ASSETS: dict[str, str] = {"XBT": "BTC", "XDG": "DOGE"}
+REST_ASSETS: dict[str, str] = {v: k for k, v in LEGACY_ASSETS.items()}  # REST pairs: XBTUSD
 SIDES = frozenset({"buy", "sell"})
 
 
