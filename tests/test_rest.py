@@ -5,6 +5,7 @@ hard 4xx and a used-weight header near the limit."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -57,6 +58,10 @@ class Venue(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that timed out
+            super().handle_error(request, client_address)
 
 
 class Handler(BaseHTTPRequestHandler):
