@@ -34,45 +34,13 @@ CONFIGS: dict[str, VenueConfig] = {
 }
 
 # Longest first, so BTCFDUSD is BTC-FDUSD (not BTCFD-USD) and BTCTUSD is BTC-TUSD.
-QUOTE_ASSETS: tuple[str, ...] = tuple(
-    sorted(
-        (
-            "USDT",
-            "USDC",
-            "FDUSD",
-            "BUSD",
-            "TUSD",
-            "USDP",
-            "DAI",
-            "USD",
-            "BTC",
-            "ETH",
-            "BNB",
-            "EUR",
-            "TRY",
-            "GBP",
-            "BRL",
-            "AUD",
-            "JPY",
-            "ARS",
-            "MXN",
-            "PLN",
-            "RON",
-            "ZAR",
-            "UAH",
-            "IDR",
-            "NGN",
-            "COP",
-            "CZK",
-            "XRP",
-            "TRX",
-            "DOGE",
-            "SOL",
-        ),
-        key=len,
-        reverse=True,
-    )
-)
+_QUOTES = [
+    "USDT", "USDC", "FDUSD", "BUSD", "TUSD", "USDP", "DAI", "USD", "BTC", "ETH", "BNB", "EUR",
+    "TRY", "GBP", "BRL", "AUD", "JPY", "ARS", "MXN", "PLN", "RON", "ZAR", "UAH", "IDR", "NGN",
+    "COP", "CZK", "XRP", "TRX", "DOGE", "SOL",
+]  # fmt: skip
+QUOTE_ASSETS: tuple[str, ...] = tuple(sorted(_QUOTES, key=len, reverse=True))
+MAX_CACHED_SYMBOLS = 8192
 STREAMS: dict[str, str] = {"trades": "trade", "quotes": "bookTicker"}
 
 
@@ -82,9 +50,6 @@ def default_config(name: str) -> VenueConfig:
         return CONFIGS[name]
     except KeyError:
         raise ValueError(f"not a Binance venue: {name!r}; known: {sorted(CONFIGS)}") from None
-
-
-MAX_CACHED_SYMBOLS = 8192
 
 
 class Binance:
