@@ -77,8 +77,18 @@ FRESHNESS = Gauge(
     "tapeline_freshness_seconds", "Age of the newest stored trade", ("venue", "symbol")
 )
 
+# The exporter (tasks/exporter.py), besides lag and freshness above
+FLOW_RUNS_FAILED = Gauge(
+    "tapeline_flow_runs_failed",
+    "Flow runs that ended Failed or Crashed in the exporter's window (default 1 h)",
+    ("flow", "state"),
+)
+EXPORTER_ERRORS = Counter(
+    "tapeline_exporter_errors", "Exporter probes that could not reach their source", ("probe",)
+)
 
-def serve(port: int) -> None:
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
     """Expose this process's metrics over HTTP (port 0: do not serve)."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr)
