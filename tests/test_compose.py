@@ -37,6 +37,8 @@ EXPECTED_SERVICES = {
     "prefect-server",
     "worker",
     "simulator",
+    "pushgateway",
+    "exporter",
     "prometheus",
     "grafana",
     "kafka-ui",
@@ -199,7 +201,7 @@ def test_app_image_is_pinned_and_unprivileged() -> None:
 
 def test_app_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
     app = {name: s for name, s in services.items() if "build" in s}
-    assert set(app) == {"worker", "simulator", "kafka-init"}
+    assert set(app) == {"worker", "simulator", "kafka-init", "exporter"}
     assert {s["image"] for s in app.values()} == {"tapeline/app:dev"}
 
 
@@ -266,6 +268,7 @@ def test_services_start_after_what_they_use(services: dict[str, dict[str, Any]])
     assert set(depends_on(services["prefect-server"])) == {"postgres"}
     assert set(depends_on(services["grafana"])) == {"prometheus", "postgres"}
     assert set(depends_on(services["kafka-ui"])) == {"kafka"}
+    assert set(depends_on(services["exporter"])) == {"kafka", "postgres", "prefect-server"}
 
 
 def test_no_literal_secrets(services: dict[str, dict[str, Any]]) -> None:
@@ -329,10 +332,16 @@ def test_app_containers_get_the_fixed_environment(
     assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["TAPELINE_METRICS_PORT"] == "9108"
     assert worker["TAPELINE_SIMULATOR_URL"] == "http://simulator:18765"
+    assert worker["TAPELINE_PUSHGATEWAY_URL"] == "http://pushgateway:9091"
     assert "@postgres:5432/tapeline" in worker["TAPELINE_PG_DSN"]
     assert "@mongo:27017/" in worker["TAPELINE_MONGO_URL"]
     assert environment(services["kafka-init"]) == {"TAPELINE_KAFKA_BOOTSTRAP": "kafka:9092"}
     assert environment(services["simulator"]) == {}, "the simulator needs no credentials"
+    probe = environment(services["exporter"])
+    assert set(probe) == {"TAPELINE_KAFKA_BOOTSTRAP", "TAPELINE_PG_DSN", "PREFECT_API_URL"}
+    assert probe["TAPELINE_KAFKA_BOOTSTRAP"] == worker["TAPELINE_KAFKA_BOOTSTRAP"]
+    assert probe["TAPELINE_PG_DSN"] == worker["TAPELINE_PG_DSN"]
+    assert probe["PREFECT_API_URL"] == worker["PREFECT_API_URL"]
 
 
 def test_kafka_listeners_match_clients_and_ports(services: dict[str, dict[str, Any]]) -> None:
@@ -346,6 +355,7 @@ def test_kafka_listeners_match_clients_and_ports(services: dict[str, dict[str, A
 
 def test_commands_run_the_right_programs(services: dict[str, dict[str, Any]]) -> None:
     assert services["kafka-init"]["command"] == ["python", "-m", "tasks.topics"]
+    assert services["exporter"]["command"] == ["python", "-m", "tasks.exporter", "--port", "9110"]
     assert services["simulator"]["command"] == [
         "python", "-m", "simulator", "--host", "0.0.0.0", "--port", "18765",
     ]  # fmt: skip
@@ -380,6 +390,12 @@ def prometheus_targets(config: dict[str, Any]) -> dict[str, set[str]]:
     }
 
 
+def honoring_labels(config: dict[str, Any]) -> set[str]:
+    """Jobs that keep the scraped labels: only the Pushgateway, whose pushed `job` and
+    `flow` labels must survive the scrape."""
+    return {job["job_name"] for job in config["scrape_configs"] if job.get("honor_labels")}
+
+
 @pytest.mark.parametrize("filename", ["prometheus.yml", "prometheus.local.yml"])
 def test_prometheus_rule_files_exist_and_parse(filename: str) -> None:
     config = load_yaml(PROMETHEUS_DIR / filename)
@@ -401,12 +417,15 @@ def test_prometheus_rule_files_exist_and_parse(filename: str) -> None:
 def test_prometheus_scrapes_the_compose_services(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    targets = prometheus_targets(load_yaml(PROMETHEUS_DIR / "prometheus.yml"))
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    targets = prometheus_targets(config)
     assert targets == {
         "prometheus": {"localhost:9090"},
         "tapeline-ingest": {"worker:9108"},
-        "tapeline-drain": {"worker:9109"},
+        "pushgateway": {"pushgateway:9091"},
+        "tapeline-exporter": {"exporter:9110"},
     }
+    assert honoring_labels(config) == {"pushgateway"}
     for host in {t.rpartition(":")[0] for group in targets.values() for t in group}:
         assert host == "localhost" or host in services, f"no compose service {host}"
     prometheus = services["prometheus"]
@@ -415,12 +434,15 @@ def test_prometheus_scrapes_the_compose_services(
 
 
 def test_prometheus_local_scrapes_loopback_only() -> None:
-    targets = prometheus_targets(load_yaml(PROMETHEUS_DIR / "prometheus.local.yml"))
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.local.yml")
+    targets = prometheus_targets(config)
     assert targets == {
         "prometheus": {"127.0.0.1:9090"},
         "tapeline-ingest": {"127.0.0.1:9108"},
-        "tapeline-drain": {"127.0.0.1:9109"},
+        "pushgateway": {"127.0.0.1:9091"},
+        "tapeline-exporter": {"127.0.0.1:9110"},
     }
+    assert honoring_labels(config) == {"pushgateway"}
 
 
 def test_promtool_accepts_configs_and_rules() -> None:
