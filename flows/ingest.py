@@ -1,0 +1,218 @@
+"""Ingestion: a venue's WebSocket trades and quotes into Kafka, until cancelled.
+
+Runbook of one run:
+
+1. Plan: venue adapter, symbols, channels, shards (a bad parameter fails here).
+2. Validate (``validate_mode='on_start'`` or ``'only'``): Kafka answers, topics exist, each
+   shard delivers a first message. 'only' returns the report and stops.
+3. Resume: read the last published trade id per symbol back from Kafka.
+4. Stream: one thread per shard (a long-running ``connect-shard`` task each), one shared
+   producer; gaps are repaired from REST as ``repair-gap`` tasks. A progress line is
+   logged every ``progress_every_s``.
+5. Shutdown (cancellation, SIGTERM, Ctrl-C or ``run_seconds``): stop reading, flush the
+   producer, close sockets, log and return the counts.
+
+Per-message work never touches Prefect: its run recorder could not keep up, and the
+connection, publisher and gap tracker in ``tasks/`` do not need it.
+
+Also a command: ``python -m flows.ingest --venue binance --symbols BTC-USDT,ETH-USDT
+--simulator`` runs the same flow function (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from functools import partial
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks import config, metrics, resume
+from tasks.feeds.connection import ConnectionPolicy
+from tasks.gaps import GapTracker
+from tasks.ingest import CHANNELS, Ingestion, Plan, ShardWorker, plan
+from tasks.publish import Topics
+from tasks.topics import QUOTES, TRADES
+from tasks.validate import check
+from tasks.validate import validate as run_checks
+
+DEFAULT_SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
+_serving: set[int] = set()  # metrics ports this process already serves
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_ingestion(
+    p: Plan, settings: config.Settings, topics: Topics, timeout_s: float
+) -> dict[str, Any]:
+    return run_checks(p, settings, topics, timeout_s)
+
+
+@task(name="resume-point", cache_policy=NO_CACHE)
+def resume_point(settings: config.Settings, topic: str, p: Plan) -> dict[str, int]:
+    """Last published trade id per symbol, from the topic itself."""
+    return resume.last_trade_ids(settings, topic, p.config.name, list(p.symbols))
+
+
+@task(name="connect-shard", cache_policy=NO_CACHE, task_run_name="connect shard {worker.shard}")
+def connect_shard(worker: ShardWorker) -> dict[str, Any]:
+    """Connect, stream and reconnect until the flow stops this shard."""
+    return worker.run()
+
+
+@task(name="repair-gap", cache_policy=NO_CACHE, task_run_name="repair {symbol} {first}..{last}")
+def repair_gap(tracker: GapTracker, symbol: str, first: int, last: int | None) -> int:
+    """Publish the trades with ids first..last from the venue's REST history."""
+    return tracker.fill(symbol, first, last)
+
+
+@flow(name="ingest")
+def ingest(
+    venue: str = "binance",
+    symbols: list[str] | None = None,
+    channels: list[str] | None = None,
+    shard_size: int | None = None,
+    validate_mode: Literal["off", "on_start", "only"] = "on_start",
+    simulator_url: str | None = None,
+    metrics_port: int | None = None,
+    stall_timeout_s: float = 30.0,
+    run_seconds: float | None = None,
+    trades_topic: str = TRADES,
+    quotes_topic: str = QUOTES,
+    max_in_flight: int = 10_000,
+    progress_every_s: float = 10.0,
+    first_message_timeout_s: float = 15.0,
+) -> dict[str, Any]:
+    """Stream ``symbols`` of ``venue`` (binance, binanceus, coinbase, kraken) into Kafka.
+
+    ``simulator_url`` points the venue's URLs at the local simulator; ``metrics_port``
+    None uses TAPELINE_METRICS_PORT, 0 serves none; ``run_seconds`` None runs until
+    cancelled. Returns the run's counts (or, with validate_mode='only', the report).
+    """
+    logger = get_run_logger()
+    settings = config.load()
+    topics = Topics(trades_topic, quotes_topic)
+    try:
+        p = plan(
+            venue, symbols or DEFAULT_SYMBOLS, channels or list(CHANNELS), shard_size, simulator_url
+        )
+    except ValueError as e:
+        if validate_mode == "only":
+            return {"ok": False, "checks": [check("configuration", False, str(e))]}
+        raise
+    if validate_mode != "off":
+        report = validate_ingestion(p, settings, topics, first_message_timeout_s)
+        for c in report["checks"]:
+            logger.info(
+                "validate %-22s %s  %s", c["check"], "ok  " if c["ok"] else "FAIL", c["detail"]
+            )
+        if validate_mode == "only":
+            return report
+        if not report["ok"]:
+            failed = [c["check"] for c in report["checks"] if not c["ok"]]
+            raise RuntimeError(f"validation failed: {', '.join(failed)}")
+
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port and port not in _serving:
+        metrics.serve(port)
+        _serving.add(port)
+    last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
+    logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
+
+    ingestion = Ingestion(
+        p,
+        settings,
+        run_id=str(flow_run.id or uuid.uuid4()),
+        topics=topics,
+        max_in_flight=max_in_flight,
+        policy=ConnectionPolicy(stall_timeout_s=stall_timeout_s),
+        last_ids=last_ids,
+    )
+    for w in ingestion.workers:
+        if w.tracker is not None:
+            w.tracker.fill_gap = partial(repair_gap, w.tracker)
+    logger.info(
+        "streaming %s %s for %d symbols on %d shards",
+        p.config.name, "+".join(p.channels), len(p.symbols), len(p.shards),
+    )  # fmt: skip
+    ingestion.start(connect_shard)
+    try:
+        _watch(ingestion, run_seconds, progress_every_s, logger)
+    finally:
+        report = ingestion.stop()
+        logger.info("stopped: %s", json.dumps({k: v for k, v in report.items() if k != "shards"}))
+    if report["shard_errors"]:
+        raise RuntimeError(f"shards failed: {report['shard_errors']}")
+    return report
+
+
+def _watch(ingestion: Ingestion, run_seconds: float | None, every_s: float, logger: Any) -> None:
+    """Log progress until the deadline or a shard dies; SIGTERM and cancellation arrive
+    here as exceptions (Prefect raises TerminationSignal), which run the caller's finally."""
+    start = time.monotonic()
+    next_line = start + every_s
+    while ingestion.alive:
+        now = time.monotonic()
+        if run_seconds is not None and now - start >= run_seconds:
+            return
+        if now >= next_line:
+            logger.info(ingestion.progress())
+            next_line += every_s
+        time.sleep(min(0.2, max(0.0, next_line - now)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.split("\n")[0])
+    a.add_argument("--venue", default="binance", help="binance, binanceus, coinbase or kraken")
+    a.add_argument(
+        "--symbols", default=",".join(DEFAULT_SYMBOLS), help="canonical, comma separated"
+    )
+    a.add_argument("--channels", default=",".join(CHANNELS))
+    a.add_argument("--shard-size", type=int)
+    a.add_argument("--validate", choices=["off", "on_start", "only"], default="on_start")
+    a.add_argument(
+        "--simulator",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="use the local simulator (default TAPELINE_SIMULATOR_URL)",
+    )
+    a.add_argument("--metrics-port", type=int, help="0: no endpoint")
+    a.add_argument("--stall-timeout", type=float, default=30.0)
+    a.add_argument(
+        "--seconds", type=float, help="stop after this long (default: run until stopped)"
+    )
+    a.add_argument("--trades-topic", default=TRADES)
+    a.add_argument("--quotes-topic", default=QUOTES)
+    a.add_argument("--max-in-flight", type=int, default=10_000)
+    a.add_argument("--progress-every", type=float, default=10.0)
+    args = a.parse_args(argv)
+    simulator = args.simulator
+    if simulator == "":
+        simulator = config.load().simulator_url
+    result = ingest(
+        venue=args.venue,
+        symbols=[s for s in args.symbols.split(",") if s],
+        channels=[c for c in args.channels.split(",") if c],
+        shard_size=args.shard_size,
+        validate_mode=args.validate,
+        simulator_url=simulator,
+        metrics_port=args.metrics_port,
+        stall_timeout_s=args.stall_timeout,
+        run_seconds=args.seconds,
+        trades_topic=args.trades_topic,
+        quotes_topic=args.quotes_topic,
+        max_in_flight=args.max_in_flight,
+        progress_every_s=args.progress_every,
+    )
+    print(json.dumps(result), flush=True)
+    return 0 if result.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
