@@ -10,8 +10,10 @@ Rules, written down because readers of the numbers depend on them:
   Arrival order is irrelevant: open and close are the first and last trade by
   ``(event_us, trade_id)``, so a late trade lands where it happened.
 - **Exact decimals.** ``price`` and ``qty`` stay Python ``Decimal`` objects in object
-  columns (pandas groups them; it never converts them to floats). Sums and products run
-  in ``EXACT`` (a context with maximal precision), so volume and quote volume are exact.
+  columns; pandas sorts the trades and numpy reduces each window's contiguous run of
+  rows with Decimal's own comparisons, ``+`` and ``*`` (never converting to floats).
+  Sums and products run in ``EXACT`` (a context with maximal precision), so volume and
+  quote volume are exact.
   VWAP = quote volume / volume is a division, rounded once to ``VWAP_CONTEXT`` (28
   significant digits, half-even); rounding is monotone, so VWAP stays within [low, high].
 - **Empty windows produce no candle.** A window without trades has no open or close to
@@ -28,6 +30,7 @@ import re
 from collections.abc import Iterable
 from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
 
+import numpy as np
 import pandas as pd
 
 from tasks.events import Candle, Trade
@@ -91,21 +94,36 @@ def compute(trades: pd.DataFrame, interval: str) -> pd.DataFrame:
     if trades.empty:
         return pd.DataFrame(columns=list(CANDLE_COLUMNS))
     width = interval_us(interval)
-    with localcontext(EXACT):
-        t = trades.assign(
-            open_us=trades["event_us"] - trades["event_us"] % width,
-            notional=trades["price"] * trades["qty"],
-        ).sort_values(["venue", "symbol", "event_us", "trade_id"], kind="stable")
-        grouped = t.groupby(["venue", "symbol", "open_us"], sort=True)
-        out = grouped.agg(
-            open=("price", "first"),
-            high=("price", "max"),
-            low=("price", "min"),
-            close=("price", "last"),
-            volume=("qty", "sum"),
-            trade_count=("trade_id", "size"),
-            notional=("notional", "sum"),
-        ).reset_index()
+    t = trades.sort_values(["venue", "symbol", "event_us", "trade_id"], kind="stable")
+    venue, symbol = t["venue"].to_numpy(), t["symbol"].to_numpy()
+    event = t["event_us"].to_numpy()
+    opens = event - event % width
+    # sorted, so each (venue, symbol, window) is one contiguous run of rows
+    starts = np.flatnonzero(
+        np.concatenate(
+            (
+                [True],
+                (venue[1:] != venue[:-1]) | (symbol[1:] != symbol[:-1]) | (opens[1:] != opens[:-1]),
+            )
+        )
+    )
+    ends = np.append(starts[1:], len(t))
+    price, qty = t["price"].to_numpy(), t["qty"].to_numpy()
+    with localcontext(EXACT):  # object reductions call Decimal's own + and *
+        out = pd.DataFrame(
+            {
+                "venue": venue[starts],
+                "symbol": symbol[starts],
+                "open_us": opens[starts],
+                "open": price[starts],
+                "high": np.maximum.reduceat(price, starts),
+                "low": np.minimum.reduceat(price, starts),
+                "close": price[ends - 1],
+                "volume": np.add.reduceat(qty, starts),
+                "trade_count": ends - starts,
+                "notional": np.add.reduceat(price * qty, starts),
+            }
+        )
     out["vwap"] = list(map(vwap, out["notional"], out["volume"]))
     out["interval"] = interval
     out["source"] = "trades"
