@@ -400,3 +400,51 @@ def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     assert "SUCCESS" in run_promtool("check", "rules", str(path))
+
+
+MIGRATIONS = ROOT / "tasks" / "sinks" / "migrations"
+# Grafana's SQL macros and this dashboard's variables, as Grafana would expand them.
+SQL_EXPANSIONS = {
+    "$__unixEpochFrom()": "1700000000",
+    "$__unixEpochTo()": "1700003600",
+    "$venue": "binance",
+    "$symbol": "BTC-USDT",
+    "$interval": "1m",
+}
+
+
+def test_market_queries_run_on_the_drain_schema(pg_conn) -> None:
+    """Each SQL query of the dashboards, planned by PostgreSQL on the drains' own tables
+    (their migrations applied in a private schema), so a renamed table or column fails
+    here and not as an empty panel."""
+    files = sorted(MIGRATIONS.glob("*.sql"))
+    if not files:
+        pytest.skip(f"no drain migrations in {MIGRATIONS.relative_to(ROOT)} yet")
+    queries = []
+    for name, dashboard in load_dashboards():
+        sources = [p.get("targets", []) for p in all_panels(dashboard)]
+        sources.append([v for v in dashboard["templating"]["list"] if v["type"] == "query"])
+        for targets in sources:
+            for target in targets:
+                sql = target.get("rawSql") or (
+                    target["query"] if target.get("datasource", {}).get("type", "").startswith(
+                        "grafana-postgresql") else None
+                )  # fmt: skip
+                if sql:
+                    for macro, value in SQL_EXPANSIONS.items():
+                        sql = sql.replace(macro, value)
+                    queries.append((name, sql))
+    assert len(queries) >= 8
+    schema = f"test_{os.getpid()}_{id(queries)}"
+    pg_conn.autocommit = True
+    with pg_conn.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        try:
+            cur.execute(f"SET search_path = {schema}")
+            for path in files:
+                cur.execute(path.read_text(encoding="utf-8"))
+            for name, sql in queries:
+                assert "$" not in sql, f"{name}: unexpanded variable in {sql}"
+                cur.execute(f"EXPLAIN {sql}")
+        finally:
+            cur.execute(f"DROP SCHEMA {schema} CASCADE")
