@@ -12,6 +12,7 @@ command -v mvn >/dev/null || need+=(maven)
 command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v prometheus >/dev/null || need+=(prometheus)
+command -v prometheus-pushgateway >/dev/null || need+=(prometheus-pushgateway)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bootstrap: please install: ${need[*]} (needs root)" >&2
@@ -21,10 +22,10 @@ if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-  # Debian starts the packaged prometheus; the project runs its own when it needs one.
-  if [[ " ${need[*]} " == *" prometheus "* ]]; then
-    (systemctl stop prometheus 2>/dev/null || service prometheus stop 2>/dev/null || pkill -x prometheus || true) >/dev/null 2>&1
-  fi
+  # Debian starts the packaged services; the project runs its own when it needs them.
+  for svc in prometheus prometheus-pushgateway; do
+    (service "$svc" stop || pkill -x "$svc" || true) >/dev/null 2>&1
+  done
 fi
 export PATH="$PATH:/usr/local/go/bin"
 
