@@ -140,7 +140,7 @@ class StreamFaults:
         self._pending: dict[str, _Pending] = {}
         self._seen: dict[str, int] = {}  # trades offered per symbol (drives "every N")
         self._skip_left: dict[str, int] = {}
-        self._kind_turn = 0
+        self._kind_turn: dict[str, int] = {}  # per symbol, so each symbol sees every kind
 
     def ledger(self, symbol: str) -> SymbolLedger:
         led = self.ledgers.get(symbol)
@@ -158,14 +158,14 @@ class StreamFaults:
             if kind is not None and kind not in MALFORMED_KINDS:
                 raise ValueError(f"unknown malformed kind {kind!r}; known: {MALFORMED_KINDS}")
             for _ in range(n):
-                pend.malformed.append(kind or self._next_kind())
+                pend.malformed.append(kind or self._next_kind(symbol))
         else:
             raise ValueError(f"not a stream fault: {action!r}")
 
-    def _next_kind(self) -> str:
-        kind = MALFORMED_KINDS[self._kind_turn % len(MALFORMED_KINDS)]
-        self._kind_turn += 1
-        return kind
+    def _next_kind(self, symbol: str) -> str:
+        turn = self._kind_turn.get(symbol, 0)
+        self._kind_turn[symbol] = turn + 1
+        return MALFORMED_KINDS[turn % len(MALFORMED_KINDS)]
 
     def apply(self, symbol: str, trades: list[TradeRow]) -> list[tuple[str, TradeRow]]:
         """The stream items for ``trades``: (TRADE, row) to send, or (kind, row) for a
@@ -199,7 +199,7 @@ class StreamFaults:
             if pend and pend.malformed:
                 items.append((pend.malformed.popleft(), t))
             if s.malformed_every and seen % s.malformed_every == 0:
-                items.append((self._next_kind(), t))
+                items.append((self._next_kind(symbol), t))
             items.append((TRADE, t))
             led.note_sent(t.id, t.id)
             if (pend and pend.dup) or (s.dup_every and seen % s.dup_every == 0):

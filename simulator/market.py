@@ -74,6 +74,7 @@ class QuoteRow(NamedTuple):
     ask: int
     ask_qty: int
     ts_ms: int
+    after_id: int  # the book as it stands after this trade id (internal, not on the wire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,7 @@ class Market:
                 if not moved:
                     bid_qty = level_lots[int(r() * size)]
                 update_id += 1 + int(r() * 4)
-                quotes.append(QuoteRow(update_id, bid, bid_qty, ask, ask_qty, ts))
+                quotes.append(QuoteRow(update_id, bid, bid_qty, ask, ask_qty, ts, tid - 1))
         self.bid, self.ask, self.bid_qty, self.ask_qty = bid, ask, bid_qty, ask_qty
         self._drift, self.update_id = drift, update_id
         self.next_id = tid
@@ -249,7 +250,9 @@ class Market:
         return self.next_id - 1
 
     def quote(self, ts_ms: int) -> QuoteRow:
-        return QuoteRow(self.update_id, self.bid, self.bid_qty, self.ask, self.ask_qty, ts_ms)
+        return QuoteRow(
+            self.update_id, self.bid, self.bid_qty, self.ask, self.ask_qty, ts_ms, self.last_id
+        )
 
     def _row(self, i: int) -> TradeRow:
         return TradeRow(
@@ -281,12 +284,12 @@ class Market:
         return len(self._px)
 
     def bars(self, interval_ms: int, start_ms: int, end_ms: int, limit: int) -> list[Bar]:
-        """OHLCV bars of [start_ms, end_ms] in ``interval_ms`` buckets, oldest first, only
-        buckets that hold trades. ``start_ms`` is floored to a bucket boundary."""
+        """OHLCV bars in ``interval_ms`` buckets opening in [start_ms, end_ms], oldest
+        first; only buckets that hold trades (as Binance: filtered by open time)."""
         ts = self._ts
         if not ts:
             return []
-        t = max(start_ms, ts[0]) // interval_ms * interval_ms
+        t = -(-start_ms // interval_ms) * interval_ms
         out: list[Bar] = []
         i = self.index_at(t)
         n = len(ts)

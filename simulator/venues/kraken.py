@@ -71,7 +71,7 @@ def _ticker(m: Market, q: QuoteRow) -> str:
     pct = change * 100 / m.open_price if m.open_price else 0.0
     return (
         '{"symbol":"%s","bid":%s,"bid_qty":%s,"ask":%s,"ask_qty":%s,"last":%s,"volume":%s,'
-        '"vwap":%s,"low":%s,"high":%s,"change":%s,"change_pct":%.2f}'
+        '"vwap":%s,"low":%s,"high":%s,"change":%s,"change_pct":%.2f,"timestamp":"%s"}'
         % (
             venue_symbol(m.symbol),
             fmt_units(q.bid, pdp),
@@ -85,6 +85,7 @@ def _ticker(m: Market, q: QuoteRow) -> str:
             fmt_units(m.high, pdp),
             fmt_units(change, pdp),
             pct,
+            rfc3339_ms(q.ts_ms),
         )
     )
 
