@@ -3,9 +3,10 @@
 A pacing task wakes every ``tick_ms``, advances every symbol's market by the elapsed
 time (so the configured rate holds however late the loop wakes), passes each venue's
 share through its stream faults and hands the result to the venue for formatting and
-fan-out. WebSocket upgrades are routed by path to a venue; plain HTTP GETs on the same
-port (websockets' ``process_request`` hook) serve Binance REST under ``/api/v3`` and the
-control plane under ``/_sim``:
+fan-out. WebSocket upgrades are routed by path to a venue. Plain HTTP GETs on the same
+port (websockets' ``process_request`` hook) serve REST history (Binance under
+``/api/v3``; Coinbase's public trades at ``/api/v3/brokerage/market/products/{id}/ticker``;
+Kraken's at ``/0/public/Trades``) and the control plane under ``/_sim``:
 
     GET /_sim/health
     GET /_sim/report
@@ -46,8 +47,8 @@ from simulator.hub import Hub
 from simulator.market import Market, MarketParams, instrument
 from simulator.venues import VenueBase
 from simulator.venues.binance import Binance, BinanceRest
-from simulator.venues.coinbase import Coinbase
-from simulator.venues.kraken import Kraken
+from simulator.venues.coinbase import Coinbase, CoinbaseRest
+from simulator.venues.kraken import Kraken, KrakenRest
 from simulator.wire import now_ms
 
 log = logging.getLogger("simulator")
@@ -108,6 +109,7 @@ class Simulator:
         self.venues: dict[str, VenueBase] = {}
         self.hub: Hub | None = None
         self.rest: BinanceRest | None = None
+        self.other_rest: list[CoinbaseRest | KrakenRest] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -195,6 +197,7 @@ class Simulator:
         self.rest = BinanceRest(self.markets, cfg.weight_limit)
         self.rest.throttle_left = cfg.throttle
         self.rest.retry_after_s = cfg.retry_after_s
+        self.other_rest = [CoinbaseRest(self.markets), KrakenRest(self.markets)]
         async with serve(
             self._handle,
             cfg.host,
@@ -299,6 +302,10 @@ class Simulator:
                 return _json(404, {"error": f"no WebSocket endpoint at {path}"})
             return None
         try:
+            for api in self.other_rest:
+                if api.handles(path):
+                    status, body = api.handle(path, query, now_ms())
+                    return _json(status, body)
             if path.startswith("/api/v3/"):
                 assert self.rest is not None
                 status, body, headers = self.rest.handle(path, query, now_ms())
@@ -407,6 +414,8 @@ class Simulator:
                 "throttled": rest.throttled,
                 "rate_limited": rest.rate_limited,
                 "throttle_left": rest.throttle_left,
+                "coinbase_requests": self.other_rest[0].requests,
+                "kraken_requests": self.other_rest[1].requests,
             },
         }
 

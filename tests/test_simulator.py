@@ -507,3 +507,24 @@ def test_command_line_process_takes_faults_is_controlled_over_http_and_stops_cle
     assert proc.proc.returncode == 0
     with pytest.raises(RuntimeError, match="bad fault"):
         SimulatorProcess("--fault", "binance:nope=1")
+
+
+def test_coinbase_and_kraken_rest_backfill_returns_the_stream_history(make_sim):
+    from tasks.feeds.rest import CoinbaseRest, KrakenRest
+
+    sim = make_sim(rate=2400)  # 800 a second per symbol: Kraken needs two pages
+    time.sleep(2.2)
+    binance = BinanceRest(config(sim, "binance"))
+    first = sim.report()["markets"]["ETH-USDT"]["first_id"]
+    truth = list(binance.trades_by_id("ETH-USDT", first, first + 1499))
+    start_us, end_us = truth[0].event_us, truth[-1].event_us  # [start, end)
+    expected = [key(t) for t in truth if t.event_us < end_us]
+    fast = {"sleep": lambda s: None}
+    coinbase = CoinbaseRest(config(sim, "coinbase"), Http(sim.http_url, **fast))
+    got = sorted(coinbase.trades_by_time("ETH-USDT", start_us, end_us), key=key)
+    assert [key(t) for t in got] == expected
+    kraken = KrakenRest(config(sim, "kraken"))
+    kraken.http.min_interval_s = 0
+    got = list(kraken.trades_by_time("ETH-USDT", start_us, end_us))
+    assert [key(t) for t in got] == expected
+    assert sim.report()["rest"]["kraken_requests"] >= 2

@@ -206,3 +206,45 @@ def _error(message: str, reason: str) -> str:
     return json.dumps(
         {"type": "error", "message": message, "reason": reason}, separators=(",", ":")
     )
+
+
+# ---- REST ---------------------------------------------------------------------------------
+
+REST_PREFIX = "/api/v3/brokerage/market/products/"
+
+
+class CoinbaseRest:
+    """``GET /api/v3/brokerage/market/products/{product}/ticker?limit=&start=&end=``: the
+    newest ``limit`` (max 1000) trades with start <= time < end (UNIX seconds), newest
+    first, plus the current best bid/ask. Same trade ids and maker sides as the stream."""
+
+    def __init__(self, markets: dict[str, Market]):
+        self.markets = markets
+        self.requests = 0
+
+    def handles(self, path: str) -> bool:
+        return path.startswith(REST_PREFIX) and path.endswith("/ticker")
+
+    def handle(self, path: str, params: dict[str, str], now_ms: int) -> tuple[int, dict]:
+        self.requests += 1
+        product = path[len(REST_PREFIX) : -len("/ticker")]
+        m = self.markets.get(product)
+        if m is None:
+            return 404, {"error": "NOT_FOUND", "message": f"product {product} not found"}
+        try:
+            limit = int(params["limit"])
+            start = int(params.get("start") or 0) * 1000
+            end = int(params["end"]) * 1000 if params.get("end") else now_ms + 1
+        except (KeyError, ValueError):
+            return 400, {"error": "INVALID_ARGUMENT", "message": "limit, start, end: integers"}
+        if not 0 < limit <= 1000:
+            return 400, {"error": "INVALID_ARGUMENT", "message": "limit must be 1..1000"}
+        hi = m.index_at(end)
+        lo = max(m.index_at(start), hi - limit)
+        rows = m.rows(lo, hi)[::-1]
+        q = m.quote(now_ms)
+        return 200, {
+            "trades": [json.loads(_trade(m, t)) for t in rows],
+            "best_bid": fmt_units(q.bid, m.price_dp),
+            "best_ask": fmt_units(q.ask, m.price_dp),
+        }
