@@ -6,8 +6,10 @@ service that cannot start fails the test; on a laptop it skips, saying why.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,7 +25,9 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 # its results out of the user's home so cached results never leak between sessions.
 os.environ.setdefault("PREFECT_API_URL", SETTINGS.prefect_api_url)
 os.environ.setdefault("PREFECT_HOME", str(SETTINGS.home / "prefect-client"))
-os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", tempfile.mkdtemp(prefix="tapeline-results-"))
+_results = tempfile.mkdtemp(prefix="tapeline-results-")
+atexit.register(shutil.rmtree, _results, ignore_errors=True)
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", _results)
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
