@@ -26,7 +26,7 @@ from tasks.feeds.connection import Connection, ConnectionPolicy
 from tasks.gaps import GapTracker, history_for
 from tasks.kafka import producer
 from tasks.metrics import INFLIGHT, VENDOR_FETCH_FAILURE, VENDOR_FETCH_SUCCESS, VENUE_LAG
-from tasks.publish import Lane, Publisher, Topics
+from tasks.publish import PRODUCER_TUNING, Lane, Publisher, Topics
 
 log = logging.getLogger(__name__)
 CHANNELS = ("trades", "quotes")
@@ -235,7 +235,9 @@ class Ingestion:
     ):
         self.plan = plan
         self.run_id = run_id
-        self.publisher = Publisher(producer(settings), plan.config.name, topics, max_in_flight)
+        self.publisher = Publisher(
+            producer(settings, **PRODUCER_TUNING), plan.config.name, topics, max_in_flight
+        )
         policy = policy or ConnectionPolicy()
         self.workers = [
             ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_ids or {})
