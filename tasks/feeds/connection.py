@@ -16,7 +16,7 @@ What it promises:
 - the connection is rotated before ``VenueConfig.max_connection_lifetime_s`` (each
   connection at a jittered moment, so shards do not all rotate at once);
 - ``request_reconnect`` (e.g. on a venue's 'server_shutdown' notice) reconnects at once;
-- ``stop`` ends ``run`` promptly from any thread and closes the socket.
+- ``stop`` ends ``run`` within ``poll_s`` from any thread and closes the socket.
 
 Trades missed while reconnecting are the gap tracker's business (``tasks.gaps``).
 """
@@ -65,7 +65,7 @@ def rotation_delay(lifetime_s: float) -> float:
 
 
 class Stopped(Exception):
-    """Raised inside the callback's thread when the connection is being stopped."""
+    """``stop`` arrived while subscribe frames were still being paced out."""
 
 
 class Connection:
@@ -100,17 +100,14 @@ class Connection:
         self.frames = 0
         self._stop = threading.Event()
         self._reconnect_reason: str | None = None
-        self._ws: websocket.WebSocket | None = None
         self._last_frame = LAST_MESSAGE.labels(venue=self.name, shard=shard)
 
     # ---- control (any thread) -----------------------------------------------------------
 
     def stop(self) -> None:
-        """End ``run``: wakes a blocked read or backoff wait; ``run`` closes the socket."""
+        """End ``run``: the reader notices within ``poll_s`` (or as soon as a blocked
+        handler returns) and closes the socket with a close frame."""
         self._stop.set()
-        ws = self._ws
-        if ws is not None:
-            ws.abort()
 
     @property
     def stopped(self) -> bool:
@@ -154,12 +151,10 @@ class Connection:
                 url,
                 timeout=self.policy.connect_timeout_s,
                 skip_utf8_validation=True,  # the adapter decodes; bad UTF-8 goes to the DLQ
-                enable_multithread=True,  # stop() may abort from another thread
             )
         except Exception as e:  # any failure to connect is retried with backoff
             log.warning("%s shard %s: connect failed: %s", self.name, self.shard, e)
             return "connect_failed", False
-        self._ws = ws
         self.connects += 1
         try:
             if self._stop.is_set():
@@ -189,7 +184,6 @@ class Connection:
             log.exception("%s shard %s: frame handler failed", self.name, self.shard)
             return "handler_error", False
         finally:
-            self._ws = None
             self._reconnect_reason = None
             _close(ws)
 
