@@ -1,0 +1,142 @@
+"""Recompute candle windows from stored trades: the work behind ``flows/aggregate.py``.
+
+One call handles one series (venue, symbol, interval) in one transaction: read the
+windows' trades, compute candles (``tasks.candles``), upsert them, delete candles of
+windows left without trades, recompute indicators forward from the earliest change
+(``tasks.candle_store``), clear those pending windows, publish the new or changed 1 m
+candles, then commit.
+
+Delivery of ``market.candles.1m``: messages are sent and acknowledged *before* the
+commit, so a candle is never stored-but-unpublished; if the commit then fails, the
+windows are still pending and the next run publishes them again (at least once). The
+message is the codec's candle (``tasks.codec.decode`` reads it as a ``Candle``) plus an
+``indicators`` object (decimals as strings), keyed by symbol; consumers keep the latest
+per (venue, symbol, interval, open_us).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import candle_store as store
+from tasks import candles as cdl
+from tasks import codec
+from tasks import indicators as ind
+from tasks.events import Candle
+from tasks.topics import CANDLES
+
+log = logging.getLogger(__name__)
+PUBLISHED_INTERVAL = "1m"  # what market.candles.1m carries
+
+
+@dataclass
+class Outcome:
+    """What recomputing some windows of one series did."""
+
+    windows: int = 0
+    changed: list[Candle] = field(default_factory=list)
+    deleted: int = 0
+    indicators: int = 0
+    published: int = 0
+
+    def add(self, other: Outcome) -> None:
+        self.windows += other.windows
+        self.changed += other.changed
+        self.deleted += other.deleted
+        self.indicators += other.indicators
+        self.published += other.published
+
+
+def candle_message(candle: Candle, indicators: dict[str, Any] | None) -> bytes:
+    doc = codec.to_dict(candle)
+    doc["indicators"] = {
+        k: (None if v is None else str(v)) if k != "spec" else v
+        for k, v in (indicators or {}).items()
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def recompute(
+    conn,
+    key: store.SeriesKey,
+    opens: Sequence[int],
+    spec: ind.Spec,
+    producer=None,
+    topic: str = CANDLES,
+    trades=None,
+    indicator_range: tuple[int, int] | None = None,
+) -> Outcome:
+    """Recompute the candles of ``opens`` (window open times of ``key``) from trades,
+    clear them from ``candle_pending``, recompute indicators, and publish changed 1 m
+    candles, in one transaction. Indicators: from the earliest change to the series'
+    end, or exactly ``indicator_range`` (a rebuild walks its range in order).
+    ``trades``: the windows' trades if the caller already has them."""
+    out = Outcome(windows=len(opens))
+    if not opens:
+        return out
+    with conn, conn.cursor() as cur:
+        store.lock_series(conn, key)
+        if trades is None:
+            trades = store.trades_in_windows(conn, key, opens)
+        frame = cdl.compute(trades, key.interval)
+        out.changed = store.upsert_candles(cur, frame)
+        empty = set(opens) - set(frame["open_us"].tolist())
+        out.deleted = store.delete_candles(cur, key, empty) if empty else 0
+        if indicator_range is not None:
+            out.indicators = store.recompute_indicators(
+                cur, key, *indicator_range[:1], spec, until_us=indicator_range[1]
+            )
+        elif out.changed or out.deleted:
+            first = min([c.open_us for c in out.changed] + ([min(empty)] if out.deleted else []))
+            out.indicators = store.recompute_indicators(cur, key, first, spec)
+        store.clear_pending(cur, key, opens)
+        if producer is not None and key.interval == PUBLISHED_INTERVAL and out.changed:
+            out.published = publish(conn, key, out.changed, producer, topic)
+    return out
+
+
+def publish(conn, key: store.SeriesKey, changed: list[Candle], producer, topic: str) -> int:
+    """Send the changed candles with their indicators and wait for every ack."""
+    extra = store.indicators_at(conn, key, [c.open_us for c in changed])
+    futures = [
+        producer.send(topic, key=c.symbol.encode(), value=candle_message(c, extra.get(c.open_us)))
+        for c in changed
+    ]
+    producer.flush(timeout=60)
+    for f in futures:
+        f.get(timeout=0)  # raises on a failed delivery: the transaction rolls back
+    return len(futures)
+
+
+def rebuild(
+    conn,
+    key: store.SeriesKey,
+    start_us: int,
+    end_us: int,
+    spec: ind.Spec,
+    producer=None,
+    topic: str = CANDLES,
+    chunk_windows: int = 1440,
+) -> Outcome:
+    """Make the series' candles in the windows overlapping [start_us, end_us) exactly
+    what the stored trades say (windows without trades lose their candle),
+    ``chunk_windows`` per transaction, in order, recomputing their indicators whether
+    or not a candle changed (so a rerun after a crash finishes what the first left);
+    then carry the EWMA ripple on to the series' end."""
+    width = key.width_us
+    first = cdl.window_open(start_us, width)
+    last = cdl.window_open(end_us - 1, width) + width
+    total = Outcome()
+    for lo in range(first, last, chunk_windows * width):
+        hi = min(lo + chunk_windows * width, last)
+        trades = store.trades_between(conn, key.venue, key.symbol, lo, hi)
+        opens = list(range(lo, hi, width))
+        total.add(recompute(conn, key, opens, spec, producer, topic, trades, (lo, hi)))
+    with conn, conn.cursor() as cur:
+        store.lock_series(conn, key)
+        total.indicators += store.recompute_indicators(cur, key, last, spec)
+    return total
