@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connections", type=int, default=1)
     p.add_argument("--quotes", action="store_true", help="also subscribe to bookTicker")
     p.add_argument("--tick-ms", default="5")
+    p.add_argument("--max-queue", default="50000", help="frames queued per connection")
     a = p.parse_args(argv)
     symbols = a.symbols.split(",")
     args = ["--rate", str(a.rate), "--symbols", a.symbols, "--no-bursts", "--tick-ms", a.tick_ms]
+    args += ["--max-queue", a.max_queue]
     with SimulatorProcess(*args) as sim:
         result = asyncio.run(_run(sim, symbols, a.connections, a.quotes, a.warmup, a.seconds))
     print(json.dumps({"rate": a.rate, "connections": a.connections, **result}))

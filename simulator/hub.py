@@ -251,21 +251,39 @@ def _room(sent: int, f: FaultSettings) -> int:
 async def _send(ws: ServerConnection, frames: list[str]) -> None:
     """Send each frame as its own text message, with one socket write for the batch.
 
-    This is what websockets' ``send()`` does for one message (``send_context`` around
-    ``protocol.send_text``); doing it once per batch saves a coroutine round trip and a
-    write call per message, which is most of the cost at tens of thousands of messages a
-    second. Falls back to ``send()`` per message if websockets changes those internals.
+    websockets' ``send()`` does, per message, ``send_context`` around
+    ``protocol.send_text`` and then one ``transport.write`` per frame. Doing the same for
+    a batch and joining the frames into one write saves a coroutine round trip and a
+    syscall per message, most of the cost at tens of thousands of messages a second.
+    The bytes are what websockets would have written, in the same order. Falls back to
+    ``send()`` per message if websockets changes those internals.
     """
-    if _BATCHED:
-        async with ws.send_context():
-            for frame in frames:
-                ws.protocol.send_text(frame.encode())
-    else:
+    if not _BATCHED:
         for frame in frames:
             await ws.send(frame)
+        return
+    async with ws.send_context():
+        protocol = ws.protocol
+        for frame in frames:
+            protocol.send_text(frame.encode())
+        chunks = protocol.data_to_send()  # leaves nothing for send_context to write
+        data = b"".join(chunks)
+        if data:
+            ws.transport.write(data)
+        if not all(chunks):  # an empty chunk asks for EOF, as websockets' send_data does
+            if ws.transport.can_write_eof():
+                ws.transport.write_eof()
+            else:
+                ws.transport.close()
 
 
-_BATCHED = hasattr(ServerConnection, "send_context") and hasattr(Protocol, "send_text")
+_BATCHED = all(
+    (
+        hasattr(ServerConnection, "send_context"),
+        hasattr(Protocol, "send_text"),
+        hasattr(Protocol, "data_to_send"),
+    )
+)
 
 
 _EMPTY: set[Client] = set()

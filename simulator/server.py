@@ -69,7 +69,7 @@ class SimConfig:
     volatility: float = 0.0001
     quote_ratio: float = 0.2
     bursts: bool = True
-    max_queue: int = 20_000  # frames queued per connection before it is dropped as slow
+    max_queue: int = 50_000  # frames queued per connection before it is dropped as slow
     ping_interval: float = 20.0
     ping_timeout: float = 60.0
     shutdown_grace_s: float = 1.0
