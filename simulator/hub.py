@@ -87,6 +87,7 @@ class Hub:
         self.shutdown_grace_s = 1.0
         self.shutdown_frame: dict[str, Callable[[Client], str | None]] = {}
         self._ids = itertools.count(1)
+        self._closing: set[asyncio.Task] = set()  # close handshakes under way (kept alive)
 
     # ---- membership ---------------------------------------------------------------------
 
@@ -155,7 +156,9 @@ class Hub:
         ws = c.ws
         self.detach(c)
         if ws is not None:
-            asyncio.get_running_loop().create_task(ws.close(code, reason))
+            task = asyncio.get_running_loop().create_task(ws.close(code, reason))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def abort(self, c: Client) -> None:
         """Cut the TCP connection without a close frame (a network drop)."""

@@ -137,6 +137,8 @@ class Simulator:
         """Serve from a background thread; returns once the port is listening."""
         if self._thread is not None:
             raise RuntimeError("simulator already started")
+        self._ready.clear()
+        self._error = None
         self._thread = threading.Thread(target=self._thread_main, name="simulator", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
