@@ -236,7 +236,11 @@ class Ingestion:
         self.plan = plan
         self.run_id = run_id
         self.publisher = Publisher(
-            producer(settings, **PRODUCER_TUNING), plan.config.name, topics, max_in_flight
+            producer(settings, **PRODUCER_TUNING),
+            plan.config.name,
+            topics,
+            max_in_flight,
+            lanes=len(plan.shards),
         )
         policy = policy or ConnectionPolicy()
         self.workers = [
@@ -298,7 +302,7 @@ class Ingestion:
         return (
             f"{self.plan.config.name}: {(frames - f0) / dt:.0f} frames/s in, "
             f"{(acked - a0) / dt:.0f} msg/s acked, lag {lag_s * 1000:.0f} ms{latency}, "
-            f"reconnects {reconnects}, in-flight {inflight}/{self.publisher.limit.limit}, "
+            f"reconnects {reconnects}, in-flight {inflight}/{self.publisher.max_in_flight}, "
             f"dlq {dlq}, repaired {repaired}"
         )
 
@@ -306,7 +310,7 @@ class Ingestion:
         """Stop reading, flush the producer, close sockets; returns the run's report."""
         for w in self.workers:
             w.stop()
-        self.publisher.limit.close()  # wake readers blocked on a full in-flight buffer
+        self.publisher.stop_waiting()  # wake readers blocked on a full in-flight buffer
         for t in self._threads:
             t.join(join_timeout_s)
         unresolved = self.publisher.close(flush_timeout_s)
@@ -335,8 +339,8 @@ class Ingestion:
             **totals,
             "reconnects": dict(reconnects),
             "unresolved_at_exit": unresolved,
-            "peak_in_flight": self.publisher.limit.peak,
-            "max_in_flight": self.publisher.limit.limit,
+            "peak_in_flight": self.publisher.peak_in_flight,
+            "max_in_flight": self.publisher.max_in_flight,
             "shard_errors": [f"shard {i}: {e!r}" for i, e in self.errors],
             "last_trade_ids": self.last_ids(),
             "shards": shards,

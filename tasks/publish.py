@@ -35,6 +35,7 @@ from kafka import KafkaProducer
 from tasks import codec, dlq
 from tasks.events import Quote, Trade
 from tasks.metrics import EVENT_TO_ACK, KAFKA_PUBLISH_FAILURE, KAFKA_PUBLISH_SUCCESS
+from tasks.resume import partition_of
 from tasks.topics import DLQ, QUOTES, TRADES
 
 log = logging.getLogger(__name__)
@@ -59,39 +60,6 @@ class Topics:
 
 class Closed(Exception):
     """``publish`` was waiting for room when the publisher was closed."""
-
-
-class InflightLimit:
-    """A counting bound on unresolved messages; ``acquire`` blocks at the bound."""
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError("max_in_flight must be >= 1")
-        self.limit = limit
-        self.count = 0
-        self.peak = 0
-        self._cond = threading.Condition(threading.Lock())
-        self._closed = False
-
-    def acquire(self) -> None:
-        with self._cond:
-            while self.count >= self.limit:
-                if self._closed:
-                    raise Closed("publisher closed while waiting for Kafka")
-                self._cond.wait(0.5)
-            self.count += 1
-            if self.count > self.peak:
-                self.peak = self.count
-
-    def release(self) -> None:
-        with self._cond:
-            self.count -= 1
-            self._cond.notify()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
 
 class LatencyWindow:
@@ -120,7 +88,12 @@ class LatencyWindow:
 
 
 class Publisher:
-    """One shared producer for all shards of a venue; each shard publishes via a ``Lane``."""
+    """One shared producer for all shards of a venue; each shard publishes via a ``Lane``.
+
+    The in-flight bound ``max_in_flight`` is split evenly over ``lanes``: each lane counts
+    its own sends (reader thread) and resolutions (network thread), one writer each, so
+    the bound costs no lock on the hot path.
+    """
 
     def __init__(
         self,
@@ -128,55 +101,83 @@ class Publisher:
         venue: str,
         topics: Topics | None = None,
         max_in_flight: int = 10_000,
+        lanes: int = 1,
     ):
+        if max_in_flight < lanes or lanes < 1:
+            raise ValueError(f"max_in_flight ({max_in_flight}) must be >= lanes ({lanes}) >= 1")
         self.producer = producer
         self.venue = venue
         self.topics = topics or Topics()
-        self.limit = InflightLimit(max_in_flight)
+        self.max_in_flight = max_in_flight
+        self.lane_cap = max_in_flight // lanes
         self.latency = LatencyWindow()
         self.lanes: list[Lane] = []
+        self.closed = False
+        self._partitions: dict[str, int] = {}
 
     def lane(self, shard: str) -> Lane:
         lane = Lane(self, shard)
         self.lanes.append(lane)
         return lane
 
+    def partition(self, topic: str, symbol: str) -> int:
+        """The partition kafka-python's default partitioner picks for key ``symbol``
+        (murmur2 of the key), computed once per symbol instead of on every send."""
+        n = self._partitions.get(topic)
+        if n is None:
+            n = self._partitions[topic] = len(self.producer.partitions_for(topic))
+        return partition_of(symbol, n)
+
     @property
     def in_flight(self) -> int:
-        return self.limit.count
+        return sum(lane.in_flight for lane in self.lanes)
+
+    @property
+    def peak_in_flight(self) -> int:
+        """An upper bound of the most messages unresolved at once (sum of lane peaks)."""
+        return sum(lane.peak for lane in self.lanes)
 
     def flush(self, timeout: float | None = None) -> None:
         """Send everything queued and wait until each message is acked or has failed."""
         self.producer.flush(timeout=timeout)
 
+    def stop_waiting(self) -> None:
+        """Make readers blocked on a full lane raise ``Closed``."""
+        self.closed = True
+        for lane in self.lanes:
+            lane.room.set()
+
     def close(self, timeout: float = 30.0) -> int:
         """Wake blocked publishers, flush for up to ``timeout`` and close the producer;
         returns how many messages were still unresolved (0 after a clean flush)."""
-        self.limit.close()
+        self.stop_waiting()
         try:
             self.producer.flush(timeout=timeout)
         except Exception as e:  # KafkaTimeoutError: report what is left, then close anyway
             log.warning("%s: flush did not finish in %.0f s: %s", self.venue, timeout, e)
-        left = self.limit.count
+        left = self.in_flight
         self.producer.close(timeout=0 if left else 5)
         return left
 
 
 class Lane:
-    """One shard's way into the shared publisher: its metrics, counts and failures.
+    """One shard's way into the shared publisher: its bound, metrics, counts, failures.
 
-    ``publish`` and ``dead_letter`` run in the shard's reader thread; the ack handler runs
-    in the producer's network thread, the only writer of ``acked``/``failed``.
+    ``publish`` and ``dead_letter`` run in the shard's reader thread (the only writer of
+    ``sent``); the resolution handlers run in the producer's network thread (the only
+    writer of ``resolved``, ``acked``, ``failed``).
     """
 
     def __init__(self, publisher: Publisher, shard: str):
         self.publisher = publisher
         self.shard = shard
+        self.cap = publisher.lane_cap
+        self.room = threading.Event()
         venue = publisher.venue
         self._send = publisher.producer.send
-        self._limit = publisher.limit
         self._latency = publisher.latency
         self._topics = {Trade: publisher.topics.trades, Quote: publisher.topics.quotes}
+        self._routes: dict[type, dict[str, tuple[str, bytes, int]]] = {Trade: {}, Quote: {}}
         self._ok = KAFKA_PUBLISH_SUCCESS.labels(venue=venue, shard=shard)
         self._fail = KAFKA_PUBLISH_FAILURE.labels(venue=venue, shard=shard)
         self._hist = {
@@ -184,29 +185,63 @@ class Lane:
             Quote: EVENT_TO_ACK.labels(venue=venue, channel="quotes"),
         }
         self.sent = 0
+        self.resolved = 0
         self.acked = 0
         self.failed = 0
+        self.peak = 0
         self.dead_letters = 0
+        self._waiting = False
         self._failed_trades: deque[Trade] = deque()
         self._failed_dlq: deque[tuple[str, str, bytes | str, dict]] = deque()
 
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.resolved
+
+    def _reserve(self) -> None:
+        """Return once this lane has room for one more message (backpressure)."""
+        n = self.sent - self.resolved
+        if n >= self.cap:
+            self._waiting = True
+            try:
+                while self.sent - self.resolved >= self.cap:
+                    if self.publisher.closed:
+                        raise Closed("publisher closed while waiting for Kafka")
+                    self.room.wait(0.05)
+                    self.room.clear()
+            finally:
+                self._waiting = False
+            n = self.sent - self.resolved
+        if n >= self.peak:
+            self.peak = n + 1
+
+    def _free(self) -> None:
+        self.resolved += 1
+        if self._waiting:
+            self.room.set()
+
     def publish(self, event: Trade | Quote, live: bool = True) -> None:
-        """Send one event; blocks while ``max_in_flight`` messages are unresolved.
-        ``live=False`` (repaired history) keeps old event times out of the latency metric."""
-        self._limit.acquire()
+        """Send one event; blocks while this lane's share of ``max_in_flight`` is
+        unresolved. ``live=False`` (repaired history) keeps old event times out of the
+        latency metric."""
+        self._reserve()
         kind = type(event)
-        try:
-            future = self._send(
-                self._topics[kind], key=event.symbol.encode(), value=codec.encode(event)
-            )
-        except BaseException:
-            self._limit.release()
-            raise
+        route = self._routes[kind].get(event.symbol)
+        if route is None:
+            route = self._route(kind, event.symbol)
+        topic, key, partition = route
+        future = self._send(topic, key=key, value=codec.encode(event), partition=partition)
         self.sent += 1
         future.add_both(self._resolved, event, live)
 
+    def _route(self, kind: type, symbol: str) -> tuple[str, bytes, int]:
+        topic = self._topics[kind]
+        route = (topic, symbol.encode(), self.publisher.partition(topic, symbol))
+        self._routes[kind][symbol] = route
+        return route
+
     def _resolved(self, event: Trade | Quote, live: bool, result: Any) -> None:
-        self._limit.release()
+        self._free()
         if isinstance(result, BaseException):
             self.failed += 1
             self._fail.inc()
@@ -227,17 +262,14 @@ class Lane:
 
     def dead_letter(self, source: str, reason: str, raw: bytes | str, **context: Any) -> None:
         """Send a rejected frame to the DLQ (``tasks.dlq.send``) under the same bound."""
-        self._limit.acquire()
-        try:
-            future = dlq.send(self.publisher.producer, source, reason, raw, **context)
-        except BaseException:
-            self._limit.release()
-            raise
+        self._reserve()
+        future = dlq.send(self.publisher.producer, source, reason, raw, **context)
+        self.sent += 1
         self.dead_letters += 1
         future.add_both(self._dlq_resolved, (source, reason, raw, context))
 
     def _dlq_resolved(self, record: tuple[str, str, bytes | str, dict], result: Any) -> None:
-        self._limit.release()
+        self._free()
         if isinstance(result, BaseException):
             self.failed += 1
             self._fail.inc()
@@ -254,13 +286,11 @@ class Lane:
         while self._failed_dlq:
             record = self._failed_dlq.popleft()
             source, reason, raw, context = record
-            self._limit.acquire()
-            try:  # straight to the producer: the DLQ metric counted this record already
-                value = dlq.record(source, reason, raw, **context)
-                future = self._send(DLQ, key=source.encode(), value=value)
-            except BaseException:
-                self._limit.release()
-                raise
+            self._reserve()
+            # straight to the producer: the DLQ metric counted this record already
+            value = dlq.record(source, reason, raw, **context)
+            future = self._send(DLQ, key=source.encode(), value=value)
+            self.sent += 1
             future.add_both(self._dlq_resolved, record)
         trades = []
         while self._failed_trades:
