@@ -164,8 +164,9 @@ class Lane:
     """One shard's way into the shared publisher: its bound, metrics, counts, failures.
 
     ``publish`` and ``dead_letter`` run in the shard's reader thread (the only writer of
-    ``sent``); the resolution handlers run in the producer's network thread (the only
-    writer of ``resolved``, ``acked``, ``failed``).
+    ``out``, every message sent, and ``sent``, the events among them); the resolution
+    handlers run in the producer's network thread (the only writer of ``resolved``,
+    ``acked``, ``failed``).
     """
 
     def __init__(self, publisher: Publisher, shard: str):
@@ -184,6 +185,7 @@ class Lane:
             Trade: EVENT_TO_ACK.labels(venue=venue, channel="trades"),
             Quote: EVENT_TO_ACK.labels(venue=venue, channel="quotes"),
         }
+        self.out = 0
         self.sent = 0
         self.resolved = 0
         self.acked = 0
@@ -196,22 +198,22 @@ class Lane:
 
     @property
     def in_flight(self) -> int:
-        return self.sent - self.resolved
+        return self.out - self.resolved
 
     def _reserve(self) -> None:
         """Return once this lane has room for one more message (backpressure)."""
-        n = self.sent - self.resolved
+        n = self.out - self.resolved
         if n >= self.cap:
             self._waiting = True
             try:
-                while self.sent - self.resolved >= self.cap:
+                while self.out - self.resolved >= self.cap:
                     if self.publisher.closed:
                         raise Closed("publisher closed while waiting for Kafka")
                     self.room.wait(0.05)
                     self.room.clear()
             finally:
                 self._waiting = False
-            n = self.sent - self.resolved
+            n = self.out - self.resolved
         if n >= self.peak:
             self.peak = n + 1
 
@@ -231,6 +233,7 @@ class Lane:
             route = self._route(kind, event.symbol)
         topic, key, partition = route
         future = self._send(topic, key=key, value=codec.encode(event), partition=partition)
+        self.out += 1
         self.sent += 1
         future.add_both(self._resolved, event, live)
 
@@ -264,7 +267,7 @@ class Lane:
         """Send a rejected frame to the DLQ (``tasks.dlq.send``) under the same bound."""
         self._reserve()
         future = dlq.send(self.publisher.producer, source, reason, raw, **context)
-        self.sent += 1
+        self.out += 1
         self.dead_letters += 1
         future.add_both(self._dlq_resolved, (source, reason, raw, context))
 
@@ -290,7 +293,7 @@ class Lane:
             # straight to the producer: the DLQ metric counted this record already
             value = dlq.record(source, reason, raw, **context)
             future = self._send(DLQ, key=source.encode(), value=value)
-            self.sent += 1
+            self.out += 1
             future.add_both(self._dlq_resolved, record)
         trades = []
         while self._failed_trades:
