@@ -1,0 +1,171 @@
+"""Simulator -> ingestion -> Kafka: sustained messages/s and event-to-ack latency, next to
+a raw kafka-python producer sending the same pre-encoded messages in the same run.
+
+Three phases against the local Kafka, each on throwaway topics:
+
+1. sustained: the simulator (its own process, bursts off, a queue that never drops us)
+   offers rising rates; a rate is sustained when the acked rate keeps up with what the
+   simulator generated (>= 97%) and p99 event-to-ack stays under 250 ms (no backlog).
+   The highest sustained rate is the path's capacity: socket read, parse, validate,
+   encode, bounded publish, ack callback. (Offering far more than that would measure
+   the simulator stealing a core, not the ingestion.)
+2. raw: the messages phase 1 published, read back as (key, value) bytes, sent by a bare
+   producer (``tasks.kafka.producer`` with the same tuning) as fast as ``send`` goes,
+   then flushed; best of two runs.
+3. paced: the simulator at ``--latency-rate`` trades/s (1 ms ticks, so the simulator
+   itself adds at most ~1 ms); p50/p99 from venue event time to broker ack, exactly,
+   from the publisher's latency window.
+
+The ingestion runs in this process through ``tasks.ingest.Ingestion`` (what the flow
+runs, without Prefect's per-run bookkeeping, which is not on the message path).
+
+    .venv/bin/python -m bench.bench_ingest [--seconds 5] [--latency-rate 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+
+from kafka import TopicPartition
+from kafka.admin import NewTopic
+
+from simulator.process import SimulatorProcess
+from tasks import config
+from tasks.ingest import Ingestion, plan
+from tasks.kafka import admin, consumer, producer
+from tasks.publish import PRODUCER_TUNING, Topics
+
+SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
+
+
+def _simulator(rate: float, tick_ms: float) -> SimulatorProcess:
+    return SimulatorProcess(
+        "--symbols", ",".join(SYMBOLS), "--rate", str(rate), "--no-bursts",
+        "--tick-ms", str(tick_ms), "--max-queue", "10000000",
+    )  # fmt: skip
+
+
+def _generated(sim: SimulatorProcess) -> int:
+    return sum(m["generated"] for m in sim.report()["markets"].values())
+
+
+def _ingest(
+    settings: config.Settings, sim: SimulatorProcess, topic: str, warmup: float, seconds: float
+) -> dict:
+    p = plan("binance", SYMBOLS, ["trades"], simulator_url=sim.http_url)
+    ing = Ingestion(
+        p, settings, run_id=f"bench-{uuid.uuid4().hex[:8]}", topics=Topics(topic, topic)
+    )
+    ing.start()
+    time.sleep(warmup)
+    acked0, made0 = sum(w.lane.acked for w in ing.workers), _generated(sim)
+    ing.publisher.latency.reset()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    acked, made = sum(w.lane.acked for w in ing.workers) - acked0, _generated(sim) - made0
+    elapsed = time.monotonic() - t0
+    p50, p99 = ing.publisher.latency.percentiles(0.5, 0.99) or (float("nan"),) * 2
+    report = ing.stop()
+    assert not report["failed"] and not report["shard_errors"], report
+    return {
+        "msg_per_s": acked / elapsed,
+        "offered_per_s": made / elapsed,
+        "p50_ms": p50,
+        "p99_ms": p99,
+    }
+
+
+def _sustained(settings: config.Settings, topic: str, args: argparse.Namespace) -> dict:
+    best: dict = {}
+    rate = args.start_rate
+    while rate <= args.max_rate:
+        with _simulator(rate, 5) as sim:
+            r = _ingest(settings, sim, topic, args.warmup, args.seconds)
+        kept = r["msg_per_s"] >= 0.97 * r["offered_per_s"] and r["p99_ms"] < 250
+        print(
+            f"  offered {r['offered_per_s']:8.0f}/s  acked {r['msg_per_s']:8.0f}/s  "
+            f"p99 {r['p99_ms']:8.1f} ms  {'sustained' if kept else 'falls behind'}",
+            flush=True,
+        )
+        if not kept:
+            break
+        best = r
+        rate += args.rate_step
+    return best
+
+
+def _read_back(settings: config.Settings, topic: str, limit: int) -> list[tuple[bytes, bytes]]:
+    c = consumer(None, settings)
+    try:
+        tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+        c.assign(tps)
+        c.seek_to_beginning()
+        ends, out = c.end_offsets(tps), []
+        while len(out) < limit and any(c.position(tp) < ends[tp] for tp in tps):
+            for recs in c.poll(timeout_ms=1000).values():
+                out += [(r.key, r.value) for r in recs]
+        return out[:limit]
+    finally:
+        c.close()
+
+
+def _raw(settings: config.Settings, messages: list[tuple[bytes, bytes]], topic: str) -> dict:
+    prod = producer(settings, **PRODUCER_TUNING)
+    prod.send(topic, key=messages[0][0], value=messages[0][1]).get(timeout=30)  # metadata
+    send = prod.send
+    t0 = time.monotonic()
+    for key, value in messages:
+        send(topic, key=key, value=value)
+    prod.flush()
+    elapsed = time.monotonic() - t0
+    prod.close()
+    return {"msg_per_s": len(messages) / elapsed, "messages": len(messages)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = argparse.ArgumentParser(prog="python -m bench.bench_ingest", description=__doc__)
+    a.add_argument("--seconds", type=float, default=5.0, help="measuring window per step")
+    a.add_argument("--warmup", type=float, default=2.0)
+    a.add_argument("--start-rate", type=float, default=10_000, help="first offered trades/s")
+    a.add_argument("--rate-step", type=float, default=4_000)
+    a.add_argument("--max-rate", type=float, default=60_000)
+    a.add_argument("--latency-rate", type=float, default=2_000, help="phase 3 trades/s")
+    args = a.parse_args(argv)
+    settings = config.load()
+    topics = [f"bench.ingest.{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    client = admin(settings)
+    client.create_topics([NewTopic(t, settings.topics.partitions, 1) for t in topics])
+    try:
+        print("1. sustained rate, simulator -> ingestion -> Kafka", flush=True)
+        sustained = _sustained(settings, topics[0], args)
+        assert sustained, f"not even {args.start_rate:.0f}/s was sustained"
+        messages = _read_back(settings, topics[0], 200_000)
+        raw = max(
+            (_raw(settings, messages, topics[1]) for _ in range(2)), key=lambda r: r["msg_per_s"]
+        )
+        with _simulator(args.latency_rate, 1) as sim:
+            paced = _ingest(settings, sim, topics[2], args.warmup, args.seconds * 2)
+    finally:
+        client.delete_topics(topics)
+        client.close()
+    ratio = sustained["msg_per_s"] / raw["msg_per_s"]
+    print(f"\n{'path':36} {'msg/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'raw kafka-python producer':36} {raw['msg_per_s']:9.0f}")
+    print(f"{'simulator->ingestion->Kafka, max':36} {sustained['msg_per_s']:9.0f} "
+          f"{sustained['p50_ms']:8.1f} {sustained['p99_ms']:8.1f}")  # fmt: skip
+    print(f"{f'same, paced at {args.latency_rate:.0f}/s':36} {paced['msg_per_s']:9.0f} "
+          f"{paced['p50_ms']:8.1f} {paced['p99_ms']:8.1f}")  # fmt: skip
+    met = {True: "met", False: "MISSED"}
+    print(
+        f"ratio ingestion/raw: {ratio:.2f} (target >= 0.80: {met[ratio >= 0.8]}); "
+        f"p99 at {args.latency_rate:.0f}/s: {paced['p99_ms']:.1f} ms "
+        f"(target < 50: {met[paced['p99_ms'] < 50]})"
+    )
+    print(json.dumps({"raw": raw, "sustained": sustained, "paced": paced, "ratio": ratio}))
+
+
+if __name__ == "__main__":
+    main()
