@@ -19,8 +19,10 @@ Also a command: ``python -m flows.ingest --venue binance --symbols BTC-USDT,ETH-
 --simulator`` runs the same flow function (see ``--help``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: Prefect validates flow parameters
+# against these annotations, and a run that unpickles the flow (``flow.serve``) sees only
+# the globals the function body uses, so a string annotation such as ``Literal[...]``
+# could not be resolved there.
 import argparse
 import json
 import sys
@@ -117,10 +119,7 @@ def ingest(
             failed = [c["check"] for c in report["checks"] if not c["ok"]]
             raise RuntimeError(f"validation failed: {', '.join(failed)}")
 
-    port = settings.metrics_port if metrics_port is None else metrics_port
-    if port and port not in _serving:
-        metrics.serve(port)
-        _serving.add(port)
+    _serve_metrics(settings.metrics_port if metrics_port is None else metrics_port, logger)
     last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
     logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
 
@@ -149,6 +148,19 @@ def ingest(
     if report["shard_errors"]:
         raise RuntimeError(f"shards failed: {report['shard_errors']}")
     return report
+
+
+def _serve_metrics(port: int, logger: Any) -> None:
+    """Serve this process's metrics on ``port`` (0: none). A port already taken (another
+    ingestion run on this host) costs this run its endpoint, not its data."""
+    if not port or port in _serving:
+        return
+    try:
+        metrics.serve(port)
+    except OSError as e:
+        logger.error("metrics port %d unavailable (%s): this run serves no metrics", port, e)
+        return
+    _serving.add(port)
 
 
 def _watch(ingestion: Ingestion, run_seconds: float | None, every_s: float, logger: Any) -> None:
