@@ -145,8 +145,11 @@ def ingest(
     finally:
         report = ingestion.stop()
         logger.info("stopped: %s", json.dumps({k: v for k, v in report.items() if k != "shards"}))
-    if report["shard_errors"]:
-        raise RuntimeError(f"shards failed: {report['shard_errors']}")
+    if report["shard_errors"] or report["producer_error"]:
+        raise RuntimeError(
+            f"ingestion stopped: shards {report['shard_errors']}, "
+            f"Kafka producer {report['producer_error']}"
+        )
     return report
 
 

@@ -185,7 +185,7 @@ class ShardWorker:
         failed DLQ records and rewind the gap tracker to before the first failed trade."""
         self.lane.publisher.flush()
         failed = self.lane.take_failed()
-        if failed and self.tracker is not None:
+        if failed and self.tracker is not None and self.lane.publisher.fatal is None:
             self.tracker.rewind(failed)
 
     def counts(self) -> dict[str, Any]:
@@ -278,8 +278,12 @@ class Ingestion:
 
     @property
     def alive(self) -> bool:
-        """True while every shard thread is running."""
-        return all(t.is_alive() for t in self._threads) and not self.errors
+        """True while every shard thread runs and the producer can still deliver."""
+        return (
+            all(t.is_alive() for t in self._threads)
+            and not self.errors
+            and self.publisher.fatal is None
+        )
 
     def progress(self) -> str:
         """One line for the log: rates since the last call, lag, reconnects, in-flight."""
@@ -342,6 +346,7 @@ class Ingestion:
             "peak_in_flight": self.publisher.peak_in_flight,
             "max_in_flight": self.publisher.max_in_flight,
             "shard_errors": [f"shard {i}: {e!r}" for i, e in self.errors],
+            "producer_error": repr(self.publisher.fatal) if self.publisher.fatal else None,
             "last_trade_ids": self.last_ids(),
             "shards": shards,
         }

@@ -18,6 +18,11 @@ Guarantee (what ``Publisher`` keeps, with the producer settings of ``tasks.kafka
   from the venue's REST history and re-published in id order; a failed *DLQ record* is
   sent again (order does not matter there). A failed *quote* is counted and dropped: a
   quote is a snapshot superseded by the next one, and no venue serves quote history.
+- A failure that is not retriable (authorization, an oversized record, a corrupt
+  batch) puts kafka-python's idempotent producer in a fatal state in which every later
+  send fails; ``Publisher.fatal`` then holds the error and the ingestion stops with it
+  (retrying cannot help: it needs an operator). Nothing acknowledged is lost, and the
+  next run resumes from what Kafka holds.
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ class Publisher:
         self.latency = LatencyWindow()
         self.lanes: list[Lane] = []
         self.closed = False
+        self.fatal: BaseException | None = None
         self._partitions: dict[str, int] = {}
 
     def lane(self, shard: str) -> Lane:
@@ -244,11 +250,16 @@ class Lane:
         self._routes[kind][symbol] = route
         return route
 
+    def _failure(self, error: BaseException) -> None:
+        self.failed += 1
+        self._fail.inc()
+        if not getattr(error, "retriable", False) and self.publisher.fatal is None:
+            self.publisher.fatal = error
+
     def _resolved(self, event: Trade | Quote, live: bool, result: Any) -> None:
         self._free()
         if isinstance(result, BaseException):
-            self.failed += 1
-            self._fail.inc()
+            self._failure(result)
             if type(event) is Trade:
                 self._failed_trades.append(event)
             if self.failed == 1 or self.failed % 1000 == 0:
@@ -275,8 +286,7 @@ class Lane:
     def _dlq_resolved(self, record: tuple[str, str, bytes | str, dict], result: Any) -> None:
         self._free()
         if isinstance(result, BaseException):
-            self.failed += 1
-            self._fail.inc()
+            self._failure(result)
             self._failed_dlq.append(record)
             log.error("%s shard %s: DLQ record not delivered, will resend: %s",
                       self.publisher.venue, self.shard, result)  # fmt: skip
