@@ -244,3 +244,25 @@ def test_sigterm_flushes_and_exits(kafka, prefect_server, new_topic):
     assert sum(map(len, ids.values())) == stopped["acked"]
     for s, got in ids.items():
         assert_contiguous(got, s)
+
+
+@pytest.mark.parametrize("venue", ["coinbase", "kraken"])
+def test_other_venues_flow_through_the_same_machinery(kafka, prefect_server, new_topic, venue):
+    """Coinbase and Kraken over the same connection, publisher and DLQ path, two shards.
+    Their ids are not repaired from REST (published as they come; sinks dedupe)."""
+    symbols = SYMBOLS[:2]
+    trades, quotes = new_topic(3), new_topic(3)
+    with _sim(f"{venue}:malformed_every=50", rate=200, symbols=symbols) as sim:
+        report = ingest(
+            venue=venue, symbols=symbols, shard_size=1, simulator_url=sim.http_url,
+            validate_mode="on_start", metrics_port=0, run_seconds=4,
+            trades_topic=trades, quotes_topic=quotes,
+        )  # fmt: skip
+    assert len(report["shards"]) == 2 and report["sent"] == report["acked"] > 300
+    assert report["gaps_found"] == 0 and report["dead_letters"] == report["bad_frames"] > 0
+    ids = trade_ids(kafka, trades, venue=venue)
+    assert sorted(ids) == symbols and all(len(v) > 100 for v in ids.values())
+    quoted = {
+        codec.decode(r.value).symbol for recs in read_topic(kafka, quotes).values() for r in recs
+    }
+    assert quoted == set(symbols)
