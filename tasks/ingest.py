@@ -182,10 +182,14 @@ class ShardWorker:
 
     def _recover(self) -> None:
         """Kafka refused some messages for good: once every outcome is known, resend
-        failed DLQ records and rewind the gap tracker to before the first failed trade."""
-        self.lane.publisher.flush()
+        failed DLQ records and rewind the gap tracker to before the first failed trade.
+        (After a fatal producer error there is nothing to do: the ingestion stops.)"""
+        publisher = self.lane.publisher
+        if publisher.fatal is not None:
+            return
+        publisher.flush()
         failed = self.lane.take_failed()
-        if failed and self.tracker is not None and self.lane.publisher.fatal is None:
+        if failed and self.tracker is not None:
             self.tracker.rewind(failed)
 
     def counts(self) -> dict[str, Any]:

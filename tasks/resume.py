@@ -12,7 +12,6 @@ that window starts fresh: its first live trade sets its position, as on a first 
 from __future__ import annotations
 
 import json
-import logging
 import time
 
 from kafka import TopicPartition
@@ -21,8 +20,6 @@ from kafka.partitioner.default import murmur2
 from tasks import codec, config
 from tasks.events import Trade
 from tasks.kafka import consumer
-
-log = logging.getLogger(__name__)
 
 
 def partition_of(symbol: str, partitions: int) -> int:
