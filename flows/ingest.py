@@ -170,15 +170,18 @@ def _watch(ingestion: Ingestion, run_seconds: float | None, every_s: float, logg
     """Log progress until the deadline or a shard dies; SIGTERM and cancellation arrive
     here as exceptions (Prefect raises TerminationSignal), which run the caller's finally."""
     start = time.monotonic()
-    next_line = start + every_s
+    next_line, next_gauges = start + every_s, start
     while ingestion.alive:
         now = time.monotonic()
         if run_seconds is not None and now - start >= run_seconds:
             return
+        if now >= next_gauges:
+            ingestion.update_gauges()
+            next_gauges += 1.0
         if now >= next_line:
             logger.info(ingestion.progress())
             next_line += every_s
-        time.sleep(min(0.2, max(0.0, next_line - now)))
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

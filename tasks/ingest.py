@@ -289,6 +289,14 @@ class Ingestion:
             and self.publisher.fatal is None
         )
 
+    def update_gauges(self) -> tuple[float, int]:
+        """Set the venue-lag and in-flight gauges (the flow does this every second)."""
+        lag_s = max((w.lag_us for w in self.workers), default=0) / 1e6
+        inflight = self.publisher.in_flight
+        self._lag.set(lag_s)
+        self._inflight.set(inflight)
+        return lag_s, inflight
+
     def progress(self) -> str:
         """One line for the log: rates since the last call, lag, reconnects, in-flight."""
         now = time.monotonic()
@@ -297,10 +305,7 @@ class Ingestion:
         t0, f0, a0 = self._last_progress
         self._last_progress = (now, frames, acked)
         dt = max(now - t0, 1e-9)
-        lag_s = max((w.lag_us for w in self.workers), default=0) / 1e6
-        self._lag.set(lag_s)
-        inflight = self.publisher.in_flight
-        self._inflight.set(inflight)
+        lag_s, inflight = self.update_gauges()
         reconnects = sum(sum(w.connection.reconnects.values()) for w in self.workers)
         p = self.publisher.latency.percentiles(0.5, 0.99)
         self.publisher.latency.reset()
