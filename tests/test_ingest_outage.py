@@ -143,12 +143,18 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
             while _behind(sim, s) > 1000:  # about a second of trades
                 assert time.monotonic() - back_at < 25, "did not catch up after Kafka came back"
                 time.sleep(0.5)
+            exported = scrape(f"http://127.0.0.1:{port}/metrics")
         finally:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=40)
         final = sim.report()
 
     assert max(inflight) == MAX_IN_FLIGHT, inflight  # the bound was reached and held
+    shard = '{shard="0",venue="binance"}'
+    for name in ("vendor_fetch_success_total", "kafka_publish_success_total"):
+        assert exported[name + shard] > 10_000, name
+    assert exported.get("kafka_publish_failure_total" + shard, 0) == 0
+    assert exported['tapeline_event_to_ack_seconds_count{channel="trades",venue="binance"}'] > 0
     assert (max(rss) - rss_before) / 1024 < 40, (rss_before, rss)
     assert "stopped: " in err, err[-3000:]
     report = last_json_line(err.split("stopped: ", 1)[1].splitlines()[0])
