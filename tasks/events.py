@@ -14,6 +14,8 @@ from typing import Literal
 
 Side = Literal["buy", "sell"]
 SIDES: frozenset[str] = frozenset({"buy", "sell"})
+# A user's transaction is a fill (buy/sell) or a deposit that funds the account.
+TX_SIDES: frozenset[str] = SIDES | {"deposit"}
 TX_STATUSES: frozenset[str] = frozenset({"filled", "cancelled", "rejected"})
 
 
@@ -58,12 +60,16 @@ class Quote:
 
 @dataclass(frozen=True, slots=True)
 class UserTransaction:
-    """A user's fill on the trading platform; quote-asset fee. Keyed by user id."""
+    """A user's fill on the trading platform; quote-asset fee. Keyed by user id.
+
+    A ``deposit`` credits ``qty`` of the asset named by ``symbol`` (e.g. ``USDT``) at
+    ``price`` 1, less ``fee`` in that asset.
+    """
 
     tx_id: str
     user_id: str
     symbol: str
-    side: Side
+    side: Side | Literal["deposit"]
     qty: Decimal
     price: Decimal
     fee: Decimal
