@@ -59,7 +59,14 @@ class Side:
         return read_pid(self.paths(home)[1]) is not None
 
 
-def sides(settings: config.Settings, symbols: list[str], simulate: bool) -> list[Side]:
+def sides(
+    settings: config.Settings,
+    symbols: list[str],
+    simulate: bool,
+    start_ids: dict[str, int] | None = None,
+) -> list[Side]:
+    """``start_ids``: first trade id per symbol for a newly started simulator, so its ids
+    continue the stored history (a restarted ingestion then has nothing to repair)."""
     py = sys.executable
     prefect = str(Path(py).parent / "prefect")
     env = {

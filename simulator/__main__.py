@@ -33,6 +33,17 @@ def _fault(text: str) -> tuple[str, dict[str, str]]:
     return venue, values
 
 
+def _start_ids(text: str) -> dict[str, int]:
+    """'BTC-USDT=1000,ETH-USDT=2000' -> {'BTC-USDT': 1000, 'ETH-USDT': 2000}"""
+    out = {}
+    for part in filter(None, text.split(",")):
+        sym, _, value = part.partition("=")
+        if not sym or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"expected SYMBOL=ID, got {part!r}")
+        out[sym] = int(value)
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> SimConfig:
     d = SimConfig()
     p = argparse.ArgumentParser(prog="python -m simulator", description=__doc__)
@@ -42,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     p.add_argument("--port", type=int, default=d.port, help="0 picks a free port")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--start-id", type=int, default=d.start_id)
+    p.add_argument(
+        "--start-ids",
+        type=_start_ids,
+        default={},
+        metavar="SYMBOL=ID[,...]",
+        help="per-symbol first trade id (overrides --start-id for those symbols)",
+    )
     p.add_argument("--max-history", type=int, default=d.max_history)
     p.add_argument("--tick-ms", type=float, default=d.tick_ms)
     p.add_argument("--volatility", type=float, default=d.volatility)
@@ -74,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         port=a.port,
         seed=a.seed,
         start_id=a.start_id,
+        start_ids=a.start_ids,
         max_history=a.max_history,
         tick_ms=a.tick_ms,
         volatility=a.volatility,

@@ -64,6 +64,9 @@ class SimConfig:
     port: int = 18765  # 0 picks a free port
     seed: int = 1
     start_id: int = 1_000_000
+    # Per-symbol first ids, so a restarted simulator continues where a pipeline's stored
+    # history ends instead of reusing ids (symbols not named start at start_id).
+    start_ids: dict[str, int] = field(default_factory=dict)
     max_history: int = 2_000_000  # trades kept per symbol for REST
     tick_ms: float = 5.0
     volatility: float = 0.0001
@@ -182,7 +185,7 @@ class Simulator:
             params = MarketParams(
                 rate=per_symbol,
                 seed=cfg.seed,
-                start_id=cfg.start_id,
+                start_id=cfg.start_ids.get(sym, cfg.start_id),
                 max_history=cfg.max_history,
                 volatility=cfg.volatility,
                 quote_ratio=cfg.quote_ratio,

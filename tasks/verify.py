@@ -53,21 +53,23 @@ class Verdict:
         return bool(self.symbols) and not self.problems
 
 
-def stored_ranges(conn, venue: str) -> dict[str, tuple[int, int, int]]:
-    """Per symbol: (count, first id, last id) of the stored trades of ``venue``."""
+def stored_ranges(conn, venue: str, since_us: int = 0) -> dict[str, tuple[int, int, int]]:
+    """Per symbol: (count, first id, last id) of the stored trades of ``venue`` received
+    at or after ``since_us``."""
     with conn.cursor() as cur:
         cur.execute(
             "SELECT symbol, count(*), min(trade_id), max(trade_id) FROM trades"
-            " WHERE venue = %s GROUP BY symbol",
-            (venue,),
+            " WHERE venue = %s AND recv_us >= %s GROUP BY symbol",
+            (venue, since_us),
         )
         return {sym: (n, lo, hi) for sym, n, lo, hi in cur.fetchall()}
 
 
 def kafka_trade_ids(
-    settings: config.Settings, topic: str, venue: str, timeout_ms: int = 5000
+    settings: config.Settings, topic: str, venue: str, since_us: int = 0, timeout_ms: int = 5000
 ) -> dict[str, Counter[int]]:
-    """Every trade id of ``venue`` in ``topic``, with how often it appears."""
+    """Every trade id of ``venue`` received at or after ``since_us`` in ``topic``, with
+    how often it appears."""
     c = consumer(None, settings, consumer_timeout_ms=timeout_ms)
     try:
         parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
@@ -86,7 +88,7 @@ def kafka_trade_ids(
                         ev = codec.decode(rec.value)
                     except codec.CodecError:
                         continue  # the drains' DLQ accounts for these
-                    if isinstance(ev, Trade) and ev.venue == venue:
+                    if isinstance(ev, Trade) and ev.venue == venue and ev.recv_us >= since_us:
                         ids[ev.symbol][ev.trade_id] += 1
                 if c.position(tp) >= end[tp]:
                     remaining.discard(tp)
@@ -95,9 +97,13 @@ def kafka_trade_ids(
         c.close()
 
 
-def verify_trades(conn, settings: config.Settings, venue: str, topic: str) -> Verdict:
-    stored = stored_ranges(conn, venue)
-    in_kafka = kafka_trade_ids(settings, topic, venue)
+def verify_trades(
+    conn, settings: config.Settings, venue: str, topic: str, since_us: int = 0
+) -> Verdict:
+    """Trades received since ``since_us`` (e.g. the start of a run): stored without holes,
+    in Kafka once each."""
+    stored = stored_ranges(conn, venue, since_us)
+    in_kafka = kafka_trade_ids(settings, topic, venue, since_us)
     verdict = Verdict()
     for symbol in sorted(set(stored) | set(in_kafka)):
         n, lo, hi = stored.get(symbol, (0, 0, -1))
