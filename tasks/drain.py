@@ -30,8 +30,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from tasks import config, dlq, kafka
-from tasks.sinks import crash_point
-from tasks.sinks.postgres import Fenced, Written
+from tasks.sinks import Fenced, Written, crash_point
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (topic, partition)

@@ -21,7 +21,6 @@ import random
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -30,6 +29,7 @@ import psycopg2.extensions
 
 from tasks.codec import MAX_FUTURE_US, MIN_TIME_US, CodecError, decode
 from tasks.events import Quote, Trade
+from tasks.sinks import Fenced, Written
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,6 @@ def connect(dsn: str, schema: str = "public", *, create_schema: bool = False):
         with conn, conn.cursor() as cur:
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     return conn
-
-
-class Fenced(Exception):
-    """Another drain moved this consumer's stored offsets: re-read them, write nothing."""
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -152,22 +148,6 @@ class PriceBatch:
 
 
 # --- writes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Written:
-    """What one batch (or a whole drain) changed, per table."""
-
-    rows: dict[str, int] = field(default_factory=dict)
-    duplicates: dict[str, int] = field(default_factory=dict)
-    newest_us: dict[tuple[str, str], int] = field(default_factory=dict)  # (venue, symbol)
-
-    def add(self, other: Written) -> None:
-        for mine, theirs in ((self.rows, other.rows), (self.duplicates, other.duplicates)):
-            for k, v in theirs.items():
-                mine[k] = mine.get(k, 0) + v
-        for k, v in other.newest_us.items():
-            self.newest_us[k] = max(v, self.newest_us.get(k, v))
 
 
 _STAGE = (
