@@ -30,6 +30,15 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from tasks import config, dlq, kafka
+from tasks.metrics import (
+    CONSUMER_LAG,
+    DRAIN_BATCH_SECONDS,
+    DRAIN_DUPLICATES,
+    DRAIN_LAST_SUCCESS,
+    DRAIN_REJECTS,
+    DRAIN_ROWS,
+    FRESHNESS,
+)
 from tasks.sinks import Fenced, Written, crash_point
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,12 @@ class _Run(ConsumerRebalanceListener):
 
     def __init__(self, sink: Sink, name: str, topics: list[str], settings, dlq_source: str):
         self.sink, self.name, self.topics, self.dlq_source = sink, name, topics, dlq_source
-        self.consumer = kafka.consumer(name, settings)
+        # A drain that died is evicted after 6 s (the broker's minimum), not the default
+        # 45 s, so its retry gets the partitions back soon; heartbeats run on their own
+        # thread, so a slow batch does not count against it.
+        self.consumer = kafka.consumer(
+            name, settings, session_timeout_ms=6_000, heartbeat_interval_ms=1_000
+        )
         self.settings = settings
         self.result = DrainResult(name, sink.name)
         self.expected: dict[Key, int | None] = {}  # what the sink holds before our next batch
@@ -235,6 +249,9 @@ def drain(
     run = _Run(sink, consumer, topics, settings, dlq_source)
     res = run.result
     try:
+        for topic in topics:  # known partitions before joining, or the first assignment is empty
+            if not run.consumer.partitions_for_topic(topic):
+                raise ValueError(f"topic {topic!r} does not exist")
         run.consumer.subscribe(topics, listener=run)
         while True:
             if time.monotonic() - t0 >= max_seconds:
@@ -281,3 +298,22 @@ def drain(
         res.seconds = time.monotonic() - t0
         run.close()
     return res
+
+
+def record_metrics(flow_name: str, result: DrainResult) -> None:
+    """Every drain metric, from one result (the one place that sets them)."""
+    sink = result.sink
+    for table, n in result.written.rows.items():
+        DRAIN_ROWS.labels(sink=sink, table=table).inc(n)
+    for table, n in result.written.duplicates.items():
+        DRAIN_DUPLICATES.labels(sink=sink, table=table).inc(n)
+    for topic, n in result.rejects.items():
+        DRAIN_REJECTS.labels(sink=sink, topic=topic).inc(n)
+    for seconds in result.batch_seconds:
+        DRAIN_BATCH_SECONDS.labels(sink=sink).observe(seconds)
+    for (topic, partition), n in result.lag.items():
+        CONSUMER_LAG.labels(group=result.consumer, topic=topic, partition=str(partition)).set(n)
+    now_us = time.time_ns() // 1000
+    for (venue, symbol), newest in result.written.newest_us.items():
+        FRESHNESS.labels(venue=venue, symbol=symbol).set((now_us - newest) / 1e6)
+    DRAIN_LAST_SUCCESS.labels(flow=flow_name).set(time.time())
