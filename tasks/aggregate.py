@@ -31,6 +31,7 @@ from tasks.topics import CANDLES
 
 log = logging.getLogger(__name__)
 PUBLISHED_INTERVAL = "1m"  # what market.candles.1m carries
+CHUNK_SPAN_US = 6 * 3_600_000_000  # trades loaded per transaction: at most 6 h of a symbol
 
 
 @dataclass
@@ -68,12 +69,12 @@ def recompute(
     producer=None,
     topic: str = CANDLES,
     trades=None,
-    indicator_range: tuple[int, int] | None = None,
+    indicators_until: int | None = None,
 ) -> Outcome:
-    """Recompute the candles of ``opens`` (window open times of ``key``) from trades,
-    clear them from ``candle_pending``, recompute indicators, and publish changed 1 m
-    candles, in one transaction. Indicators: from the earliest change to the series'
-    end, or exactly ``indicator_range`` (a rebuild walks its range in order).
+    """Recompute the candles of ``opens`` (ascending window open times of ``key``) from
+    trades, clear them from ``candle_pending``, recompute the indicators of every candle
+    from the first of ``opens`` up to ``indicators_until`` (None: the series' end, as an
+    EWMA change ripples forward), and publish changed 1 m candles, in one transaction.
     ``trades``: the windows' trades if the caller already has them."""
     out = Outcome(windows=len(opens))
     if not opens:
@@ -86,13 +87,9 @@ def recompute(
         out.changed = store.upsert_candles(cur, frame)
         empty = set(opens) - set(frame["open_us"].tolist())
         out.deleted = store.delete_candles(cur, key, empty) if empty else 0
-        if indicator_range is not None:
-            out.indicators = store.recompute_indicators(
-                cur, key, *indicator_range[:1], spec, until_us=indicator_range[1]
-            )
-        elif out.changed or out.deleted:
-            first = min([c.open_us for c in out.changed] + ([min(empty)] if out.deleted else []))
-            out.indicators = store.recompute_indicators(cur, key, first, spec)
+        out.indicators = store.recompute_indicators(
+            cur, key, opens[0], spec, until_us=indicators_until
+        )
         store.clear_pending(cur, key, opens)
         if producer is not None and key.interval == PUBLISHED_INTERVAL and out.changed:
             out.published = publish(conn, key, out.changed, producer, topic)
@@ -112,6 +109,39 @@ def publish(conn, key: store.SeriesKey, changed: list[Candle], producer, topic: 
     return len(futures)
 
 
+def chunks(opens: Sequence[int], width_us: int, span_us: int) -> list[list[int]]:
+    """Ascending window open times in runs covering at most ``span_us`` of trades (at
+    least one window each), so one transaction never loads an unbounded history."""
+    out: list[list[int]] = []
+    for t in sorted(opens):
+        if out and t + width_us - out[-1][0] <= span_us:
+            out[-1].append(t)
+        else:
+            out.append([t])
+    return out
+
+
+def recompute_windows(
+    conn,
+    key: store.SeriesKey,
+    opens: Sequence[int],
+    spec: ind.Spec,
+    producer=None,
+    topic: str = CANDLES,
+    span_us: int = CHUNK_SPAN_US,
+) -> Outcome:
+    """``recompute`` for any number of windows, one transaction per chunk, in time
+    order. Each chunk recomputes the indicators up to the next chunk's first window and
+    the last one to the series' end, so after a crash between chunks the windows still
+    pending continue a consistent EWMA chain."""
+    total = Outcome()
+    runs = chunks(opens, key.width_us, span_us)
+    for i, run in enumerate(runs):
+        until = runs[i + 1][0] if i + 1 < len(runs) else None
+        total.add(recompute(conn, key, run, spec, producer, topic, indicators_until=until))
+    return total
+
+
 def rebuild(
     conn,
     key: store.SeriesKey,
@@ -120,22 +150,23 @@ def rebuild(
     spec: ind.Spec,
     producer=None,
     topic: str = CANDLES,
-    chunk_windows: int = 1440,
+    span_us: int = CHUNK_SPAN_US,
 ) -> Outcome:
     """Make the series' candles in the windows overlapping [start_us, end_us) exactly
-    what the stored trades say (windows without trades lose their candle),
-    ``chunk_windows`` per transaction, in order, recomputing their indicators whether
-    or not a candle changed (so a rerun after a crash finishes what the first left);
-    then carry the EWMA ripple on to the series' end."""
+    what the stored trades say (windows without trades lose their candle), one
+    transaction per ``span_us`` of windows, in order, each recomputing its indicators
+    whether or not a candle changed (so a rerun after a crash finishes what the first
+    left); then carry the EWMA ripple on to the series' end."""
     width = key.width_us
     first = cdl.window_open(start_us, width)
     last = cdl.window_open(end_us - 1, width) + width
+    step = max(width, span_us // width * width)
     total = Outcome()
-    for lo in range(first, last, chunk_windows * width):
-        hi = min(lo + chunk_windows * width, last)
+    for lo in range(first, last, step):
+        hi = min(lo + step, last)
         trades = store.trades_between(conn, key.venue, key.symbol, lo, hi)
         opens = list(range(lo, hi, width))
-        total.add(recompute(conn, key, opens, spec, producer, topic, trades, (lo, hi)))
+        total.add(recompute(conn, key, opens, spec, producer, topic, trades, hi))
     with conn, conn.cursor() as cur:
         store.lock_series(conn, key)
         total.indicators += store.recompute_indicators(cur, key, last, spec)

@@ -2,7 +2,7 @@
 
 Rules live in PostgreSQL (``alert_rules``; ``save_rule`` adds or changes one), so
 operators change them without a deploy. Each rule watches one candle series (venue,
-symbol, interval, source 'trades') and has a condition on each candle's close:
+symbol, interval) and has a condition on each candle's close:
 
 - ``above``: close > level; ``below``: close < level;
 - ``move``: |percent change of the close over ``window`` windows| >= ``move_pct``
@@ -188,7 +188,7 @@ def load_rules(conn, rule_ids: Iterable[str] | None = None) -> list[Rule]:
         return [Rule(*row) for row in cur.fetchall()]
 
 
-def check_rule(conn, rule: Rule, source: str = "trades") -> list[Alert]:
+def check_rule(conn, rule: Rule) -> list[Alert]:
     """Evaluate one rule on the candles stored since its state, in one transaction that
     writes the new state and the fired alerts to the outbox."""
     width = interval_us(rule.interval)
@@ -200,7 +200,7 @@ def check_rule(conn, rule: Rule, source: str = "trades") -> list[Alert]:
             )
             row = cur.fetchone()
         state = State(*row) if row else None
-        key = candle_store.SeriesKey(rule.venue, rule.symbol, rule.interval, source)
+        key = candle_store.SeriesKey(rule.venue, rule.symbol, rule.interval)
         if state is None:  # first sight: learn the side from the newest candle only
             newest = candle_store.latest_candle(conn, key)
             candles = [newest] if newest else []

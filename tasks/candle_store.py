@@ -37,10 +37,13 @@ _IND_VALUES = ("spec", "sma", "ewma", "pct_change", "roll_min", "roll_max", "rol
 
 @dataclass(frozen=True, order=True)
 class SeriesKey:
+    """One candle series. A window holds one candle, from our trades (source 'trades')
+    or, where we have none, the venue's kline (source 'venue'); indicators run over the
+    series whatever each candle's source."""
+
     venue: str
     symbol: str
     interval: str
-    source: str = "trades"
 
     @property
     def width_us(self) -> int:
@@ -52,7 +55,7 @@ def lock_series(conn, key: SeriesKey) -> None:
     with conn.cursor() as cur:
         cur.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended(%s, 6))",
-            ("|".join((key.venue, key.symbol, key.interval, key.source)),),
+            ("|".join((key.venue, key.symbol, key.interval)),),
         )
 
 
@@ -132,18 +135,21 @@ def trades_between(conn, venue: str, symbol: str, start_us: int, end_us: int) ->
 
 def upsert_candles(cur, frame: pd.DataFrame) -> list[Candle]:
     """Insert or update candles (``tasks.candles.CANDLE_COLUMNS``); returns the rows that
-    are new or differ from what was stored."""
+    are new or differ from what was stored. A candle from trades replaces a venue kline
+    of its window; a venue kline never replaces a candle from trades."""
     if frame.empty:
         return []
     rows = list(frame[list(cdl.CANDLE_COLUMNS)].itertuples(index=False, name=None))
-    changed = ", ".join(f"{c} = excluded.{c}" for c in _CANDLE_VALUES)
-    stored = ", ".join(f"candles.{c}" for c in _CANDLE_VALUES)
-    fresh = ", ".join(f"excluded.{c}" for c in _CANDLE_VALUES)
+    values = (*_CANDLE_VALUES, "source")
+    changed = ", ".join(f"{c} = excluded.{c}" for c in values)
+    stored = ", ".join(f"candles.{c}" for c in values)
+    fresh = ", ".join(f"excluded.{c}" for c in values)
     out = execute_values(
         cur,
         f"""INSERT INTO candles ({_CANDLE_SELECT}) VALUES %s
-            ON CONFLICT (venue, symbol, interval, source, open_us) DO UPDATE SET {changed}
-            WHERE ({stored}) IS DISTINCT FROM ({fresh})
+            ON CONFLICT (venue, symbol, interval, open_us) DO UPDATE SET {changed}
+            WHERE (candles.source = 'venue' OR excluded.source = 'trades')
+              AND ({stored}) IS DISTINCT FROM ({fresh})
             RETURNING {_CANDLE_SELECT}""",
         rows,
         page_size=1000,
@@ -153,11 +159,12 @@ def upsert_candles(cur, frame: pd.DataFrame) -> list[Candle]:
 
 
 def delete_candles(cur, key: SeriesKey, opens: Iterable[int]) -> int:
-    """Remove candles of windows that (no longer) hold trades."""
+    """Remove candles computed from trades of windows that (no longer) hold trades;
+    venue klines stay."""
     cur.execute(
         """DELETE FROM candles WHERE venue = %s AND symbol = %s AND interval = %s
-           AND source = %s AND open_us = ANY(%s)""",
-        (key.venue, key.symbol, key.interval, key.source, list(opens)),
+           AND source = 'trades' AND open_us = ANY(%s)""",
+        (key.venue, key.symbol, key.interval, list(opens)),
     )
     return cur.rowcount
 
@@ -168,8 +175,8 @@ def _candle(row: Sequence[Any]) -> Candle:
 
 def _series_where(key: SeriesKey) -> tuple[str, tuple]:
     return (
-        "venue = %s AND symbol = %s AND interval = %s AND source = %s",
-        (key.venue, key.symbol, key.interval, key.source),
+        "venue = %s AND symbol = %s AND interval = %s",
+        (key.venue, key.symbol, key.interval),
     )
 
 
@@ -218,10 +225,10 @@ def _anchor(cur, key: SeriesKey, before_us: int, spec: ind.Spec) -> tuple[bool, 
     """(a candle precedes ``before_us``, its anchor if its stored EWMA has this spec)."""
     cur.execute(
         """SELECT c.open_us, c.close, i.ewma, i.spec FROM candles c
-           LEFT JOIN candle_indicators i USING (venue, symbol, interval, source, open_us)
-           WHERE c.venue = %s AND c.symbol = %s AND c.interval = %s AND c.source = %s
+           LEFT JOIN candle_indicators i USING (venue, symbol, interval, open_us)
+           WHERE c.venue = %s AND c.symbol = %s AND c.interval = %s
              AND c.open_us < %s ORDER BY c.open_us DESC LIMIT 1""",
-        (key.venue, key.symbol, key.interval, key.source, before_us),
+        (key.venue, key.symbol, key.interval, before_us),
     )
     row = cur.fetchone()
     if row is None:
@@ -292,7 +299,7 @@ def _upsert_indicators(cur, key: SeriesKey, spec: ind.Spec, rows: pd.DataFrame) 
     if rows.empty:
         return 0
     values = [
-        (key.venue, key.symbol, key.interval, key.source, int(r[0]), spec.text(), *r[1:])
+        (key.venue, key.symbol, key.interval, int(r[0]), spec.text(), *r[1:])
         for r in rows[list(ind.COLUMNS)].itertuples(index=False, name=None)
     ]
     cols = ", ".join(_IND_VALUES)
@@ -301,8 +308,8 @@ def _upsert_indicators(cur, key: SeriesKey, spec: ind.Spec, rows: pd.DataFrame) 
     fresh = ", ".join(f"excluded.{c}" for c in _IND_VALUES)
     out = execute_values(
         cur,
-        f"""INSERT INTO candle_indicators (venue, symbol, interval, source, open_us, {cols})
-            VALUES %s ON CONFLICT (venue, symbol, interval, source, open_us)
+        f"""INSERT INTO candle_indicators (venue, symbol, interval, open_us, {cols})
+            VALUES %s ON CONFLICT (venue, symbol, interval, open_us)
             DO UPDATE SET {changed}, computed_at = now()
             WHERE ({stored}) IS DISTINCT FROM ({fresh}) RETURNING open_us""",
         values,
@@ -317,8 +324,7 @@ def indicators_at(conn, key: SeriesKey, opens: Sequence[int]) -> dict[int, dict[
     with conn.cursor() as cur:
         cur.execute(
             f"""SELECT open_us, {", ".join(_IND_VALUES)} FROM candle_indicators
-                WHERE venue = %s AND symbol = %s AND interval = %s AND source = %s
-                AND open_us = ANY(%s)""",
-            (key.venue, key.symbol, key.interval, key.source, list(opens)),
+                WHERE venue = %s AND symbol = %s AND interval = %s AND open_us = ANY(%s)""",
+            (key.venue, key.symbol, key.interval, list(opens)),
         )
         return {r[0]: dict(zip(_IND_VALUES, r[1:], strict=True)) for r in cur.fetchall()}

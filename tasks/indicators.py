@@ -2,15 +2,15 @@
 
 Pure computation; ``tasks.candle_store`` loads the inputs and stores the results.
 
-**Where they live: their own table, ``candle_indicators``** (one row per candle, same key
-plus ``source``; migration ``0100_aggregate.sql``). Candles are facts about trades and
-are written by two producers (our aggregate and venue klines); indicators are derived
+**Where they live: their own table, ``candle_indicators``** (one row per candle, same key;
+migration ``0100_aggregate.sql``). Candles are facts about trades (or venue klines where
+we have no trades) and are written by two producers; indicators are derived
 from a *series* of candles with chosen parameters, and a late trade in one window
 changes the EWMA of every later window. Keeping them apart means that ripple rewrites
 only indicator rows, a parameter change never touches a candle, and each row records the
 parameters it was computed with (``spec``).
 
-Definitions, on the series of one (venue, symbol, interval, source):
+Definitions, on the series of one (venue, symbol, interval):
 
 - **Time grid, gaps explicit.** Windows are points on the interval's regular grid. An
   empty window has no candle (``tasks.candles``), but it still counts as one window of
@@ -130,18 +130,10 @@ def compute(
         raise ValueError("candles start before the lookback that prior_close is for")
     if anchor is None and (prior_close is not None or opens[0] < emit_from):
         raise ValueError("a candle precedes emit_from, so its EWMA anchor is needed")
-    grid = pd.RangeIndex(start, opens[-1] + width_us, width_us)
-    frame = candles.set_index("open_us")
-    if not frame.index.isin(grid).all():
-        raise ValueError(f"candle open times are not on the {width_us} us grid from {start}")
-    close = frame["close"].reindex(grid).ffill()
-    if prior_close is not None:
-        close = close.fillna(prior_close)
-    gap = frame["close"].reindex(grid).isna()
-    high = frame["high"].reindex(grid).mask(gap, close).tolist()
-    low = frame["low"].reindex(grid).mask(gap, close).tolist()
-    volume = frame["volume"].reindex(grid).mask(gap, Decimal(0)).tolist()
-    closes = close.tolist()
+    windows = on_grid(candles, width_us, start, prior_close)
+    opens_all, real = windows.index.tolist(), windows["candle"].tolist()
+    closes, volume = windows["close"].tolist(), windows["volume"].tolist()
+    high, low = windows["high"].tolist(), windows["low"].tolist()
     with localcontext(EXACT):
         close_sum = [Decimal(0), *accumulate(closes)]
         volume_sum = [Decimal(0), *accumulate(volume)]
@@ -150,8 +142,8 @@ def compute(
     n_sma, n_chg, n_roll, alpha = spec.sma, spec.change, spec.rolling, spec.alpha
     prev = anchor
     rows = []
-    for i in (i for i, g in enumerate(gap.tolist()) if not g and grid[i] >= emit_from):
-        t, c = grid[i], closes[i]
+    for i in (i for i, t in enumerate(opens_all) if real[i] and t >= emit_from):
+        t, c = opens_all[i], closes[i]
         e = ewma_next(prev, t, c, width_us, alpha)
         prev = Anchor(t, c, e)
         base = closes[i - n_chg] if i >= n_chg else None
@@ -162,9 +154,7 @@ def compute(
                 if i + 1 >= n_sma
                 else None,
                 e,
-                CONTEXT.divide(EXACT.multiply(EXACT.subtract(c, base), 100), base)
-                if base is not None
-                else None,
+                pct_change(base, c) if base is not None else None,
                 roll_min[i] if i + 1 >= n_roll else None,
                 roll_max[i] if i + 1 >= n_roll else None,
                 EXACT.subtract(volume_sum[i + 1], volume_sum[i + 1 - n_roll])
@@ -173,6 +163,37 @@ def compute(
             )
         )
     return pd.DataFrame.from_records(rows, columns=list(COLUMNS))
+
+
+def on_grid(
+    candles: pd.DataFrame, width_us: int, start: int, prior_close: Decimal | None
+) -> pd.DataFrame:
+    """The series as every window from ``start`` to its last candle, indexed by open
+    time: empty windows carry the previous close (``prior_close`` before the first
+    candle) as close, high and low, with volume 0; ``candle`` tells which are real."""
+    grid = pd.RangeIndex(start, int(candles["open_us"].iloc[-1]) + width_us, width_us)
+    frame = candles.set_index("open_us")
+    if not frame.index.isin(grid).all():
+        raise ValueError(f"candle open times are not on the {width_us} us grid from {start}")
+    real = frame["close"].reindex(grid)
+    gap = real.isna()
+    close = real.ffill()
+    if prior_close is not None:
+        close = close.fillna(prior_close)
+    return pd.DataFrame(
+        {
+            "close": close,
+            "high": frame["high"].reindex(grid).mask(gap, close),
+            "low": frame["low"].reindex(grid).mask(gap, close),
+            "volume": frame["volume"].reindex(grid).mask(gap, Decimal(0)),
+            "candle": ~gap,
+        }
+    )
+
+
+def pct_change(base: Decimal, value: Decimal) -> Decimal:
+    """(value - base) * 100 / base, rounded once."""
+    return CONTEXT.divide(EXACT.multiply(EXACT.subtract(value, base), 100), base)
 
 
 def _sliding(
