@@ -147,8 +147,9 @@ def backfill_trade_page(
 def backfill_kline_page(
     conn, client: BinanceRest, venue: str, interval: str, page: Page, settle_s: float = 10.0
 ) -> PageResult:
-    """Fetch one page of venue klines and upsert them as candles (source 'venue'),
-    recording the page in the same transaction. Only closed klines are stored."""
+    """Fetch one page of venue klines and upsert them as candles (source 'venue') where
+    no candle from our trades exists, recording the page in the same transaction. Only
+    closed klines are stored."""
     fetched_at = time.time_ns() // 1000
     width = cdl.interval_us(interval)
     closed = [
@@ -157,7 +158,7 @@ def backfill_kline_page(
         if c.open_us + width <= fetched_at
     ]
     out = PageResult(page, rows=len(closed))
-    key = store.SeriesKey(venue, page.symbol, interval, "venue")
+    key = store.SeriesKey(venue, page.symbol, interval)
     with conn, conn.cursor() as cur:
         store.lock_series(conn, key)
         out.changed = len(store.upsert_candles(cur, candle_frame(closed)))
