@@ -4,7 +4,8 @@
 
 1. Plan epoch-aligned pages per symbol over [start, end); skip pages recorded as done
    by an earlier run (``backfill_pages``), so a crashed or cancelled run resumes where
-   it stopped without fetching a finished page again.
+   it stopped without fetching a finished page again (the flow's own retries, after
+   e.g. a venue's rate-limit ban outlasting the REST client's backoff, resume the same way).
 2. Per symbol, page by page: fetch the venue's REST history (paced and rate-limit aware
    by the REST client), publish the trades to ``market.trades.raw`` like live ones, wait
    for every ack, record the page. Progress (pages, trades, rate, ETA) is logged and
@@ -29,7 +30,7 @@ import json
 import sys
 import time
 from contextlib import closing
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -70,10 +71,9 @@ class _Reporter:
         if now >= self._next or self.progress.left == 0:
             self._next = now + self.every_s
             self.logger.info(self.progress.line())
-            if self.artifact is not None:
-                update_progress_artifact(
-                    self.artifact, 100 * self.progress.fraction, self.progress.line()
-                )
+            update_progress_artifact(
+                self.artifact, 100 * self.progress.fraction, self.progress.line()
+            )
 
 
 @task(name="backfill-trade-pages", cache_policy=NO_CACHE, task_run_name="backfill {symbol}")
@@ -146,7 +146,7 @@ def wait_for_drain(
             time.sleep(1.0)
 
 
-@flow(name="backfill-trades")
+@flow(name="backfill-trades", retries=2, retry_delay_seconds=120)
 def backfill_trades(
     venue: str,
     symbols: list[str],
@@ -289,7 +289,7 @@ def backfill_kline_symbol(
     return rows
 
 
-@flow(name="backfill-candles")
+@flow(name="backfill-candles", retries=2, retry_delay_seconds=120)
 def backfill_candles(
     venue: str,
     symbols: list[str],
@@ -389,7 +389,7 @@ def replay_drain(
     }
 
 
-@flow(name="replay-topic")
+@flow(name="replay-topic", retries=2, retry_delay_seconds=120)
 def replay_topic(
     topic: str,
     from_time: datetime,
@@ -456,7 +456,7 @@ def replay_topic(
 
 
 def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / 1_000_000).astimezone().isoformat(timespec="seconds")
+    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from flows.backfill import backfill_candles, backfill_trades
+from flows import backfill as flows
 from simulator.process import ROOT, SimulatorProcess
 from tasks import candles as cdl
 from tasks import codec
@@ -35,6 +35,9 @@ SYMBOLS = ["TBFA-USDT", "TBFB-USDT", "TBFC-USDT", "TBFD-USDT"]
 S = 1_000_000
 MINUTE = 60 * S
 CANDLE_FIELDS = ("open_us", "open", "high", "low", "close", "volume", "trade_count")
+
+backfill_candles = flows.backfill_candles.with_options(retries=0)  # fail fast in tests
+backfill_trades = flows.backfill_trades.with_options(retries=0)  # fail fast in tests
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from flows.backfill import replay_topic
+from flows import backfill as flows
 from tasks import codec
 from tasks.events import Trade
 from tasks.kafka import producer
@@ -18,6 +18,8 @@ from tasks.sinks.postgres import connect, table_checksum
 from tests.aggregate_support import private_schema
 
 S = 1_000_000
+
+replay_topic = flows.replay_topic.with_options(retries=0)  # fail fast in tests
 
 
 @pytest.fixture(scope="module")
