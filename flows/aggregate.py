@@ -39,7 +39,7 @@ from tasks import alerts, config
 from tasks import candle_store as store
 from tasks import candles as cdl
 from tasks import indicators as ind
-from tasks.aggregate import Outcome, rebuild, recompute_windows
+from tasks.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
 from tasks.kafka import producer as kafka_producer
 from tasks.sinks import migrate, postgres
 from tasks.topics import ALERTS, CANDLES
@@ -77,7 +77,7 @@ def migrate_schema(t: Target) -> list[str]:
 def claim_windows(t: Target, intervals: list[str]) -> int:
     with closing(t.connect()) as conn:
         claimed = total = store.claim_dirty(conn, intervals)
-        while claimed == 100_000:  # a backlog (e.g. a large backfill): claim it all
+        while claimed == store.CLAIM_BATCH:  # a backlog (e.g. a large backfill): claim it all
             claimed = store.claim_dirty(conn, intervals)
             total += claimed
     return total
@@ -101,7 +101,7 @@ def recompute_interval(
         pending = store.final_pending(conn, interval, last_final)
         if not pending:
             return rows
-        prod = t.producer() if interval == "1m" else None
+        prod = t.producer() if interval == PUBLISHED_INTERVAL else None
         try:
             for (venue, symbol), opens in pending.items():
                 key = store.SeriesKey(venue, symbol, interval)
@@ -235,7 +235,7 @@ def rebuild_series(
 ) -> dict[str, Any]:
     key = store.SeriesKey(venue, symbol, interval)
     with closing(t.connect()) as conn:
-        prod = t.producer() if interval == "1m" else None
+        prod = t.producer() if interval == PUBLISHED_INTERVAL else None
         try:
             out = rebuild(conn, key, start_us, end_us, spec, prod, candles_topic)
         finally:

@@ -62,7 +62,10 @@ def lock_series(conn, key: SeriesKey) -> None:
 # ---- dirty windows -----------------------------------------------------------------------
 
 
-def claim_dirty(conn, intervals: Sequence[str], limit: int = 100_000) -> int:
+CLAIM_BATCH = 100_000  # dirty rows moved per transaction
+
+
+def claim_dirty(conn, intervals: Sequence[str], limit: int = CLAIM_BATCH) -> int:
     """Move up to ``limit`` dirty minutes into pending windows of every interval, in one
     transaction; returns how many dirty rows were claimed."""
     widths = [cdl.interval_us(i) for i in intervals]
