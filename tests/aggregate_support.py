@@ -12,7 +12,6 @@ import io
 import os
 import uuid
 from collections.abc import Iterator
-from decimal import Decimal
 
 import psycopg2
 
@@ -51,13 +50,3 @@ def insert_trades(conn, rows: list[tuple]) -> None:
         cur.execute(
             f"INSERT INTO trades ({cols}) SELECT {cols} FROM staging_t6 ON CONFLICT DO NOTHING"
         )
-
-
-def trade_rows(conn, venue: str, symbol: str) -> list[tuple[int, Decimal, Decimal, int]]:
-    with conn, conn.cursor() as cur:
-        cur.execute(
-            "SELECT trade_id, price, qty, event_us FROM trades WHERE venue = %s AND symbol = %s"
-            " ORDER BY trade_id",
-            (venue, symbol),
-        )
-        return cur.fetchall()
