@@ -31,6 +31,7 @@ from tasks import config, verify
 from tasks.exporter import consumer_lag
 from tasks.kafka import admin
 from tasks.resume import last_trade_ids
+from tasks.sinks.mongo import fold_transactions, wallet_balances
 from tasks.topics import QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
@@ -182,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
             f"  {c.symbol}: {c.stored} trades stored, ids {c.first_id}..{c.last_id},"
             f" {c.holes} missing, {c.duplicates_in_kafka} duplicated in Kafka"
         )
+    with pymongo.MongoClient(settings.mongo_url) as m:
+        db = m[settings.mongo_db]
+        wallets_ok = wallet_balances(db) == fold_transactions(db)
+    print(f"  wallets {'equal' if wallets_ok else 'DIFFER FROM'} the fold of stored transactions")
     if not args.keep:
         for side in reversed(sides):
             side.down(settings.home)
-    if verdict.ok:
+    if verdict.ok and wallets_ok:
         print("zero loss: every trade id once, no holes")
         return 0
-    print("LOSS OR DUPLICATION:\n  " + "\n  ".join(verdict.problems or ["no trades stored"]))
+    problems = verdict.problems or ([] if verdict.symbols else ["no trades stored"])
+    if not wallets_ok:
+        problems.append("wallet balances differ from the stored transactions")
+    print("LOSS OR DUPLICATION:\n  " + "\n  ".join(problems))
     return 1
 
 
