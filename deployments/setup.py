@@ -15,7 +15,10 @@ import argparse
 import os
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.__main__ import main as register_blocks
 from tasks import config
@@ -53,8 +56,8 @@ def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
-    for old in Automation.read(name=SILENT_AUTOMATION) or []:
-        old.delete()
+    with suppress(ValueError):  # read raises when there is none yet
+        Automation.read(name=SILENT_AUTOMATION).delete()
     Automation(
         name=SILENT_AUTOMATION,
         description="Mark flow runs Crashed when their heartbeat stops (zombie runs).",
@@ -95,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", settings.prefect_api_url),
     }
     print(f"work pool {args.pool}: {ensure_pool(env, args.pool)}")
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return _register(env)
+
+
+def _register(env: dict[str, str]) -> int:
     register_blocks(["register"])
     deployed = prefect("deploy", "--all", env=env, check=False)
     if deployed.returncode != 0:

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import psycopg2
 import pymongo
+from kafka.admin import OffsetSpec
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from deployments import local
 from deployments import setup as deployment_setup
@@ -70,7 +72,10 @@ def snapshot(settings: config.Settings) -> dict[str, Any]:
     client = admin(settings)
     try:
         ends = client.list_partition_offsets(
-            {tp: "latest" for tp in _partitions(client, (TRADES, QUOTES, USER_TRANSACTIONS))}
+            {
+                tp: OffsetSpec.LATEST
+                for tp in _partitions(client, (TRADES, QUOTES, USER_TRANSACTIONS))
+            }
         )
         for topic in (TRADES, QUOTES, USER_TRANSACTIONS):
             out[topic] = sum(o.offset for tp, o in ends.items() if tp.topic == topic)
@@ -131,51 +136,74 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=float, default=15.0, help="seconds between summary lines")
     p.add_argument("--keep", action="store_true", help="leave worker and simulator running")
     args = p.parse_args(argv)
-    symbols = [s for s in args.symbols.split(",") if s]
     settings = config.load()
+    # This process talks to the stack's Prefect server, never a temporary one.
+    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+        return run_platform(args, settings)
 
+
+def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
+    symbols = [s for s in args.symbols.split(",") if s]
     print("stack:", up(services(settings)))
     ensure_topics(settings)
     if deployment_setup.main([]) != 0:
         return 2
     since_us = time.time_ns() // 1000
     # A new simulator continues each symbol's ids after what Kafka already holds.
-    start_ids = {s: i + 1 for s, i in last_trade_ids(settings, TRADES, "binance", symbols).items()}
-    sides = local.sides(settings, symbols, simulate=not args.live, start_ids=start_ids)
-    for side in sides:
-        print(f"{side.name:12} {side.up(settings.home)}")
-    print("Tapeline is running:\n" + where(settings))
-
-    ingest = run_deployment(INGEST["live" if args.live else "simulator"], symbols=symbols)
-    trading = run_deployment(TRADING)
-    print(
-        f"started ingestion run {ingest.name} and trading run {trading.name};"
-        " drains and aggregation run every minute"
+    last = last_trade_ids(settings, TRADES, "binance", symbols)
+    sides = local.sides(
+        settings, symbols, simulate=not args.live, start_ids={s: i + 1 for s, i in last.items()}
     )
+    try:
+        for side in sides:
+            print(f"{side.name:12} {side.up(settings.home)}")
+        print("Tapeline is running:\n" + where(settings))
+        ingest = run_deployment(INGEST["live" if args.live else "simulator"], symbols=symbols)
+        trading = run_deployment(TRADING)
+        print(
+            f"started ingestion run {ingest.name} and trading run {trading.name};"
+            " drains and aggregation run every minute"
+        )
+        watch(settings, args.minutes, args.every)
+        print("stopping ingestion and trading, draining what is left ...")
+        cancel([ingest.id, trading.id])
+        for name in (*DRAINS, AGGREGATE):
+            state = run_deployment(name, wait_s=300).state
+            print(f"  {name}: {state.name if state else '?'}")
+        return report(settings, since_us)
+    finally:
+        if not args.keep:
+            for side in reversed(sides):
+                side.down(settings.home)
 
+
+def watch(settings: config.Settings, minutes: float | None, every: float) -> None:
+    """Print a summary line every ``every`` s until the deadline, Ctrl-C or SIGTERM."""
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
+    deadline = time.monotonic() + minutes * 60 if minutes else None
     try:
         while not stop["now"] and (deadline is None or time.monotonic() < deadline):
-            time.sleep(args.every)
-            with suppress(Exception):
+            time.sleep(every)
+            stamp = time.strftime("%H:%M:%S")
+            try:
                 s = snapshot(settings)
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] in: trades {s[TRADES]} quotes {s[QUOTES]}"
-                    f" txs {s[USER_TRANSACTIONS]} | stored: trades {s['trades']}"
-                    f" quotes {s['quotes']} candles {s['candles']} txs {s['transactions']}"
-                    f" wallets {s['wallets']} | lag {s['lag']}",
-                    flush=True,
-                )
+            except Exception as e:  # a summary line is informative; the run goes on
+                print(f"[{stamp}] summary unavailable: {e}", flush=True)
+                continue
+            print(
+                f"[{stamp}] in: trades {s[TRADES]} quotes {s[QUOTES]} txs"
+                f" {s[USER_TRANSACTIONS]} | stored: trades {s['trades']} quotes {s['quotes']}"
+                f" candles {s['candles']} txs {s['transactions']} wallets {s['wallets']}"
+                f" | lag {s['lag']}",
+                flush=True,
+            )
     except KeyboardInterrupt:
         pass
 
-    print("stopping ingestion and trading, draining what is left ...")
-    cancel([ingest.id, trading.id])
-    for name in (*DRAINS, AGGREGATE):
-        state = run_deployment(name, wait_s=300).state
-        print(f"  {name}: {state.name if state else '?'}")
+
+def report(settings: config.Settings, since_us: int) -> int:
+    """Verify what this run stored; 0 when nothing was lost or doubled."""
     with psycopg2.connect(settings.pg_dsn) as conn:
         verdict = verify.verify_trades(conn, settings, "binance", TRADES, since_us)
     for c in verdict.symbols:
@@ -187,17 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         db = m[settings.mongo_db]
         wallets_ok = wallet_balances(db) == fold_transactions(db)
     print(f"  wallets {'equal' if wallets_ok else 'DIFFER FROM'} the fold of stored transactions")
-    if not args.keep:
-        for side in reversed(sides):
-            side.down(settings.home)
-    if verdict.ok and wallets_ok:
-        print("zero loss: every trade id once, no holes")
-        return 0
     problems = verdict.problems or ([] if verdict.symbols else ["no trades stored"])
     if not wallets_ok:
         problems.append("wallet balances differ from the stored transactions")
-    print("LOSS OR DUPLICATION:\n  " + "\n  ".join(problems))
-    return 1
+    if problems:
+        print("LOSS OR DUPLICATION:\n  " + "\n  ".join(problems))
+        return 1
+    print("zero loss: every trade id once, no holes; wallets match their transactions")
+    return 0
 
 
 if __name__ == "__main__":
