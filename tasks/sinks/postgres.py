@@ -4,8 +4,9 @@ Delivery guarantee, kept here: one batch is one SERIALIZABLE transaction that
 1. locks this consumer's offset rows and checks they still hold the offsets the batch
    starts from (a fence: a concurrent or zombie drain that moved them makes this batch
    ``Fenced``, and nothing is written),
-2. COPYs the rows into temporary staging tables and moves them with one
-   ``INSERT ... ON CONFLICT DO NOTHING`` per table (natural keys make replays harmless),
+2. COPYs the rows into temporary staging tables and moves them with one INSERT per
+   table: a plain one, or ``ON CONFLICT DO NOTHING`` when the batch holds keys already
+   stored (natural keys make replays harmless),
 3. upserts ``quotes_latest`` only forwards in (event_us, update_id, recv_us),
 4. stores the batch's next offsets.
 A crash before COMMIT leaves nothing; after COMMIT the offsets say the batch is done, so
@@ -25,6 +26,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errorcodes
+import psycopg2.errors
 import psycopg2.extensions
 
 from tasks.codec import MAX_FUTURE_US, MIN_TIME_US, CodecError, decode
@@ -283,10 +285,27 @@ class PostgresSink:
 
 
 def _copy_insert(cur, table: str, lines: list[bytes]) -> int:
-    """COPY lines into the staging table, move new rows; returns how many were new."""
-    cur.copy_expert(f"COPY stage_{table} FROM STDIN", io.BytesIO(b"\n".join(lines) + b"\n"))
-    cur.execute(f"INSERT INTO {table} SELECT * FROM stage_{table} ON CONFLICT DO NOTHING")
-    return cur.rowcount
+    """COPY lines into the staging table, move new rows; returns how many were new.
+
+    A plain INSERT costs ~30% less server CPU than ON CONFLICT DO NOTHING, and a batch
+    usually has no stored rows, so that is tried first; a duplicate key undoes it (to
+    the savepoint) and the batch goes again with ON CONFLICT DO NOTHING.
+    """
+    data = b"\n".join(lines) + b"\n"
+    # One read of the whole buffer: each chunk psycopg2 reads needs the GIL back, which
+    # costs up to a switch interval (5 ms) while the main thread is decoding.
+    cur.copy_expert(f"COPY stage_{table} FROM STDIN", io.BytesIO(data), size=len(data))
+    cur.execute("SAVEPOINT fresh")
+    try:
+        cur.execute(f"INSERT INTO {table} SELECT * FROM stage_{table}")
+        inserted = cur.rowcount
+    except psycopg2.errors.UniqueViolation:
+        cur.execute("ROLLBACK TO SAVEPOINT fresh")
+        cur.execute(f"INSERT INTO {table} SELECT * FROM stage_{table} ON CONFLICT DO NOTHING")
+        inserted = cur.rowcount
+    else:
+        cur.execute("RELEASE SAVEPOINT fresh")
+    return inserted
 
 
 def table_checksum(conn, table: str, order_by: str) -> tuple[int, str]:
