@@ -31,8 +31,14 @@ from tasks.sinks.mongo import MongoSink
 from tasks.sinks.postgres import PostgresSink
 from tasks.topics import QUOTES, TRADES, USER_TRANSACTIONS
 
+# A failed drain is safe to run again at once (it resumes from the offsets stored with
+# the data), so its task retries with growing, jittered delays (a database restarting,
+# a broker electing leaders); the flow retries once more after that. Prefect's flow
+# retries take one fixed delay only, hence the backoff sits on the tasks.
+RETRIES = {"retries": 3, "retry_delay_seconds": [5, 15, 45], "retry_jitter_factor": 0.5}
 
-@task(name="migrate-price-history", cache_policy=NO_CACHE)
+
+@task(name="migrate-price-history", cache_policy=NO_CACHE, **RETRIES)
 def migrate_schema(settings: config.Settings, schema: str) -> list[str]:
     applied = migrate(settings.pg_dsn, schema)
     if applied:
@@ -40,7 +46,7 @@ def migrate_schema(settings: config.Settings, schema: str) -> list[str]:
     return applied
 
 
-@task(name="drain-topics", cache_policy=NO_CACHE, task_run_name="drain {consumer}")
+@task(name="drain-topics", cache_policy=NO_CACHE, task_run_name="drain {consumer}", **RETRIES)
 def drain_topics(
     sink: Sink,
     settings: config.Settings,
@@ -116,7 +122,7 @@ def publish(summary: dict[str, Any]) -> None:
     )
 
 
-@flow(name="drain-prices", log_prints=True)
+@flow(name="drain-prices", log_prints=True, retries=1, retry_delay_seconds=30)
 def drain_prices(
     trades_topic: str = TRADES,
     quotes_topic: str = QUOTES,
@@ -147,7 +153,7 @@ def drain_prices(
     return summary
 
 
-@flow(name="drain-transactions", log_prints=True)
+@flow(name="drain-transactions", log_prints=True, retries=1, retry_delay_seconds=30)
 def drain_transactions(
     topic: str = USER_TRANSACTIONS,
     consumer: str = "tapeline-drain-transactions",
