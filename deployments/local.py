@@ -95,6 +95,8 @@ def sides(
                     ",".join(symbols),
                     "--rate",
                     os.environ.get("TAPELINE_SIMULATOR_RATE", "200"),
+                    "--start-ids",
+                    ",".join(f"{s}={i}" for s, i in (start_ids or {}).items()),
                 ],
                 f"{settings.simulator_url}/_sim/health",
             )
