@@ -155,7 +155,8 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         settings, symbols, simulate=not args.live, start_ids={s: i + 1 for s, i in last.items()}
     )
     try:
-        for side in sides:
+        for side in sides:  # a fresh set: a simulator left from an earlier run has old ids
+            side.down(settings.home)
             print(f"{side.name:12} {side.up(settings.home)}")
         print("Tapeline is running:\n" + where(settings))
         ingest = run_deployment(INGEST["live" if args.live else "simulator"], symbols=symbols)
