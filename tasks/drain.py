@@ -7,9 +7,9 @@ group's committed offsets, then to the earliest. Kafka's committed offsets are w
 only after the sink's write is durable: they show lag and seed a fresh database.
 
 Concurrency: drains join the consumer group named after the consumer, so two drains
-started at once split the partitions; a drain that loses partitions finishes and
-commits its in-flight batch first. A zombie that still writes a lost partition is
-stopped by the sink's fence or guards.
+started at once split the partitions. A batch in flight when its partitions move lands
+on its own; whoever then writes a partition from stale offsets is stopped by the sink's
+fence (PostgreSQL) or guards (MongoDB).
 
 Throughput: decoding batch N+1 overlaps writing batch N (one writer thread, so writes
 stay in order); at most two batches are in memory. Bad records go to the DLQ (acked
@@ -114,9 +114,11 @@ class _Run(ConsumerRebalanceListener):
         self._inflight: tuple[Future, dict[Key, tuple[int | None, int]]] | None = None
         self._producer: Any = None
 
-    # -- rebalance: called on kafka-python's IO thread, which must not call Kafka --------
+    # -- rebalance: called on kafka-python's IO thread, which must neither call Kafka nor
+    # wait long (blocking it stalls the group's join): a batch still being written lands
+    # on its own, and the fence (or the MongoDB guards) stops anyone writing it twice.
     def on_partitions_revoked(self, revoked) -> None:
-        self._finish_write()  # the batch in flight lands before the partitions move
+        pass
 
     def on_partitions_assigned(self, assigned) -> None:
         self.joined = True
@@ -124,9 +126,13 @@ class _Run(ConsumerRebalanceListener):
         self._need_ends.update(assigned)
 
     def _seek_stored(self, tps: list[TopicPartition]) -> None:
+        """Seek to the sink's offsets; a partition with a write in flight goes on after it."""
         stored = self.sink.stored_offsets(self.name, self.topics)
+        inflight = self._inflight[1] if self._inflight is not None else {}
         for tp in tps:
             key = (tp.topic, tp.partition)
+            if key in inflight:
+                stored[key] = inflight[key][1]
             self.expected[key] = stored.get(key)
             if key in stored:
                 self.consumer.seek(tp, stored[key])

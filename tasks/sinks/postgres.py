@@ -59,7 +59,10 @@ def connect(dsn: str, schema: str = "public", *, create_schema: bool = False):
         keepalives_count=3,
     )
     if create_schema:
-        with conn, conn.cursor() as cur:
+        with conn, conn.cursor() as cur:  # IF NOT EXISTS alone races with itself
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('tapeline.schema.' || %s))", (schema,)
+            )
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     return conn
 
@@ -197,16 +200,27 @@ class PostgresSink:
             self._conn = None
 
     def stored_offsets(self, consumer: str, topics: Iterable[str]) -> dict[TopicPartition, int]:
-        def read(conn):
-            with conn, conn.cursor() as cur:
-                cur.execute(
-                    "SELECT topic, partition, next_offset FROM kafka_offsets"
-                    " WHERE consumer = %s AND topic = ANY(%s)",
-                    (consumer, list(topics)),
-                )
-                return {(t, p): o for t, p, o in cur.fetchall()}
-
-        return self._retrying(read)
+        """Committed offsets, read on a connection of its own: the writer's may be mid-batch."""
+        topics = list(topics)
+        deadline = time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                conn = connect(self.dsn, self.schema)
+                try:
+                    with conn, conn.cursor() as cur:
+                        cur.execute(
+                            "SELECT topic, partition, next_offset FROM kafka_offsets"
+                            " WHERE consumer = %s AND topic = ANY(%s)",
+                            (consumer, topics),
+                        )
+                        return {(t, p): o for t, p, o in cur.fetchall()}
+                finally:
+                    conn.close()
+            except psycopg2.OperationalError as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("postgres sink: reading offsets failed, retrying: %s", e)
+                time.sleep(0.5)
 
     def write(
         self,
