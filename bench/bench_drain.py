@@ -56,8 +56,8 @@ def cpu_seconds() -> dict[str, float]:
             comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
             fields = rest.split()
             used = (int(fields[11]) + int(fields[12])) / tick
-            if comm == "postgres":
-                out["postgres"] += used
+            if comm == "postgres":  # + reaped backends, counted in the postmaster's
+                out["postgres"] += used + (int(fields[13]) + int(fields[14])) / tick
             elif comm == "java":
                 with open(stat[:-4] + "cmdline") as f:
                     if "kafka.Kafka" in f.read():

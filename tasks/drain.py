@@ -94,13 +94,19 @@ class DrainResult:
 class _Run(ConsumerRebalanceListener):
     """State of one drain; also the rebalance listener (called inside ``poll``)."""
 
-    def __init__(self, sink: Sink, name: str, topics: list[str], settings, dlq_source: str):
+    def __init__(
+        self, sink: Sink, name: str, topics: list[str], settings, dlq_source: str, batch_size: int
+    ):
         self.sink, self.name, self.topics, self.dlq_source = sink, name, topics, dlq_source
         # A drain that died is evicted after 6 s (the broker's minimum), not the default
         # 45 s, so its retry gets the partitions back soon; heartbeats run on their own
-        # thread, so a slow batch does not count against it.
+        # thread, so a slow batch does not count against it. One poll may fill a batch.
         self.consumer = kafka.consumer(
-            name, settings, session_timeout_ms=6_000, heartbeat_interval_ms=1_000
+            name,
+            settings,
+            session_timeout_ms=6_000,
+            heartbeat_interval_ms=1_000,
+            max_poll_records=batch_size,
         )
         self.settings = settings
         self.result = DrainResult(name, sink.name)
@@ -252,7 +258,7 @@ def drain(
     """Drain ``topics`` into ``sink`` until caught up or a budget is spent."""
     settings = settings or config.load()
     t0 = time.monotonic()
-    run = _Run(sink, consumer, topics, settings, dlq_source)
+    run = _Run(sink, consumer, topics, settings, dlq_source, batch_size)
     res = run.result
     try:
         for topic in topics:  # known partitions before joining, or the first assignment is empty
