@@ -39,6 +39,7 @@ from tasks.metrics import (
     DRAIN_ROWS,
     FRESHNESS,
 )
+from tasks.observe import push_drain_metrics
 from tasks.sinks import Fenced, Written, crash_point
 
 log = logging.getLogger(__name__)
@@ -329,3 +330,6 @@ def record_metrics(flow_name: str, result: DrainResult) -> None:
     for (venue, symbol), newest in result.written.newest_us.items():
         FRESHNESS.labels(venue=venue, symbol=symbol).set((now_us - newest) / 1e6)
     DRAIN_LAST_SUCCESS.labels(flow=flow_name).set(time.time())
+    # Flow runs are short-lived processes: hand the counts to the Pushgateway (when
+    # TAPELINE_PUSHGATEWAY_URL is set) so Prometheus sees them after the run has ended.
+    push_drain_metrics(flow_name)

@@ -186,3 +186,27 @@ def test_no_gateway_means_no_push_and_no_error() -> None:
     assert observe.push_drain_metrics("drain-prices", url="") is False
     closed = f"http://127.0.0.1:{free_port()}"
     assert observe.push_drain_metrics("drain-prices", url=closed, timeout=1) is False
+
+
+def test_a_drain_flow_run_pushes_its_metrics(gateway: str, kafka, postgres, new_topic) -> None:
+    """The real drain flow, in its own process like a worker's flow run, pushes on success."""
+    from tests.drain_support import pg_schema, publish, trades
+
+    topic, quotes = new_topic(partitions=2), new_topic(partitions=1)
+    publish(kafka, topic, trades(25, venue="pushtest"))
+    with pg_schema(kafka.pg_dsn) as schema:
+        code = (
+            "from flows.drain import drain_prices\n"
+            f"drain_prices(trades_topic={topic!r}, quotes_topic={quotes!r},"
+            f" consumer='push-{uuid.uuid4().hex[:8]}', schema={schema!r}, max_seconds=20)\n"
+        )
+        env = {**os.environ, "TAPELINE_PUSHGATEWAY_URL": gateway}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = value(gateway, "drain-prices", "tapeline_drain_rows_total", sink="postgres",
+                 table="trades")  # fmt: skip
+    assert rows is not None and rows >= 25
+    assert value(gateway, "drain-prices", "tapeline_drain_last_success_timestamp_seconds")
