@@ -361,7 +361,7 @@ def test_commands_run_the_right_programs(services: dict[str, dict[str, Any]]) ->
     ]  # fmt: skip
     script = services["worker"]["command"][-1]
     create = script.index("prefect work-pool create tapeline --type process")
-    deploy = script.index("prefect --no-prompt deploy --all")
+    deploy = script.index("python -m deployments.setup")
     start = script.index("exec prefect worker start --pool tapeline --type process")
     assert create < deploy < start
     server = services["prefect-server"]
