@@ -1,5 +1,5 @@
-"""End to end under the local Prefect server: the README's main command for a minute,
-then a backfill deployment run, checked through Prefect's own run history and artifacts.
+"""End to end under the local Prefect server: the README's main command for 90 s, then a
+backfill deployment run, checked through Prefect's own run history and artifacts.
 
 The platform command registers the pool, blocks and deployments (`prefect deploy --all`),
 starts a worker, the simulator and the trading simulator, runs ingestion and lets the
@@ -39,7 +39,7 @@ def test_main_command_runs_the_platform_without_loss(kafka, postgres, mongo, pre
     env = {**os.environ, "TAPELINE_SIMULATOR_RATE": "100", "PREFECT_API_URL": prefect_server}
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "flows.platform", "--minutes", "1", "--every", "10", "--keep"],
+            [sys.executable, "-m", "flows.platform", "--minutes", "1.5", "--every", "10", "--keep"],
             env=env, capture_output=True, text=True, timeout=420,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
