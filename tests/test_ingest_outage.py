@@ -141,7 +141,7 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
             up([broker])  # a restart after SIGKILL takes ~15 s more (the old session expires)
             back_at = time.monotonic()
             while _behind(sim, s) > 1000:  # about a second of trades
-                assert time.monotonic() - back_at < 25, "did not catch up after Kafka came back"
+                assert time.monotonic() - back_at < 120, "did not catch up after Kafka came back"
                 time.sleep(0.5)
             exported = scrape(f"http://127.0.0.1:{port}/metrics")
         finally:

@@ -23,13 +23,26 @@ pytestmark = pytest.mark.services
 
 
 def _runs(client, deployment: str):
-    from prefect.client.schemas.filters import DeploymentFilter
+    """Runs of a deployment that have started (the scheduler also holds many future ones)."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
 
     name = deployment.split("/")[1]
     dep = client.read_deployment_by_name(deployment)
     assert dep.name == name
+    started = [StateType.RUNNING, StateType.COMPLETED, StateType.CANCELLED, StateType.CANCELLING,
+               StateType.FAILED, StateType.CRASHED]  # fmt: skip
     return client.read_flow_runs(
-        deployment_filter=DeploymentFilter(id={"any_": [dep.id]}), limit=50
+        deployment_filter=DeploymentFilter(id={"any_": [dep.id]}),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=started))
+        ),
+        limit=200,
     )
 
 
