@@ -4,6 +4,7 @@ FROM python:3.11.13-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -15,10 +16,9 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+# The code runs from /app (PYTHONPATH); it is not installed into site-packages.
 COPY . .
-RUN pip install --no-deps . \
-    && rm -rf build ./*.egg-info \
-    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin tapeline
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin tapeline
 
 # Flow runs start in /app (prefect.yaml's set_working_directory), so the code is read
 # from here; the user owns nothing in it and cannot change what it runs.

@@ -2,7 +2,7 @@
 
 Synthetic trades: ``--symbols`` symbols (default 10) at one trade per second each for
 one day (864,000 trades), with ``Decimal`` prices and sizes as read from PostgreSQL.
-Times ``tasks.candles.compute`` per interval (best of ``--runs``) and the indicators of
+Times ``tasks.analytics.candles.compute`` per interval (best of ``--runs``) and the indicators of
 the 1 m series, and prints candles per second.
 
     .venv/bin/python -m bench.bench_candles [--symbols 10] [--per-second 1] [--runs 3]
@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import pandas as pd
 
-from tasks import candles, indicators
+from tasks.analytics import candles, indicators
 
 DAY_S = 86_400
 T0 = 1_700_006_400_000_000  # a midnight, UTC

@@ -13,8 +13,8 @@ import argparse
 import json
 import time
 
-from tasks.codec import encode
-from tasks.feeds.binance import Binance
+from tasks.core.codec import encode
+from tasks.venues.binance import Binance
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBFDUSD", "ETHBTC")
 

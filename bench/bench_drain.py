@@ -7,7 +7,7 @@ machine, one after the other:
   no decoding, no writes;
 - raw COPY: the same trades, already as COPY lines, into a migrated ``trades`` table in
   the same batch size, one commit per batch, no Kafka;
-- this drain: ``tasks.drain`` with the PostgreSQL sink (decode, DLQ checks, staging
+- this drain: ``tasks.drain.loop`` with the PostgreSQL sink (decode, DLQ checks, staging
   COPY + INSERT, fenced offsets, SERIALIZABLE, Kafka commit), group join included;
 - the reference projects' method on a sample: one INSERT and one COMMIT per message;
 - the same for user transactions into MongoDB: raw ``insert_many`` of the documents,
@@ -34,14 +34,15 @@ import pymongo
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from tasks import config
-from tasks.codec import encode
-from tasks.drain import drain
-from tasks.kafka import admin, consumer, producer
-from tasks.sinks.migrate import migrate
-from tasks.sinks.mongo import MongoSink, tx_document
-from tasks.sinks.postgres import PostgresSink, connect, trade_line
-from tests.drain_support import trades, transactions
+from tasks.core import config
+from tasks.core.codec import encode
+from tasks.core.kafka import admin, consumer, producer
+from tasks.core.pg import connect
+from tasks.drain.loop import drain
+from tasks.drain.migrate import migrate
+from tasks.drain.mongo import MongoSink, tx_document
+from tasks.drain.postgres import PostgresSink, trade_line
+from tests.drain.support import trades, transactions
 
 
 def cpu_seconds() -> dict[str, float]:

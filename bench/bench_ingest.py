@@ -10,13 +10,13 @@ Three phases against the local Kafka, each on throwaway topics:
    encode, bounded publish, ack callback. (Offering far more than that would measure
    the simulator stealing a core, not the ingestion.)
 2. raw: the messages phase 1 published, read back as (key, value) bytes, sent by a bare
-   producer (``tasks.kafka.producer`` with the same tuning) as fast as ``send`` goes,
+   producer (``tasks.core.kafka.producer`` with the same tuning) as fast as ``send`` goes,
    then flushed; best of two runs.
 3. paced: the simulator at ``--latency-rate`` trades/s (1 ms ticks, so the simulator
    itself adds at most ~1 ms); p50/p99 from venue event time to broker ack, exactly,
    from the publisher's latency window.
 
-The ingestion runs in this process through ``tasks.ingest.Ingestion`` (what the flow
+The ingestion runs in this process through ``tasks.ingest.live.Ingestion`` (what the flow
 runs, without Prefect's per-run bookkeeping, which is not on the message path).
 
     .venv/bin/python -m bench.bench_ingest [--seconds 5] [--latency-rate 2000]
@@ -33,10 +33,10 @@ from kafka import TopicPartition
 from kafka.admin import NewTopic
 
 from simulator.process import SimulatorProcess
-from tasks import config
-from tasks.ingest import Ingestion, plan
-from tasks.kafka import admin, consumer, producer
-from tasks.publish import PRODUCER_TUNING, Topics
+from tasks.core import config
+from tasks.core.kafka import admin, consumer, producer
+from tasks.ingest.live import Ingestion, plan
+from tasks.ingest.publish import PRODUCER_TUNING, Topics
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
 

@@ -11,7 +11,7 @@ from blocks.connections import (
     PostgresConnection,
     VenueFeed,
 )
-from tasks import config
+from tasks.core import config
 
 __all__ = [
     "BLOCKS",

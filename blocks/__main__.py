@@ -14,7 +14,7 @@ import sys
 from urllib.parse import urlsplit
 
 from blocks.connections import BLOCKS, KafkaCluster, MongoConnection, PostgresConnection, VenueFeed
-from tasks import config
+from tasks.core import config
 
 
 def documents(s: config.Settings) -> list:

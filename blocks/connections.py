@@ -2,7 +2,7 @@
 
 Deployments name these blocks instead of carrying URLs; passwords are ``SecretStr`` so
 the Prefect UI and logs never show them. Each block turns into the same environment
-variables ``tasks.config`` reads, so a flow resolves its settings one way whether they
+variables ``tasks.core.config`` reads, so a flow resolves its settings one way whether they
 came from a block or from the environment.
 """
 

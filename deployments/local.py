@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from stack.process import read_pid, spawn, stop, wait_until
-from tasks import config
+from tasks.core import config
 
 ROOT = Path(__file__).resolve().parent.parent
 PUSHGATEWAY_PORT = 9091
@@ -48,7 +48,8 @@ class Side:
                 return "running"
         except OSError:
             pass
-        pid = spawn(self.cmd, log, pidfile, env={**os.environ, **self.env}, cwd=ROOT)
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}  # the code runs from here
+        pid = spawn(self.cmd, log, pidfile, env=env, cwd=ROOT)
         wait_until(lambda: _http_ok(self.health_url), self.name, log, timeout, pid)
         return "started"
 
@@ -72,9 +73,8 @@ def sides(
     env = {
         "PREFECT_API_URL": settings.prefect_api_url,
         "TAPELINE_CODE_DIR": str(ROOT),
-        "TAPELINE_PUSHGATEWAY_URL": os.environ.get(
-            "TAPELINE_PUSHGATEWAY_URL", f"http://127.0.0.1:{PUSHGATEWAY_PORT}"
-        ),
+        "TAPELINE_PUSHGATEWAY_URL": settings.pushgateway_url
+        or f"http://127.0.0.1:{PUSHGATEWAY_PORT}",
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
     out: list[Side] = []
@@ -94,7 +94,7 @@ def sides(
                     "--symbols",
                     ",".join(symbols),
                     "--rate",
-                    os.environ.get("TAPELINE_SIMULATOR_RATE", "200"),
+                    str(settings.simulator_rate),
                     "--start-ids",
                     ",".join(f"{s}={i}" for s, i in (start_ids or {}).items()),
                 ],
@@ -115,7 +115,8 @@ def sides(
     out.append(
         Side(
             "exporter",
-            [py, "-m", "tasks.exporter", "--host", "127.0.0.1", "--port", str(EXPORTER_PORT)],
+            [py, "-m", "tasks.telemetry.exporter", "--host", "127.0.0.1", "--port",
+             str(EXPORTER_PORT)],
             f"http://127.0.0.1:{EXPORTER_PORT}/metrics",
             env,
         )

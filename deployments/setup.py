@@ -21,7 +21,7 @@ from pathlib import Path
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from blocks.__main__ import main as register_blocks
-from tasks import config
+from tasks.core import config
 
 POOL = "tapeline"
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,14 +88,14 @@ def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__)
     parser.add_argument("--pool", default=POOL)
-    parser.add_argument("--code-dir", default=os.environ.get("TAPELINE_CODE_DIR", str(ROOT)))
-    args = parser.parse_args(argv)
     settings = config.load()
+    parser.add_argument("--code-dir", default=str(settings.code_dir))
+    args = parser.parse_args(argv)
     env = {
         **os.environ,
         "TAPELINE_CODE_DIR": args.code_dir,
         "TAPELINE_SIMULATOR_URL": settings.simulator_url,
-        "PREFECT_API_URL": os.environ.get("PREFECT_API_URL", settings.prefect_api_url),
+        "PREFECT_API_URL": settings.prefect_api_url,
     }
     print(f"work pool {args.pool}: {ensure_pool(env, args.pool)}")
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):

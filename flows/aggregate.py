@@ -3,7 +3,7 @@
 ``aggregate`` (scheduled every minute, one run at a time) — runbook of one run:
 
 1. Claim: move the windows that trade inserts marked dirty since the last run (live
-   trades, late ones, gap repairs, backfills, replays; see ``tasks.candle_store``) into
+   trades, late ones, gap repairs, backfills, replays; see ``tasks.analytics.candle_store``) into
    pending windows for each interval.
 2. Recompute every pending window that is final (closed ``grace_s`` ago): candles from
    the trades, indicators forward from the earliest change, new or changed 1 m candles
@@ -26,51 +26,22 @@ import json
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from blocks import settings as block_settings
-from tasks import alerts, config
-from tasks import candle_store as store
-from tasks import candles as cdl
-from tasks import indicators as ind
-from tasks.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
-from tasks.kafka import producer as kafka_producer
-from tasks.sinks import migrate, postgres
-from tasks.topics import ALERTS, CANDLES
+from flows.common import Target, iso, target, to_us
+from tasks.analytics import alerts
+from tasks.analytics import candle_store as store
+from tasks.analytics import candles as cdl
+from tasks.analytics import indicators as ind
+from tasks.analytics.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
+from tasks.core.topics import ALERTS, CANDLES
 
 DEFAULT_INTERVALS = list(cdl.DEFAULT_INTERVALS)
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a run reads and writes: connection settings and the PostgreSQL schema."""
-
-    settings: config.Settings
-    schema: str = "public"
-
-    def connect(self):
-        return postgres.connect(self.settings.pg_dsn, self.schema)
-
-    def producer(self):
-        return kafka_producer(self.settings)
-
-
-def target(kafka_block: str | None, postgres_block: str | None, schema: str) -> Target:
-    """Settings from the named blocks (else the environment), schema migrated."""
-    t = Target(block_settings(kafka=kafka_block, postgres=postgres_block), schema)
-    migrate_schema(t)
-    return t
-
-
-@task(name="migrate-schema", cache_policy=NO_CACHE)
-def migrate_schema(t: Target) -> list[str]:
-    return migrate.migrate(t.settings.pg_dsn, t.schema)
 
 
 @task(name="claim-dirty-windows", cache_policy=NO_CACHE)
@@ -130,8 +101,8 @@ def _row(key: store.SeriesKey, out: Outcome, opens: list[int]) -> dict[str, Any]
         "venue": key.venue,
         "symbol": key.symbol,
         "interval": key.interval,
-        "from": _iso(min(opens)) if opens else "",
-        "to": _iso(max(opens) + key.width_us) if opens else "",
+        "from": iso(min(opens)) if opens else "",
+        "to": iso(max(opens) + key.width_us) if opens else "",
         "windows": out.windows,
         "changed": len(out.changed),
         "deleted": out.deleted,
@@ -309,21 +280,6 @@ def rebuild_candles(
         description=f"rebuild_candles {venue} {','.join(symbols)} {start} .. {end}",
     )
     return {"by_series": rows, "candles_changed": sum(r["changed"] for r in rows)}
-
-
-def to_us(t: datetime | str | int) -> int:
-    """Epoch microseconds from a datetime (naive means UTC), ISO text or an int."""
-    if isinstance(t, int):
-        return t
-    if isinstance(t, str):
-        t = datetime.fromisoformat(t)
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
-    return int(t.timestamp()) * 1_000_000 + t.microsecond
-
-
-def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@
 candles with source 'venue' (Binance and Binance US serve klines).
 
 ``replay_topic``: re-drain a topic from a point in time into PostgreSQL through the
-drain's sink and batch loop (``tasks.replay``), to rebuild a table after loss; progress
+drain's sink and batch loop (``tasks.history.replay``), to rebuild a table after loss; progress
 (records, rate, ETA) from the offsets the sink stores with each batch.
 """
 
@@ -30,7 +30,7 @@ import json
 import sys
 import time
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -41,18 +41,20 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from flows.aggregate import DEFAULT_INTERVALS, Target, rebuild_candles, target, to_us
-from tasks import backfill as bf
-from tasks import candle_store as store
-from tasks import candles as cdl
-from tasks import config, replay
-from tasks import indicators as ind
-from tasks.drain import drain
-from tasks.ingest import venue_config
-from tasks.kafka import producer as kafka_producer
-from tasks.publish import PRODUCER_TUNING, Publisher, Topics
-from tasks.sinks.postgres import PostgresSink
-from tasks.topics import TRADES
+from flows.aggregate import rebuild_candles
+from flows.common import Target, iso, target, to_us
+from tasks import venues
+from tasks.analytics import candle_store as store
+from tasks.analytics import candles as cdl
+from tasks.analytics import indicators as ind
+from tasks.core import config
+from tasks.core.kafka import producer as kafka_producer
+from tasks.core.topics import TRADES
+from tasks.drain.loop import drain
+from tasks.drain.postgres import PostgresSink
+from tasks.history import backfill as bf
+from tasks.history import replay
+from tasks.ingest.publish import PRODUCER_TUNING, Publisher, Topics
 
 
 class _Reporter:
@@ -100,8 +102,8 @@ def backfill_symbol(
 def _page_row(r: bf.PageResult) -> dict[str, Any]:
     return {
         "symbol": r.page.symbol,
-        "start": _iso(r.page.start_us),
-        "end": _iso(r.page.end_us),
+        "start": iso(r.page.start_us),
+        "end": iso(r.page.end_us),
         "rows": r.rows,
         "first_id": r.first_id,
         "last_id": r.last_id,
@@ -190,8 +192,8 @@ def backfill_trades(
     """
     logger = get_run_logger()
     t = target(kafka_block, postgres_block, schema)
-    cfg = venue_config(venue, simulator_url)
-    client = bf.rest_client(venue, cfg, min_request_interval_s)
+    cfg = venues.venue_config(venue, simulator_url)
+    client = venues.rest_client(venue, cfg, min_request_interval_s)
     start_us, end_us = to_us(start), to_us(end)
     pages = bf.plan_pages(symbols, start_us, end_us, int(page_minutes * 60_000_000))
     with closing(t.connect()) as conn:
@@ -201,8 +203,8 @@ def backfill_trades(
         "backfill %s %s %s .. %s: %d pages, %d already done",
         cfg.name,
         ",".join(symbols),
-        _iso(start_us),
-        _iso(end_us),
+        iso(start_us),
+        iso(end_us),
         len(pages),
         len(done),
     )
@@ -238,7 +240,7 @@ def backfill_trades(
                 symbols,
                 start,
                 end,
-                intervals or DEFAULT_INTERVALS,
+                intervals or list(cdl.DEFAULT_INTERVALS),
                 grace_s,
                 kafka_block=kafka_block,
                 postgres_block=postgres_block,
@@ -311,7 +313,7 @@ def backfill_candles(
     with their indicators; resumable page by page like ``backfill_trades``.
 
     Args:
-        venue: binance or binanceus (the venues with kline history).
+        venue: A venue with kline history (``VenueSpec.klines``: binance, binanceus).
         symbols: Canonical symbols, e.g. ["BTC-USDT"].
         start: Range start (UTC if no offset).
         end: Range end, exclusive.
@@ -328,11 +330,9 @@ def backfill_candles(
         schema: PostgreSQL schema holding the tables (migrated on start).
     """
     logger = get_run_logger()
-    if venue not in ("binance", "binanceus"):
-        raise ValueError(f"{venue} has no kline history client; use backfill_trades")
+    cfg = venues.venue_config(venue, simulator_url)
+    client = venues.klines_client(venue, cfg, min_request_interval_s)
     t = target(None, postgres_block, schema)
-    cfg = venue_config(venue, simulator_url)
-    client = bf.rest_client(venue, cfg, min_request_interval_s)
     width = cdl.interval_us(interval)
     start_us, end_us = to_us(start), to_us(end)
     pages = bf.plan_pages(symbols, cdl.window_open(start_us, width), end_us, 1000 * width)
@@ -427,7 +427,7 @@ def replay_topic(
         logger.info(
             "replay %s from %s as %s: %d records to the end (%s)",
             topic,
-            _iso(from_us),
+            iso(from_us),
             name,
             s.total,
             "new" if fresh else "continuing",
@@ -450,13 +450,9 @@ def replay_topic(
     create_table_artifact(
         key="replay-topic-last-run",
         table=[{k: json.dumps(v) if isinstance(v, dict) else v for k, v in result.items()}],
-        description=f"replay_topic {topic} from {_iso(from_us)}",
+        description=f"replay_topic {topic} from {iso(from_us)}",
     )
     return result
-
-
-def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="seconds")
 
 
 def main(argv: list[str] | None = None) -> int:

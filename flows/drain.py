@@ -2,17 +2,20 @@
 
 ``drain_prices`` (every minute, one run at a time) — runbook of one run:
 
-1. Apply pending PostgreSQL migrations (``tasks.sinks.migrate``).
+1. Apply pending PostgreSQL migrations.
 2. Drain ``market.trades.raw`` and ``market.book_ticker.raw`` in batches until caught
-   up or a record/time budget is spent (``tasks.drain``; the exactly-once mechanism is
-   written down in ``tasks/sinks/postgres.py``). Bad records go to the DLQ.
-3. Record the drain metrics, publish a table artifact, return the summary.
+   up or a record/time budget is spent (``tasks.drain.loop``; the exactly-once mechanism
+   is written down in ``tasks/drain/contract.py`` and ``tasks/drain/postgres.py``). Bad
+   records go to the DLQ.
+3. Record the drain metrics (pushed to the Pushgateway when one is configured), publish
+   a table artifact, return the summary.
 
 ``drain_transactions`` does the same for ``user.transactions`` into MongoDB
-``transactions`` and ``wallets`` (mechanism in ``tasks/sinks/mongo.py``).
+``transactions`` and ``wallets`` (mechanism in ``tasks/drain/mongo.py``).
 
 A crashed or retried run is harmless: the next one resumes from the offsets the
 database stored with the data. Two runs at once split the partitions between them.
+A new sink is one module in ``tasks/drain`` and one flow here that calls ``run_drain``.
 """
 
 from __future__ import annotations
@@ -24,26 +27,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from blocks import settings as block_settings
-from tasks import config
-from tasks.drain import DrainResult, Sink, drain, record_metrics
-from tasks.sinks.migrate import migrate
-from tasks.sinks.mongo import MongoSink
-from tasks.sinks.postgres import PostgresSink
-from tasks.topics import QUOTES, TRADES, USER_TRANSACTIONS
-
-# A failed drain is safe to run again at once (it resumes from the offsets stored with
-# the data), so its task retries with growing, jittered delays (a database restarting,
-# a broker electing leaders); the flow retries once more after that. Prefect's flow
-# retries take one fixed delay only, hence the backoff sits on the tasks.
-RETRIES = {"retries": 3, "retry_delay_seconds": [5, 15, 45], "retry_jitter_factor": 0.5}
-
-
-@task(name="migrate-price-history", cache_policy=NO_CACHE, **RETRIES)
-def migrate_schema(settings: config.Settings, schema: str) -> list[str]:
-    applied = migrate(settings.pg_dsn, schema)
-    if applied:
-        get_run_logger().info("applied migrations: %s", ", ".join(applied))
-    return applied
+from flows.common import RETRIES, migrate_schema
+from tasks.core import config
+from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS
+from tasks.drain.contract import Sink
+from tasks.drain.loop import DrainResult, drain, record_metrics
+from tasks.drain.mongo import MongoSink
+from tasks.drain.postgres import PostgresSink
+from tasks.telemetry.observe import push_drain_metrics
 
 
 @task(name="drain-topics", cache_policy=NO_CACHE, task_run_name="drain {consumer}", **RETRIES)
@@ -67,6 +58,26 @@ def drain_topics(
         max_seconds=max_seconds,
         batch_size=batch_size,
     )
+
+
+def run_drain(
+    flow_name: str,
+    sink: Sink,
+    settings: config.Settings,
+    consumer: str,
+    topics: list[str],
+    budget: dict[str, Any],
+) -> dict[str, Any]:
+    """The steps every drain flow shares once its sink is open: drain, metrics, summary.
+    ``budget``: ``max_records``, ``max_seconds``, ``batch_size``."""
+    result = drain_topics(sink, settings, consumer, topics, flow_name.replace("-", "."), **budget)
+    record_metrics(flow_name, result)
+    # Flow runs are short-lived processes: hand the counts to the Pushgateway (when one
+    # is configured) so Prometheus sees them after the run has ended.
+    push_drain_metrics(flow_name, url=settings.pushgateway_url)
+    summary = summarize(flow_name, result)
+    publish(summary)
+    return summary
 
 
 def summarize(flow_name: str, result: DrainResult) -> dict[str, Any]:
@@ -137,20 +148,9 @@ def drain_prices(
     """Trades and top-of-book quotes from Kafka into PostgreSQL, exactly once in effect."""
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     migrate_schema(settings, schema)
-    result = drain_topics(
-        PostgresSink(settings.pg_dsn, schema),
-        settings,
-        consumer,
-        [trades_topic, quotes_topic],
-        "drain.prices",
-        max_records,
-        max_seconds,
-        batch_size,
-    )
-    record_metrics("drain-prices", result)
-    summary = summarize("drain-prices", result)
-    publish(summary)
-    return summary
+    sink = PostgresSink(settings.pg_dsn, schema)
+    budget = {"max_records": max_records, "max_seconds": max_seconds, "batch_size": batch_size}
+    return run_drain("drain-prices", sink, settings, consumer, [trades_topic, quotes_topic], budget)
 
 
 @flow(name="drain-transactions", log_prints=True, retries=1, retry_delay_seconds=30)
@@ -166,17 +166,6 @@ def drain_transactions(
 ) -> dict[str, Any]:
     """User transactions from Kafka into MongoDB transactions and wallet balances."""
     settings = block_settings(kafka=kafka_block, mongo=mongo_block)
-    result = drain_topics(
-        MongoSink(settings.mongo_url, database or settings.mongo_db),
-        settings,
-        consumer,
-        [topic],
-        "drain.transactions",
-        max_records,
-        max_seconds,
-        batch_size,
-    )
-    record_metrics("drain-transactions", result)
-    summary = summarize("drain-transactions", result)
-    publish(summary)
-    return summary
+    sink = MongoSink(settings.mongo_url, database or settings.mongo_db)
+    budget = {"max_records": max_records, "max_seconds": max_seconds, "batch_size": batch_size}
+    return run_drain("drain-transactions", sink, settings, consumer, [topic], budget)

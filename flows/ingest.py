@@ -35,14 +35,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import config, metrics, resume
-from tasks.feeds.connection import ConnectionPolicy
-from tasks.gaps import GapTracker
-from tasks.ingest import CHANNELS, Ingestion, Plan, ShardWorker, plan
-from tasks.publish import Topics
-from tasks.topics import QUOTES, TRADES
-from tasks.validate import check
-from tasks.validate import validate as run_checks
+from tasks.core import config, metrics
+from tasks.core.topics import QUOTES, TRADES
+from tasks.ingest import resume
+from tasks.ingest.gaps import GapTracker
+from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
+from tasks.ingest.publish import Topics
+from tasks.ingest.validate import check
+from tasks.ingest.validate import validate as run_checks
+from tasks.venues.connection import ConnectionPolicy
 
 DEFAULT_SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
 _serving: set[int] = set()  # metrics ports this process already serves

@@ -26,11 +26,11 @@ import psycopg2
 from prefect import flow, get_run_logger
 
 from blocks import settings as block_settings
-from tasks import codec, config
-from tasks.events import UserTransaction, split_symbol
-from tasks.kafka import producer
-from tasks.sinks.mongo import effects
-from tasks.topics import USER_TRANSACTIONS
+from tasks.core import codec, config
+from tasks.core.events import UserTransaction, split_symbol
+from tasks.core.kafka import producer
+from tasks.core.topics import USER_TRANSACTIONS
+from tasks.core.wallets import effects
 
 FALLBACK_PRICES = {"BTC-USDT": "64000", "ETH-USDT": "3200", "SOL-USDT": "150", "BNB-USDT": "580"}
 FEE_RATE = Decimal("0.001")

@@ -15,8 +15,8 @@ import time
 
 from stack.process import StackError
 from stack.services import ORDER, services, up
-from tasks import config
-from tasks.topics import ensure_topics
+from tasks.core import config
+from tasks.core.topics import ensure_topics
 
 
 def _status(items) -> int:

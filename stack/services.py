@@ -22,11 +22,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
-from tasks import config
+from tasks.core import config
 
 STACK_DIR = Path(__file__).resolve().parent
 # Downloads and builds outlive any one $TAPELINE_HOME (and ``down --purge``).
-CACHE = Path(os.environ.get("TAPELINE_CACHE", Path.home() / ".cache" / "tapeline"))
+CACHE = config.cache_dir()
 
 
 def _run(cmd: list[str], what: str, log: Path, **kw) -> None:
@@ -54,6 +54,16 @@ def _apt_install(packages: list[str], log: Path) -> None:
         log,
         env=env,
     )
+
+
+def _cluster_id() -> str:
+    """A random cluster id as Kafka writes them: a UUID in URL-safe base64. Like Kafka's own
+    ``Uuid.randomUuid`` it never starts with '-', which the storage tool would read as an
+    option (1 in 64 ids did: an occasional "formatting Kafka storage failed")."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 @dataclass
@@ -208,9 +218,7 @@ class Kafka(Service):
     def launch(self) -> int:
         props = self._write_config()
         if not (self.dir / "data" / "meta.properties").exists():
-            cluster_id = uuid.uuid4().bytes
-
-            cid = base64.urlsafe_b64encode(cluster_id).decode().rstrip("=")
+            cid = _cluster_id()
             _run(
                 self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
                 "formatting Kafka storage",
@@ -227,7 +235,7 @@ class Kafka(Service):
 
     def version(self) -> str:
         """What the broker itself says: its start-up banner and its DescribeFeatures."""
-        from tasks.kafka import admin
+        from tasks.core.kafka import admin
 
         client = admin(self.settings)
         try:
@@ -244,7 +252,7 @@ def kafka_round_trip(settings: config.Settings, topic: str = "_tapeline.health")
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from tasks.kafka import admin, consumer, producer
+    from tasks.core.kafka import admin, consumer, producer
 
     client = admin(settings, request_timeout_ms=5000)
     try:

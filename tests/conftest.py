@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tasks import config
+from tasks.core import config
 
 SETTINGS = config.load()
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -92,7 +92,7 @@ def new_topic(kafka):
     """Factory of fresh, uniquely named topics (deleted after the test)."""
     from kafka.admin import NewTopic
 
-    from tasks.kafka import admin
+    from tasks.core.kafka import admin
 
     client = admin(kafka)
     made: list[str] = []

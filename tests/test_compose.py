@@ -354,8 +354,10 @@ def test_kafka_listeners_match_clients_and_ports(services: dict[str, dict[str, A
 
 
 def test_commands_run_the_right_programs(services: dict[str, dict[str, Any]]) -> None:
-    assert services["kafka-init"]["command"] == ["python", "-m", "tasks.topics"]
-    assert services["exporter"]["command"] == ["python", "-m", "tasks.exporter", "--port", "9110"]
+    assert services["kafka-init"]["command"] == ["python", "-m", "tasks.core.topics"]
+    assert services["exporter"]["command"] == [
+        "python", "-m", "tasks.telemetry.exporter", "--port", "9110",
+    ]  # fmt: skip
     assert services["simulator"]["command"] == [
         "python", "-m", "simulator", "--host", "0.0.0.0", "--port", "18765",
     ]  # fmt: skip

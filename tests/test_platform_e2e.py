@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deployments import local
-from tasks import config
+from tasks.core import config
 
 pytestmark = pytest.mark.services
 
@@ -52,7 +52,10 @@ def test_main_command_runs_the_platform_without_loss(kafka, postgres, mongo, pre
     env = {**os.environ, "TAPELINE_SIMULATOR_RATE": "100", "PREFECT_API_URL": prefect_server}
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "flows.platform", "--minutes", "1.5", "--every", "10", "--keep"],
+            [
+                sys.executable, "-m", "deployments.platform", "--minutes", "1.5", "--every", "10",
+                "--keep",
+            ],
             env=env, capture_output=True, text=True, timeout=420,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

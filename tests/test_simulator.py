@@ -28,10 +28,11 @@ from websockets.sync.client import ClientConnection, connect
 from simulator import Simulator
 from simulator.market import Market, MarketParams, instrument
 from simulator.process import SimulatorProcess
-from tasks.events import Quote, Trade
-from tasks.feeds import venue
-from tasks.feeds.base import FeedError, VenueConfig
-from tasks.feeds.rest import BinanceRest, Http
+from tasks.core.events import Quote, Trade
+from tasks.venues import venue
+from tasks.venues.base import FeedError, VenueConfig
+from tasks.venues.binance import BinanceRest
+from tasks.venues.http import Http
 
 SYMBOLS = ("BTC-USDT", "ETH-USDT", "SOL-USDT")
 
@@ -510,7 +511,8 @@ def test_command_line_process_takes_faults_is_controlled_over_http_and_stops_cle
 
 
 def test_coinbase_and_kraken_rest_backfill_returns_the_stream_history(make_sim):
-    from tasks.feeds.rest import CoinbaseRest, KrakenRest
+    from tasks.venues.coinbase import CoinbaseRest
+    from tasks.venues.kraken import KrakenRest
 
     sim = make_sim(rate=2400)  # 800 a second per symbol: Kraken needs two pages
     time.sleep(2.2)

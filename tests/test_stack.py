@@ -16,7 +16,7 @@ import pymongo
 import pytest
 
 from stack.process import port_open
-from tasks import config
+from tasks.core import config
 
 PORTS = {"kafka": 29092, "postgres": 25432, "mongo": 27217}
 
@@ -59,7 +59,7 @@ def test_restart_keeps_data_and_teardown_leaves_no_listener(private_env):
         client.keep.things.insert_one({"_id": token})
     from kafka import TopicPartition
 
-    from tasks.kafka import consumer, producer
+    from tasks.core.kafka import consumer, producer
 
     p = producer(s)
     meta = p.send("market.alerts", key=b"k", value=token.encode()).get(timeout=10)

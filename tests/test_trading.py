@@ -6,7 +6,7 @@ import uuid
 
 from flows.drain import drain_transactions
 from flows.trading import trading_activity
-from tasks.sinks.mongo import fold_transactions, wallet_balances
+from tasks.core.wallets import fold_transactions, wallet_balances
 
 
 def test_simulated_fills_drain_into_balances_that_never_go_negative(

@@ -1,0 +1,71 @@
+"""What the flows share: where a run reads and writes, the schema step, retries, times.
+
+Flows are runbooks; anything two of them need lives here once, so a flow module holds
+only its own steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from blocks import settings as block_settings
+from tasks.core import config
+from tasks.core.kafka import producer as kafka_producer
+from tasks.core.pg import connect
+from tasks.drain.migrate import migrate
+
+# A failed drain or schema step is safe to run again at once (a drain resumes from the
+# offsets stored with the data), so such tasks retry with growing, jittered delays (a
+# database restarting, a broker electing leaders). Prefect's flow retries take one fixed
+# delay only, hence the backoff sits on the tasks.
+RETRIES = {"retries": 3, "retry_delay_seconds": [5, 15, 45], "retry_jitter_factor": 0.5}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a run reads and writes: connection settings and the PostgreSQL schema."""
+
+    settings: config.Settings
+    schema: str = "public"
+
+    def connect(self):
+        return connect(self.settings.pg_dsn, self.schema)
+
+    def producer(self):
+        return kafka_producer(self.settings)
+
+
+def target(kafka_block: str | None, postgres_block: str | None, schema: str) -> Target:
+    """Settings from the named blocks (else the environment), schema migrated."""
+    t = Target(block_settings(kafka=kafka_block, postgres=postgres_block), schema)
+    migrate_schema(t.settings, t.schema)
+    return t
+
+
+@task(name="migrate-schema", cache_policy=NO_CACHE, **RETRIES)
+def migrate_schema(settings: config.Settings, schema: str) -> list[str]:
+    """Apply pending PostgreSQL migrations (idempotent; see ``tasks.drain.migrate``)."""
+    applied = migrate(settings.pg_dsn, schema)
+    if applied:
+        get_run_logger().info("applied migrations: %s", ", ".join(applied))
+    return applied
+
+
+def to_us(t: datetime | str | int) -> int:
+    """Epoch microseconds from a datetime (naive means UTC), ISO text or an int."""
+    if isinstance(t, int):
+        return t
+    if isinstance(t, str):
+        t = datetime.fromisoformat(t)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp()) * 1_000_000 + t.microsecond
+
+
+def iso(us: int) -> str:
+    """Epoch microseconds as ISO 8601 in UTC, to the second (for logs and artifacts)."""
+    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,191 @@
+"""Connection settings, read in one place.
+
+Every setting comes from an environment variable with a local default that matches the
+no-Docker stack (``python -m stack up``). Deployments override them with Prefect blocks
+(see ``blocks/``), which resolve to the same ``Settings``. Validation names the variable
+that is wrong, so a typo fails at start-up rather than as a timeout deep in a flow.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULTS: dict[str, str] = {
+    "TAPELINE_HOME": str(PROJECT_ROOT / ".tapeline"),
+    "TAPELINE_KAFKA_BOOTSTRAP": "127.0.0.1:19092",
+    "TAPELINE_KAFKA_SECURITY_PROTOCOL": "PLAINTEXT",
+    "TAPELINE_KAFKA_SASL_MECHANISM": "",
+    "TAPELINE_KAFKA_USERNAME": "",
+    "TAPELINE_KAFKA_PASSWORD": "",
+    "TAPELINE_TOPIC_PARTITIONS": "6",
+    "TAPELINE_TOPIC_REPLICATION": "1",
+    "TAPELINE_TOPIC_RETENTION_HOURS": "168",
+    "TAPELINE_PG_DSN": "postgresql://tapeline:tapeline@127.0.0.1:15432/tapeline",
+    "TAPELINE_MONGO_URL": "mongodb://127.0.0.1:27117/",
+    "TAPELINE_MONGO_DB": "tapeline",
+    "TAPELINE_METRICS_PORT": "9108",
+    "TAPELINE_PUSHGATEWAY_URL": "",
+    "TAPELINE_SIMULATOR_URL": "http://127.0.0.1:18765",
+    "TAPELINE_SIMULATOR_RATE": "200",
+    "TAPELINE_CODE_DIR": str(PROJECT_ROOT),
+    "TAPELINE_CACHE": str(Path.home() / ".cache" / "tapeline"),
+    "TAPELINE_DRAIN_FAULT": "",
+    "PREFECT_API_URL": "http://127.0.0.1:14200/api",
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap: list[str]
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    username: str = ""
+    password: str = ""
+
+    def client_kwargs(self) -> dict[str, object]:
+        """kafka-python keyword arguments shared by producers, consumers and admin."""
+        kw: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kw |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.username,
+                "sasl_plain_password": self.password,
+            }
+        return kw
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    partitions: int
+    replication: int
+    retention_hours: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    kafka: KafkaSettings
+    topics: TopicSettings
+    pg_dsn: str
+    mongo_url: str
+    mongo_db: str
+    metrics_port: int
+    simulator_url: str
+    prefect_api_url: str
+    pushgateway_url: str = ""  # empty: drain runs push no metrics
+    simulator_rate: int = 200  # trades/s per symbol of the platform's simulator
+    code_dir: Path = PROJECT_ROOT  # where workers find the code (prefect.yaml pull step)
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _get(env: dict[str, str], name: str) -> str:
+    value = env.get(name, DEFAULTS[name]).strip()
+    return value
+
+
+def _int(env: dict[str, str], name: str, low: int, high: int) -> int:
+    raw = _get(env, name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value}: expected {low}..{high}")
+    return value
+
+
+def _url(env: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
+    raw = _get(env, name)
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"{name}={_redact(raw)!r}: expected a {'/'.join(schemes)} URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(f"{name}={_redact(raw)!r}: malformed port") from None
+    return raw
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _bootstrap(env: dict[str, str]) -> list[str]:
+    name = "TAPELINE_KAFKA_BOOTSTRAP"
+    servers = [s.strip() for s in _get(env, name).split(",") if s.strip()]
+    if not servers:
+        raise ConfigError(f"{name}: empty")
+    for s in servers:
+        host, _, port = s.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{name}: {s!r} is not host:port")
+    return servers
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    """Settings from the environment (or ``env``), validated."""
+    env = dict(os.environ if env is None else env)
+    protocol = _get(env, "TAPELINE_KAFKA_SECURITY_PROTOCOL").upper()
+    if protocol not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+        raise ConfigError(f"TAPELINE_KAFKA_SECURITY_PROTOCOL={protocol!r}: unknown protocol")
+    mechanism = _get(env, "TAPELINE_KAFKA_SASL_MECHANISM").upper()
+    if protocol.startswith("SASL") and not mechanism:
+        raise ConfigError("TAPELINE_KAFKA_SASL_MECHANISM: required with a SASL protocol")
+    password = _get(env, "TAPELINE_KAFKA_PASSWORD")
+    if mechanism and not password:
+        raise ConfigError("TAPELINE_KAFKA_PASSWORD: required with SASL")
+    pg_dsn = _url(env, "TAPELINE_PG_DSN", ("postgresql", "postgres"))
+    if urlsplit(pg_dsn).password is None and "PGPASSWORD" not in env:
+        raise ConfigError("TAPELINE_PG_DSN: no password (put it in the URL or PGPASSWORD)")
+    return Settings(
+        home=Path(_get(env, "TAPELINE_HOME")),
+        kafka=KafkaSettings(
+            bootstrap=_bootstrap(env),
+            security_protocol=protocol,
+            sasl_mechanism=mechanism,
+            username=_get(env, "TAPELINE_KAFKA_USERNAME"),
+            password=password,
+        ),
+        topics=TopicSettings(
+            partitions=_int(env, "TAPELINE_TOPIC_PARTITIONS", 1, 1000),
+            replication=_int(env, "TAPELINE_TOPIC_REPLICATION", 1, 10),
+            retention_hours=_int(env, "TAPELINE_TOPIC_RETENTION_HOURS", -1, 24 * 3650),
+        ),
+        pg_dsn=pg_dsn,
+        mongo_url=_url(env, "TAPELINE_MONGO_URL", ("mongodb", "mongodb+srv")),
+        mongo_db=_get(env, "TAPELINE_MONGO_DB") or "tapeline",
+        metrics_port=_int(env, "TAPELINE_METRICS_PORT", 0, 65535),
+        simulator_url=_url(env, "TAPELINE_SIMULATOR_URL", ("http", "https")),
+        prefect_api_url=_url(env, "PREFECT_API_URL", ("http", "https")),
+        pushgateway_url=_get(env, "TAPELINE_PUSHGATEWAY_URL"),
+        simulator_rate=_int(env, "TAPELINE_SIMULATOR_RATE", 1, 1_000_000),
+        code_dir=Path(_get(env, "TAPELINE_CODE_DIR")),
+    )
+
+
+def cache_dir(env: dict[str, str] | None = None) -> Path:
+    """Where downloads and builds live (Kafka jars, FerretDB); they outlive any one
+    ``TAPELINE_HOME``. Read without validating the rest, so the stack can start first."""
+    return Path(_get(dict(os.environ if env is None else env), "TAPELINE_CACHE"))
+
+
+def drain_fault(env: dict[str, str] | None = None) -> str:
+    """``TAPELINE_DRAIN_FAULT=<point>:<n>``: a test's crash point (``tasks.drain.contract``)."""
+    return _get(dict(os.environ if env is None else env), "TAPELINE_DRAIN_FAULT")

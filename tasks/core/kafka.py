@@ -1,0 +1,63 @@
+"""The one place Kafka clients are made.
+
+Producer guarantees (kept here, not per caller): idempotent, ``acks=all``, at most 5
+requests in flight (the idempotent limit that still keeps per-partition order), lz4,
+unbounded retries within ``delivery_timeout_ms``. Callers count success only in the
+delivery callback/future, never when ``send`` returns.
+
+Consumers never auto-commit: a sink commits offsets only after its write is durable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+from tasks.core import config
+
+
+def _settings(settings: config.Settings | None) -> config.Settings:
+    return settings or config.load()
+
+
+def producer(settings: config.Settings | None = None, **overrides: Any) -> KafkaProducer:
+    kw: dict[str, Any] = {
+        **_settings(settings).kafka.client_kwargs(),
+        "enable_idempotence": True,
+        "acks": "all",
+        "max_in_flight_requests_per_connection": 5,
+        "compression_type": "lz4",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "delivery_timeout_ms": 120_000,
+        "request_timeout_ms": 30_000,
+        "client_id": "tapeline",
+    }
+    kw.update(overrides)
+    return KafkaProducer(**kw)
+
+
+def consumer(
+    group_id: str | None, settings: config.Settings | None = None, **overrides: Any
+) -> KafkaConsumer:
+    """An unsubscribed consumer: callers ``assign`` or ``subscribe`` themselves."""
+    kw: dict[str, Any] = {
+        **_settings(settings).kafka.client_kwargs(),
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": 5000,
+        "fetch_max_bytes": 50 * 1024 * 1024,
+        "max_partition_fetch_bytes": 8 * 1024 * 1024,
+        "client_id": "tapeline",
+    }
+    kw.update(overrides)
+    return KafkaConsumer(**kw)
+
+
+def admin(settings: config.Settings | None = None, **overrides: Any) -> KafkaAdminClient:
+    kw = {**_settings(settings).kafka.client_kwargs(), "client_id": "tapeline-admin"}
+    kw.update(overrides)
+    return KafkaAdminClient(**kw)

@@ -1,0 +1,94 @@
+"""Every Prometheus metric Tapeline exports, defined once.
+
+Dashboards and alert rules reference these names; ``tests/telemetry/test_monitoring.py`` checks
+that every query names a metric defined here. The first four keep the names of the
+Distributed-Financial-Data-Platform reference project so its dashboards carry over, but
+here "publish success" means the broker acknowledged, never merely queued.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_SHARD = ("venue", "shard")
+
+# Ingestion (flows/ingest.py)
+VENDOR_FETCH_SUCCESS = Counter(
+    "vendor_fetch_success", "Frames received from the venue and parsed", _SHARD
+)
+VENDOR_FETCH_FAILURE = Counter(
+    "vendor_fetch_failure", "Frames that failed to parse or validate (sent to the DLQ)", _SHARD
+)
+KAFKA_PUBLISH_SUCCESS = Counter(
+    "kafka_publish_success", "Events acknowledged by the Kafka broker", _SHARD
+)
+KAFKA_PUBLISH_FAILURE = Counter(
+    "kafka_publish_failure", "Events the broker did not acknowledge in time", _SHARD
+)
+RECONNECTS = Counter(
+    "tapeline_ws_reconnects", "WebSocket reconnects by cause", ("venue", "shard", "reason")
+)
+GAPS_FOUND = Counter("tapeline_gaps_found", "Trade-id gaps observed", ("venue", "symbol"))
+GAPS_REPAIRED = Counter(
+    "tapeline_gaps_repaired", "Trade-id gaps filled from REST history", ("venue", "symbol")
+)
+TRADES_REPAIRED = Counter(
+    "tapeline_trades_repaired", "Trades published from REST history", ("venue", "symbol")
+)
+DUPLICATES_DROPPED = Counter(
+    "tapeline_duplicates_dropped", "Trades already published in this run", ("venue", "symbol")
+)
+INFLIGHT = Gauge("tapeline_inflight_messages", "Events sent but not yet acknowledged", ("venue",))
+LAST_MESSAGE = Gauge(
+    "tapeline_last_message_timestamp_seconds", "When the last frame arrived", _SHARD
+)
+VENUE_LAG = Gauge(
+    "tapeline_venue_lag_seconds", "Receive time minus venue event time, last frame", ("venue",)
+)
+EVENT_TO_ACK = Histogram(
+    "tapeline_event_to_ack_seconds",
+    "Venue event time to Kafka acknowledgement",
+    ("venue", "channel"),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Everything that writes to the DLQ
+DLQ_RECORDS = Counter("tapeline_dlq_records", "Records sent to the DLQ", ("source",))
+
+# Drains (flows/drain.py)
+DRAIN_ROWS = Counter("tapeline_drain_rows", "Rows newly written", ("sink", "table"))
+DRAIN_DUPLICATES = Counter(
+    "tapeline_drain_duplicates", "Rows skipped as already stored", ("sink", "table")
+)
+DRAIN_REJECTS = Counter("tapeline_drain_rejects", "Records sent to the DLQ", ("sink", "topic"))
+DRAIN_BATCH_SECONDS = Histogram(
+    "tapeline_drain_batch_seconds",
+    "Time to write and commit one batch",
+    ("sink",),
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+DRAIN_LAST_SUCCESS = Gauge(
+    "tapeline_drain_last_success_timestamp_seconds", "End of the last successful drain", ("flow",)
+)
+CONSUMER_LAG = Gauge(
+    "tapeline_consumer_lag", "Records behind the log end", ("group", "topic", "partition")
+)
+FRESHNESS = Gauge(
+    "tapeline_freshness_seconds", "Age of the newest stored trade", ("venue", "symbol")
+)
+
+# The exporter (tasks/telemetry/exporter.py), besides lag and freshness above
+FLOW_RUNS_FAILED = Gauge(
+    "tapeline_flow_runs_failed",
+    "Flow runs that ended Failed or Crashed in the exporter's window (default 1 h)",
+    ("flow", "state"),
+)
+EXPORTER_ERRORS = Counter(
+    "tapeline_exporter_errors", "Exporter probes that could not reach their source", ("probe",)
+)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Expose this process's metrics over HTTP (port 0: do not serve)."""
+    if port:
+        start_http_server(port, addr)

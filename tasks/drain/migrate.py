@@ -1,0 +1,101 @@
+"""Versioned PostgreSQL migrations, applied idempotently.
+
+``python -m tasks.drain.migrate [--schema NAME]`` (and every drain on start) applies the
+``migrations/NNNN_*.sql`` files not yet recorded in ``schema_migrations``, in order, in one
+transaction under an advisory lock, so concurrent runs neither race nor half-apply. An
+applied file whose text changed is an error: history is fixed, add a new version instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.core import config
+from tasks.core.pg import connect
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+
+
+class MigrationError(RuntimeError):
+    """The migration files or the recorded history are inconsistent."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available(folder: Path = MIGRATIONS) -> list[Migration]:
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        m = _NAME.fullmatch(path.name)
+        if m is None:
+            raise MigrationError(f"{path.name}: expected NNNN_lowercase_name.sql")
+        found.append(Migration(int(m.group(1)), path.stem, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions in {folder}")
+    return found
+
+
+def migrate(dsn: str, schema: str = "public", folder: Path = MIGRATIONS) -> list[str]:
+    """Apply pending migrations to ``schema``; returns the names applied (maybe none)."""
+    pending = available(folder)
+    conn = connect(dsn, schema, create_schema=True)
+    try:
+        with conn, conn.cursor() as cur:
+            # Per-schema lock: a second migrator waits here, then finds nothing to do.
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('tapeline.migrate.' || %s))", (schema,)
+            )
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT version, name, checksum FROM schema_migrations")
+            done = {v: (name, checksum) for v, name, checksum in cur.fetchall()}
+            applied = []
+            for m in pending:
+                if m.version in done:
+                    if done[m.version][1] != m.checksum:
+                        raise MigrationError(
+                            f"{m.name} changed after it was applied to schema {schema!r}"
+                        )
+                    continue
+                cur.execute(m.sql)
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (m.version, m.name, m.checksum),
+                )
+                applied.append(m.name)
+            return applied
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tasks.drain.migrate", description=__doc__)
+    ap.add_argument("--schema", default="public")
+    args = ap.parse_args(argv)
+    applied = migrate(config.load().pg_dsn, args.schema)
+    for name in applied:
+        print(f"applied  {name}")
+    print(f"schema {args.schema!r} is up to date ({len(applied)} applied now)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The ingestion machinery ``flows/ingest.py`` runs: venue frames in, Kafka messages out.
+
+One ``ShardWorker`` per WebSocket shard, each in its own thread: its ``Connection`` reads
+frames, the venue adapter parses them in that same thread, bad frames go to the DLQ,
+trades of sequential-id venues pass through the shard's ``GapTracker``, and every event
+is published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
+imports Prefect; the flow decides which steps show up as Prefect tasks.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tasks import venues
+from tasks.core import config
+from tasks.core.events import Trade
+from tasks.core.kafka import producer
+from tasks.core.metrics import INFLIGHT, VENDOR_FETCH_FAILURE, VENDOR_FETCH_SUCCESS, VENUE_LAG
+from tasks.ingest.gaps import GapTracker
+from tasks.ingest.publish import PRODUCER_TUNING, Lane, Publisher, Topics
+from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
+from tasks.venues.connection import Connection, ConnectionPolicy
+
+log = logging.getLogger(__name__)
+CHANNELS = ("trades", "quotes")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ingestion run connects to: checked before anything is opened."""
+
+    venue: str
+    config: VenueConfig
+    symbols: tuple[str, ...]
+    channels: tuple[str, ...]
+    shards: tuple[tuple[str, ...], ...]
+
+    def adapter(self) -> Venue:
+        """A fresh adapter (each shard has its own: adapters keep a symbol map)."""
+        return venues.venue(self.venue, self.config)
+
+    @property
+    def repairs_gaps(self) -> bool:
+        return "trades" in self.channels and venues.spec(self.venue).sequential_ids
+
+
+def plan(
+    venue: str,
+    symbols: list[str],
+    channels: list[str],
+    shard_size: int | None = None,
+    simulator_url: str | None = None,
+) -> Plan:
+    """Validate the configuration; raises ValueError naming what is wrong."""
+    cfg = venues.venue_config(venue, simulator_url)
+    adapter = venues.venue(venue, cfg)
+    chans = tuple(dict.fromkeys(channels))
+    unknown = [c for c in chans if c not in adapter.channels]
+    if not chans or unknown:
+        raise ValueError(f"channels must be among {adapter.channels}, got {list(channels)}")
+    canonical = []
+    for s in symbols:
+        adapter.to_venue_symbol(s)  # raises ValueError for a malformed symbol
+        canonical.append(s.upper())
+    if not canonical:
+        raise ValueError("no symbols to ingest")
+    shards = adapter.shards(canonical, list(chans), shard_size)  # type: ignore[attr-defined]
+    return Plan(venue, cfg, tuple(dict.fromkeys(canonical)), chans, tuple(map(tuple, shards)))
+
+
+class ShardWorker:
+    """One WebSocket shard from frame to publish; runs in its own thread."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        index: int,
+        lane: Lane,
+        run_id: str,
+        policy: ConnectionPolicy,
+        last_ids: dict[str, int],
+    ):
+        self.plan = plan
+        self.index = index
+        self.shard = str(index)
+        self.lane = lane
+        self.run_id = run_id
+        self.symbols = list(plan.shards[index])
+        self.adapter = plan.adapter()
+        name = plan.config.name
+        self.source = f"ingest.{name}"
+        self.lag_us = 0
+        self.bad_frames = 0
+        self.venue_errors = 0
+        self._ok = VENDOR_FETCH_SUCCESS.labels(venue=name, shard=self.shard)
+        self._bad = VENDOR_FETCH_FAILURE.labels(venue=name, shard=self.shard)
+        self.tracker: GapTracker | None = None
+        history = venues.gap_history(plan.venue, plan.config) if "trades" in plan.channels else None
+        if history is not None:
+            mine = {s: i for s, i in last_ids.items() if s in self.symbols}
+            self.tracker = GapTracker(name, history, lane.publish, mine)
+        self.connection = Connection(
+            self.adapter,
+            self.symbols,
+            list(plan.channels),
+            self.on_frame,
+            shard=self.shard,
+            policy=policy,
+            on_connect=self.on_connect,
+        )
+
+    def run(self) -> dict[str, Any]:
+        """Stream until ``stop``; returns this shard's counts."""
+        self.connection.run()
+        return self.counts()
+
+    def stop(self) -> None:
+        self.connection.stop()
+
+    def on_connect(self) -> None:
+        if self.tracker is not None:
+            self.tracker.after_connect(self.symbols)
+
+    def on_frame(self, raw: bytes, recv_us: int) -> None:
+        lane = self.lane
+        if lane.has_failures:
+            self._recover()
+        try:
+            parsed = self.adapter.parse(raw, recv_us)
+        except FeedError as e:
+            self.bad_frames += 1
+            self._bad.inc()
+            lane.dead_letter(
+                self.source, e.reason, raw,
+                venue=self.plan.config.name, shard=self.shard, run=self.run_id, recv_us=recv_us,
+            )  # fmt: skip
+            return
+        self._ok.inc()
+        if parsed.control is not None:
+            self._control(parsed)
+            return
+        tracker = self.tracker
+        for event in parsed.events:
+            if type(event) is Trade:
+                self.lag_us = recv_us - event.event_us
+                if tracker is not None:
+                    tracker.on_trade(event)
+                    continue
+            lane.publish(event)
+
+    def _control(self, parsed: Parsed) -> None:
+        if parsed.control == "server_shutdown":
+            log.info(
+                "%s shard %s: venue is shutting down (%s)", self.source, self.shard, parsed.detail
+            )
+            self.connection.request_reconnect("server_shutdown")
+        elif parsed.control == "error":
+            self.venue_errors += 1
+            log.warning("%s shard %s: venue error: %s", self.source, self.shard, parsed.detail)
+
+    def _recover(self) -> None:
+        """Kafka refused some messages for good: once every outcome is known, resend
+        failed DLQ records and rewind the gap tracker to before the first failed trade.
+        (After a fatal producer error there is nothing to do: the ingestion stops.)"""
+        publisher = self.lane.publisher
+        if publisher.fatal is not None:
+            return
+        publisher.flush()
+        failed = self.lane.take_failed()
+        if failed and self.tracker is not None:
+            self.tracker.rewind(failed)
+
+    def counts(self) -> dict[str, Any]:
+        t = self.tracker
+        lane, conn = self.lane, self.connection
+        return {
+            "shard": self.shard,
+            "symbols": len(self.symbols),
+            "frames": conn.frames,
+            "bad_frames": self.bad_frames,
+            "venue_errors": self.venue_errors,
+            "sent": lane.sent,
+            "acked": lane.acked,
+            "failed": lane.failed,
+            "dead_letters": lane.dead_letters,
+            "connects": conn.connects,
+            "reconnects": dict(conn.reconnects),
+            "duplicates_dropped": t.duplicates if t else 0,
+            "gaps_found": t.gaps_found if t else 0,
+            "gaps_repaired": t.gaps_repaired if t else 0,
+            "gaps_given_up": t.gaps_given_up if t else 0,
+            "trades_repaired": t.trades_repaired if t else 0,
+        }
+
+
+ShardRunner = Callable[[ShardWorker], Any]
+_SUMMED = (
+    "frames", "bad_frames", "venue_errors", "sent", "acked", "failed", "dead_letters",
+    "connects", "duplicates_dropped", "gaps_found", "gaps_repaired", "gaps_given_up",
+    "trades_repaired",
+)  # fmt: skip
+
+
+class Ingestion:
+    """Every shard of one venue over one shared producer."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        settings: config.Settings,
+        *,
+        run_id: str,
+        topics: Topics | None = None,
+        max_in_flight: int = 10_000,
+        policy: ConnectionPolicy | None = None,
+        last_ids: dict[str, int] | None = None,
+    ):
+        self.plan = plan
+        self.run_id = run_id
+        self.publisher = Publisher(
+            producer(settings, **PRODUCER_TUNING),
+            plan.config.name,
+            topics,
+            max_in_flight,
+            lanes=len(plan.shards),
+        )
+        policy = policy or ConnectionPolicy()
+        self.workers = [
+            ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_ids or {})
+            for i in range(len(plan.shards))
+        ]
+        self.errors: list[tuple[int, BaseException]] = []
+        self._threads: list[threading.Thread] = []
+        self._started = time.monotonic()
+        self._last_progress = (self._started, 0, 0)
+        self._inflight = INFLIGHT.labels(venue=plan.config.name)
+        self._lag = VENUE_LAG.labels(venue=plan.config.name)
+
+    def start(self, run_shard: ShardRunner = ShardWorker.run) -> None:
+        """One thread per shard, each running ``run_shard(worker)`` in a copy of the
+        caller's context (so Prefect tasks called there belong to the flow run)."""
+        for w in self.workers:
+            ctx = contextvars.copy_context()
+            t = threading.Thread(
+                target=ctx.run,
+                args=(self._guard, run_shard, w),
+                name=f"{self.plan.config.name}-shard-{w.shard}",
+                daemon=True,
+            )
+            t.start()
+            self._threads.append(t)
+
+    def _guard(self, run_shard: ShardRunner, worker: ShardWorker) -> None:
+        try:
+            run_shard(worker)
+        except BaseException as e:  # surfaced by `alive` and the report, never swallowed
+            if not worker.connection.stopped:
+                log.exception("%s shard %s died", self.plan.config.name, worker.shard)
+            self.errors.append((worker.index, e))
+
+    @property
+    def alive(self) -> bool:
+        """True while every shard thread runs and the producer can still deliver."""
+        return (
+            all(t.is_alive() for t in self._threads)
+            and not self.errors
+            and self.publisher.fatal is None
+        )
+
+    def update_gauges(self) -> tuple[float, int]:
+        """Set the venue-lag and in-flight gauges (the flow does this every second)."""
+        lag_s = max((w.lag_us for w in self.workers), default=0) / 1e6
+        inflight = self.publisher.in_flight
+        self._lag.set(lag_s)
+        self._inflight.set(inflight)
+        return lag_s, inflight
+
+    def progress(self) -> str:
+        """One line for the log: rates since the last call, lag, reconnects, in-flight."""
+        now = time.monotonic()
+        frames = sum(w.connection.frames for w in self.workers)
+        acked = sum(w.lane.acked for w in self.workers)
+        t0, f0, a0 = self._last_progress
+        self._last_progress = (now, frames, acked)
+        dt = max(now - t0, 1e-9)
+        lag_s, inflight = self.update_gauges()
+        reconnects = sum(sum(w.connection.reconnects.values()) for w in self.workers)
+        p = self.publisher.latency.percentiles(0.5, 0.99)
+        self.publisher.latency.reset()
+        latency = f", event->ack p50 {p[0]:.1f} ms p99 {p[1]:.1f} ms" if p else ""
+        dlq = sum(w.lane.dead_letters for w in self.workers)
+        repaired = sum(w.tracker.trades_repaired for w in self.workers if w.tracker)
+        return (
+            f"{self.plan.config.name}: {(frames - f0) / dt:.0f} frames/s in, "
+            f"{(acked - a0) / dt:.0f} msg/s acked, lag {lag_s * 1000:.0f} ms{latency}, "
+            f"reconnects {reconnects}, in-flight {inflight}/{self.publisher.max_in_flight}, "
+            f"dlq {dlq}, repaired {repaired}"
+        )
+
+    def stop(self, flush_timeout_s: float = 30.0, join_timeout_s: float = 15.0) -> dict[str, Any]:
+        """Stop reading, flush the producer, close sockets; returns the run's report."""
+        for w in self.workers:
+            w.stop()
+        self.publisher.stop_waiting()  # wake readers blocked on a full in-flight buffer
+        for t in self._threads:
+            t.join(join_timeout_s)
+        unresolved = self.publisher.close(flush_timeout_s)
+        self._inflight.set(self.publisher.in_flight)
+        return self.report(unresolved)
+
+    def last_ids(self) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for w in self.workers:
+            if w.tracker is not None:
+                ids.update(w.tracker.last)
+        return ids
+
+    def report(self, unresolved: int | None = None) -> dict[str, Any]:
+        shards = [w.counts() for w in self.workers]
+        totals = {k: sum(s[k] for s in shards) for k in _SUMMED}
+        reconnects: Counter[str] = Counter()
+        for s in shards:
+            reconnects.update(s["reconnects"])
+        return {
+            "run_id": self.run_id,
+            "venue": self.plan.config.name,
+            "symbols": list(self.plan.symbols),
+            "channels": list(self.plan.channels),
+            "seconds": round(time.monotonic() - self._started, 3),
+            **totals,
+            "reconnects": dict(reconnects),
+            "unresolved_at_exit": unresolved,
+            "peak_in_flight": self.publisher.peak_in_flight,
+            "max_in_flight": self.publisher.max_in_flight,
+            "shard_errors": [f"shard {i}: {e!r}" for i, e in self.errors],
+            "producer_error": repr(self.publisher.fatal) if self.publisher.fatal else None,
+            "last_trade_ids": self.last_ids(),
+            "shards": shards,
+        }

@@ -1,0 +1,105 @@
+"""What every venue adapter provides; the connection logic lives once, elsewhere.
+
+An adapter is pure: it builds subscribe frames and turns raw frames into normalised
+events. It never touches sockets, Kafka or clocks (``recv_us`` is passed in), so the
+same adapter serves live ingestion, tests on fixtures and the simulator's client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tasks.core.codec import CodecError
+from tasks.core.events import Quote, Trade
+
+
+class FeedError(CodecError):
+    """A frame that cannot be parsed or fails validation; ``reason`` goes to the DLQ."""
+
+
+@dataclass(frozen=True, slots=True)
+class VenueConfig:
+    """Where a venue lives. Pointing ``ws_url``/``rest_url`` at the simulator is the only
+    difference between a test run and production."""
+
+    name: str  # e.g. binance, binanceus, coinbase, kraken
+    ws_url: str
+    rest_url: str
+    max_streams_per_connection: int = 1024
+    max_connection_lifetime_s: float = 24 * 3600
+    subscribe_rate_per_s: float = 5.0
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What one raw frame meant: events (possibly many), or a control frame.
+
+    ``control`` is None for data frames, else a short tag: 'ack', 'heartbeat', 'pong',
+    'server_shutdown', 'error' (with ``detail``).
+    """
+
+    events: list[Trade | Quote] = field(default_factory=list)
+    control: str | None = None
+    detail: str = ""
+
+
+class Venue(Protocol):
+    config: VenueConfig
+    channels: tuple[str, ...]  # supported: 'trades', 'quotes'
+
+    def to_venue_symbol(self, symbol: str) -> str: ...
+
+    def to_canonical(self, venue_symbol: str) -> str: ...
+
+    def connection_url(self, symbols: list[str], channels: list[str]) -> str:
+        """URL of one connection carrying ``symbols`` (one shard)."""
+        ...
+
+    def subscribe_frames(self, symbols: list[str], channels: list[str]) -> list[str]:
+        """Frames to send after connecting (empty when the URL subscribes)."""
+        ...
+
+    def parse(self, raw: str | bytes, recv_us: int) -> Parsed:
+        """Raise FeedError (with a reason) for a malformed or invalid frame."""
+        ...
+
+
+class TradeHistory(Protocol):
+    """REST trade history by time: what backfill needs of every venue."""
+
+    def trades_by_time(self, symbol: str, start_us: int, end_us: int) -> Iterable[Trade]: ...
+
+
+class IdHistory(TradeHistory, Protocol):
+    """REST trade history by id, for venues whose trade ids are contiguous per symbol:
+    what gap repair needs."""
+
+    def historical_trades(
+        self, symbol: str, from_id: int | None = None, limit: int = 1000
+    ) -> list[Trade]: ...
+
+    def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterable[Trade]: ...
+
+
+@dataclass(frozen=True)
+class VenueSpec:
+    """Everything the platform knows about one venue, in its registry entry
+    (``tasks.venues.REGISTRY``). Ingestion, gap repair, backfill and the simulator ask
+    this, never the adapter's class.
+
+    ``rest`` builds the venue's REST history client from a config and an ``Http``;
+    ``sequential_ids``: trade ids are contiguous per symbol, so a hole is detected live
+    and repaired from ``rest`` by id before the next trade is published; ``klines``: the
+    REST client serves venue candles (``klines(symbol, interval, start_us, end_us)``).
+    """
+
+    name: str
+    config: VenueConfig
+    adapter: Callable[[VenueConfig], Venue]
+    rest: Callable[[VenueConfig, Any], TradeHistory]
+    rest_interval_s: float = 0.0  # default pause between REST requests
+    simulator_ws_path: str = ""  # where the local simulator serves this protocol
+    sequential_ids: bool = False
+    klines: bool = False

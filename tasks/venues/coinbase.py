@@ -1,0 +1,232 @@
+"""Coinbase Advanced Trade market-data WebSocket: ``market_trades`` and ``ticker``.
+
+One subscribe frame per channel (plus ``heartbeats``, which keeps quiet products'
+connections from being closed). Frames are ``{"channel", "timestamp", "sequence_num",
+"events": [...]}``; product ids are already canonical ('BTC-USD').
+
+Trade side: Coinbase documents the ``side`` of its public trades (Exchange ``match``
+messages and product trades) as the *maker* order's side: "buy" is a down-tick where a
+resting buy was hit. The Advanced Trade ``market_trades`` reference does not restate
+it, and its trades come from the same matching engine, so we read it the same way and
+flip it: our Trade.side is the taker's. ``SIDE_IS_MAKER`` holds that one decision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+from tasks.core.events import Quote, Trade
+from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
+from tasks.venues.http import Http, RestError, now_us
+from tasks.venues.parsing import (
+    Adapter,
+    bad_rows,
+    build,
+    decimal_text,
+    loads,
+    missing_fields,
+    rfc3339_to_us,
+)
+
+CONFIG = VenueConfig("coinbase", "wss://advanced-trade-ws.coinbase.com", "https://api.coinbase.com")
+REST_INTERVAL_S = 0.1  # seconds between public REST requests (the venue's limit)
+CHANNELS: dict[str, str] = {"trades": "market_trades", "quotes": "ticker"}
+SIDE_IS_MAKER = True
+_TAKER_SIDE = {"BUY": "sell", "SELL": "buy"} if SIDE_IS_MAKER else {"BUY": "buy", "SELL": "sell"}
+
+
+def trade_id(venue: str, v: Any) -> int:
+    """Coinbase trade ids are decimal digit strings ('000000123' or '123')."""
+    if type(v) is int:
+        return v
+    if type(v) is str and v.isascii() and v.isdigit():
+        return int(v)
+    raise FeedError(f"{venue}: trade_id: expected digits, got {v!r:.60}")
+
+
+def taker_side(venue: str, v: Any) -> str:
+    try:
+        return _TAKER_SIDE[v.upper()]
+    except (KeyError, AttributeError):
+        raise FeedError(f"{venue}: side: unknown side {v!r:.60}") from None
+
+
+class Coinbase(Adapter):
+    """Venue adapter for Coinbase Advanced Trade; pure (no sockets, no clock)."""
+
+    symbol_field, symbol_kind = "product_id", "product id"
+
+    def __init__(self, config: VenueConfig | None = None):
+        super().__init__(config or CONFIG)
+
+    def to_venue_symbol(self, symbol: str) -> str:
+        return self._check(symbol.upper())
+
+    def to_canonical(self, venue_symbol: str) -> str:
+        return self._check(venue_symbol.upper())
+
+    def _check(self, symbol: str) -> str:
+        base, sep, quote = symbol.partition("-")
+        if not base or not sep or not quote or "-" in quote:
+            raise ValueError(f"{self.name}: not a product id: {symbol!r:.40}")
+        return symbol
+
+    def connection_url(self, symbols: list[str], channels: list[str]) -> str:
+        return self.config.ws_url
+
+    def subscribe_frames(self, symbols: list[str], channels: list[str]) -> list[str]:
+        """One frame per channel, then ``heartbeats``; send at config.subscribe_rate_per_s."""
+        products = [self.to_venue_symbol(s) for s in symbols]
+        names = []
+        for c in channels:
+            if c not in CHANNELS:
+                raise ValueError(f"{self.name}: unknown channel {c!r}")
+            names.append(CHANNELS[c])
+        return [
+            json.dumps({"type": "subscribe", "product_ids": products, "channel": name})
+            for name in [*names, "heartbeats"]
+        ]
+
+    def parse(self, raw: str | bytes, recv_us: int) -> Parsed:
+        msg = loads(self.name, raw)
+        if type(msg) is not dict:
+            raise FeedError(f"{self.name}: expected a JSON object, got {type(msg).__name__}")
+        channel = msg.get("channel")
+        if channel == "market_trades":
+            events = self._events(msg)
+            return Parsed(
+                [self._trade(t, recv_us) for ev in events for t in self._list(ev, "trades")]
+            )
+        if channel == "ticker":
+            return self._tickers(msg, recv_us)
+        if channel == "heartbeats":
+            events = self._events(msg)
+            counter = events[0].get("heartbeat_counter") if events else None
+            return Parsed(control="heartbeat", detail=f"counter={counter}")
+        if channel == "subscriptions":
+            events = self._events(msg)
+            subs = events[0].get("subscriptions") if events else None
+            return Parsed(control="ack", detail=json.dumps(subs, default=str)[:500])
+        if msg.get("type") == "error":
+            return Parsed(control="error", detail=str(msg.get("message"))[:500])
+        raise FeedError(f"{self.name}: unknown frame, channel {channel!r:.40}")
+
+    def _events(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._list(msg, "events")
+        for ev in events:
+            if type(ev) is not dict:
+                raise FeedError(f"{self.name}: events[]: expected an object, got {ev!r:.60}")
+        return events
+
+    def _list(self, obj: dict[str, Any], field: str) -> list[Any]:
+        v = obj.get(field)
+        if type(v) is not list:
+            raise FeedError(f"{self.name}: {field}: expected an array, got {v!r:.60}")
+        return v
+
+    def _trade(self, t: Any, recv_us: int) -> Trade:
+        if type(t) is not dict:
+            raise FeedError(f"{self.name}: trades[]: expected an object, got {t!r:.60}")
+        with missing_fields(self.name, "market_trades"):
+            product = t["product_id"]
+            wire = {
+                "v": 1, "t": "trade", "venue": self.name, "symbol": self._symbol(product),
+                "venue_symbol": product, "trade_id": trade_id(self.name, t["trade_id"]),
+                "price": self._dec(t, "price"), "qty": self._dec(t, "size"),
+                "side": taker_side(self.name, t["side"]),
+                "event_us": rfc3339_to_us(self.name, "time", t["time"]), "recv_us": recv_us,
+            }  # fmt: skip
+        return build(self.name, "market_trades", wire)
+
+    def _tickers(self, msg: dict[str, Any], recv_us: int) -> Parsed:
+        seq = msg.get("sequence_num")
+        event_us = rfc3339_to_us(self.name, "timestamp", msg.get("timestamp"))
+        quotes: list[Trade | Quote] = []
+        for ev in self._events(msg):
+            for t in self._list(ev, "tickers"):
+                if type(t) is not dict:
+                    raise FeedError(f"{self.name}: tickers[]: expected an object, got {t!r:.60}")
+                with missing_fields(self.name, "ticker"):
+                    product = t["product_id"]
+                    wire = {
+                        "v": 1, "t": "quote", "venue": self.name,
+                        "symbol": self._symbol(product), "venue_symbol": product,
+                        "update_id": seq,
+                        "bid_price": self._dec(t, "best_bid"),
+                        "bid_qty": self._dec(t, "best_bid_quantity"),
+                        "ask_price": self._dec(t, "best_ask"),
+                        "ask_qty": self._dec(t, "best_ask_quantity"),
+                        "event_us": event_us, "recv_us": recv_us,
+                    }  # fmt: skip
+                quotes.append(build(self.name, "ticker", wire))
+        return Parsed(quotes)
+
+
+
+class CoinbaseRest:
+    """Coinbase Advanced Trade public trades,
+    ``/api/v3/brokerage/market/products/{id}/ticker?limit=&start=&end=``.
+
+    Limits: each call returns the newest ``limit`` trades (1000 here) between ``start``
+    and ``end`` in whole UNIX seconds, so history is walked backwards; more than
+    ``limit`` trades inside one second cannot be paged past and raise RestError. Public
+    endpoints allow about 10 requests per second, hence the 0.1 s pacing.
+    """
+
+    def __init__(self, config: VenueConfig | None = None, http: Http | None = None):
+        self.venue = Coinbase(config)
+        self.name = self.venue.config.name
+        self.http = http or Http(self.venue.config.rest_url, min_interval_s=REST_INTERVAL_S)
+
+    def trades_by_time(
+        self, symbol: str, start_us: int, end_us: int, limit: int = 1000
+    ) -> Iterator[Trade]:
+        """Trades with start_us <= time < end_us, newest pages first. Each next page ends
+        at the previous page's oldest second (which it may only partly hold), skipping
+        trades already yielded; whether ``end`` is inclusive is learned from the replies."""
+        product = self.venue.to_venue_symbol(symbol)
+        path = f"/api/v3/brokerage/market/products/{quote(product)}/ticker"
+        start_s, end_s = start_us // 1_000_000, -(-end_us // 1_000_000)
+        seen: dict[int, int] = {}  # trade id -> second, for the seconds the next page may repeat
+        end_inclusive = False
+        while True:
+            body = self.http.get_json(path, {"limit": limit, "start": start_s, "end": end_s})
+            rows = body.get("trades") if type(body) is dict else None
+            if type(rows) is not list:
+                raise RestError(f"{self.name} {path}: expected trades, got {str(body)[:200]}")
+            trades = [self._trade(r) for r in rows]
+            fresh = [t for t in trades if t.trade_id not in seen]
+            yield from (t for t in fresh if start_us <= t.event_us < end_us)
+            if len(rows) < limit:
+                return
+            if not fresh:
+                raise RestError(f"{self.name} {product}: over {limit} trades in one second")
+            seconds = {t.trade_id: t.event_us // 1_000_000 for t in trades}
+            end_inclusive = end_inclusive or end_s in seconds.values()
+            oldest = min(seconds.values())
+            seen = {i: s for i, s in (seen | seconds).items() if s >= oldest}
+            end_s = oldest if end_inclusive else oldest + 1
+
+    def _trade(self, r: Any) -> Trade:
+        with bad_rows(self.name, "rest trade", r):
+            product = r["product_id"]
+            wire = {
+                "v": 1, "t": "trade", "venue": self.name,
+                "symbol": self.venue.to_canonical(product), "venue_symbol": product,
+                "trade_id": trade_id(self.name, r["trade_id"]),
+                "price": decimal_text(self.name, "price", r["price"]),
+                "qty": decimal_text(self.name, "size", r["size"]),
+                "side": taker_side(self.name, r["side"]),
+                "event_us": rfc3339_to_us(self.name, "time", r["time"]),
+                "recv_us": now_us(self.http),
+            }  # fmt: skip
+        return build(self.name, "rest trade", wire)
+
+
+SPEC = VenueSpec(
+    "coinbase", CONFIG, Coinbase, CoinbaseRest, rest_interval_s=REST_INTERVAL_S,
+    simulator_ws_path="/coinbase",
+)  # fmt: skip

@@ -1,0 +1,136 @@
+"""The one polite HTTP client every venue's REST history uses.
+
+Standard library only (urllib). ``Http`` paces requests, slows down when Binance's
+used-weight header nears the limit, honours 429/418 ``Retry-After``, retries 5xx,
+timeouts and dropped connections with exponential backoff and full jitter, and raises
+``RestError`` after ``attempts`` tries. Every venue's REST client takes its base URL from
+``VenueConfig.rest_url``, so the same code talks to the venue or to the local simulator;
+rows become events through the same adapters and codec checks as WebSocket frames.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from http.client import HTTPException
+from typing import Any
+from urllib.error import HTTPError, URLError
+from urllib.parse import urlencode
+from urllib.request import Request, urlopen
+
+HOUR_US = 3_600_000_000
+
+
+class RestError(Exception):
+    """A request that failed for good; ``status`` is the last HTTP status, if any."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Http:
+    """GET JSON from one base URL, politely. ``sleep`` and ``clock`` are injectable so
+    tests can watch the waits without waiting."""
+
+    base_url: str
+    timeout_s: float = 10.0
+    attempts: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 300.0  # a longer ban (418) fails now rather than hanging
+    min_interval_s: float = 0.0
+    weight_limit: int = 6000  # Binance spot request weight per minute
+    weight_slowdown: float = 0.9  # at 90% of it, wait for the next minute
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.time
+    _next_at: float = field(default=0.0, init=False)
+
+    def get_json(
+        self,
+        path: str,
+        params: dict[str, Any] | None = None,
+        retry_on: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        """The decoded body (decimals exact). ``retry_on`` names an application-level
+        error worth retrying (e.g. Kraken's rate limit, sent with HTTP 200)."""
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        url = self.base_url.rstrip("/") + path + (f"?{query}" if query else "")
+        last, status = "", None
+        for attempt in range(self.attempts):
+            self._pace()
+            try:
+                request = Request(url, headers={"Accept": "application/json"})
+                with urlopen(request, timeout=self.timeout_s) as resp:
+                    body = resp.read()
+                    self._watch_weight(resp.headers)
+                data = _json(url, body)
+                last = retry_on(data) if retry_on else None
+                if not last:
+                    return data
+                delay = self._backoff(attempt)
+            except HTTPError as e:
+                status, detail = e.code, e.read()[:300].decode(errors="replace")
+                self._watch_weight(e.headers)
+                last = f"HTTP {e.code}: {detail}"
+                if e.code in (418, 429):
+                    delay = self._retry_after(e.headers.get("Retry-After"), attempt)
+                    if delay > self.max_retry_after_s:
+                        raise RestError(
+                            f"GET {url}: {last}; retry after {delay:.0f} s", e.code
+                        ) from None
+                elif e.code < 500:
+                    raise RestError(f"GET {url}: {last}", e.code) from None
+                else:
+                    delay = self._backoff(attempt)
+            except (URLError, TimeoutError, ConnectionError, HTTPException) as e:
+                last, delay = (
+                    f"{type(e).__name__}: {getattr(e, 'reason', e)}",
+                    self._backoff(attempt),
+                )
+            if attempt + 1 < self.attempts:
+                self.sleep(delay)
+        raise RestError(f"GET {url}: gave up after {self.attempts} attempts; last: {last}", status)
+
+    def _pace(self) -> None:
+        wait = self._next_at - self.clock()
+        if wait > 0:
+            self.sleep(wait)
+        self._next_at = max(self._next_at, self.clock() + self.min_interval_s)
+
+    def _watch_weight(self, headers: Any) -> None:
+        used = headers.get("X-MBX-USED-WEIGHT-1m") if headers else None
+        if used and used.isdigit() and int(used) >= self.weight_limit * self.weight_slowdown:
+            now = self.clock()
+            self._next_at = max(self._next_at, now - now % 60 + 60.5)  # weight resets each minute
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+    def _retry_after(self, value: str | None, attempt: int) -> float:
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                try:
+                    return max(0.0, parsedate_to_datetime(value).timestamp() - self.clock())
+                except (TypeError, ValueError):
+                    pass
+        return self._backoff(attempt)
+
+
+def _json(url: str, body: bytes) -> Any:
+    try:
+        return json.loads(body, parse_float=Decimal)
+    except ValueError as e:
+        raise RestError(f"GET {url}: not JSON: {e}") from None
+
+
+def now_us(http: Http) -> int:
+    return int(http.clock() * 1_000_000)

@@ -1,0 +1,268 @@
+"""Ingestion against the local simulator and the real local Kafka: every trade id once,
+in id order per symbol, whatever the venue does; bad frames in the DLQ; a SIGKILLed
+run resumes from Kafka and repairs the downtime; validate mode reports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from flows.ingest import ingest
+from simulator.process import ROOT, SimulatorProcess
+from tasks.core import codec
+from tasks.core.events import Quote
+from tasks.core.topics import DLQ
+from tests.ingest.support import (
+    assert_contiguous,
+    dead_letters,
+    end_offsets,
+    first_sent,
+    last_json_line,
+    last_sent,
+    malformed_delivered,
+    read_topic,
+    trade_ids,
+)
+
+SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
+
+
+def _sim(*faults: str, rate: int = 400, symbols: list[str] = SYMBOLS) -> SimulatorProcess:
+    args = ["--symbols", ",".join(symbols), "--rate", str(rate), "--shutdown-grace", "0.3"]
+    for f in faults:
+        args += ["--fault", f]
+    return SimulatorProcess(*args)
+
+
+def _script(
+    sim: SimulatorProcess, steps: list[tuple[float, str, dict]], out: dict
+) -> threading.Thread:
+    """Run ``(at_s, action, params)`` steps against the simulator while the flow runs."""
+
+    def run() -> None:
+        t0 = time.monotonic()
+        for at, action, params in steps:
+            time.sleep(max(0.0, at - (time.monotonic() - t0)))
+            if action == "faults":
+                sim.set_faults("binance", **params)
+            elif action == "report":
+                out["report"] = sim.report()
+            else:
+                out.setdefault("injected", []).append(sim.inject(action, "binance", **params))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_faults_leave_every_trade_once_in_id_order(kafka, prefect_server, new_topic):
+    trades, quotes = new_topic(3), new_topic(3)
+    dlq_start = end_offsets(kafka, DLQ)
+    standing = "binance:gap_every=97,gap_size=3,dup_every=89,malformed_every=41"
+    with _sim(standing) as sim:
+        seen: dict = {}
+        # Malformed frames only while no connection fault can discard frames still queued
+        # for the client (those never arrive, so they cannot be in the DLQ).
+        steps = [
+            (4.0, "faults", {"malformed_every": 0}),
+            (5.0, "drop", {}),
+            (7.0, "shutdown", {}),
+            (9.0, "stall", {"seconds": 3}),
+            (12.5, "faults", {"malformed_every": 41}),
+            (14.5, "faults", {"malformed_every": 0}),
+            (15.5, "report", {}),
+        ]
+        script = _script(sim, steps, seen)
+        report = ingest(
+            venue="binance",
+            symbols=SYMBOLS,
+            simulator_url=sim.http_url,
+            validate_mode="off",
+            metrics_port=0,
+            stall_timeout_s=1.5,
+            run_seconds=17,
+            trades_topic=trades,
+            quotes_topic=quotes,
+            progress_every_s=5,
+        )
+        script.join(5)
+        final = sim.report()
+
+    assert report["sent"] == report["acked"] > 1000 and report["failed"] == 0
+    assert report["unresolved_at_exit"] == 0
+    reasons = report["reconnects"]
+    assert reasons.get("connection_lost", 0) + reasons.get("closed_by_venue", 0) >= 1, reasons
+    assert reasons.get("server_shutdown") == 1 and reasons.get("stall") == 1, reasons
+    assert report["gaps_repaired"] >= 5 and report["trades_repaired"] >= 15
+    assert report["duplicates_dropped"] >= 3 and report["gaps_given_up"] == 0
+
+    ids = trade_ids(kafka, trades)
+    assert sorted(ids) == sorted(SYMBOLS)
+    for symbol in SYMBOLS:
+        assert_contiguous(ids[symbol], symbol)
+        assert ids[symbol][0] == first_sent(final, symbol)
+        assert ids[symbol][-1] >= last_sent(seen["report"], symbol)
+        skipped = final["venues"]["binance"]["symbols"][symbol]["skipped_ids"]
+        assert any(ids[symbol][0] < s < ids[symbol][-1] for s in skipped)
+    assert report["last_trade_ids"] == {s: i[-1] for s, i in ids.items()}
+
+    expected = malformed_delivered(final)
+    letters = dead_letters(kafka, dlq_start, report["run_id"])
+    assert len(expected) >= 10
+    assert Counter(d["raw"].decode() for d in letters) == Counter(expected)
+    assert report["bad_frames"] == report["dead_letters"] == len(expected)
+    assert all(d["source"] == "ingest.binance" and d["reason"] for d in letters)
+    assert {d["context"]["venue"] for d in letters} == {"binance"}
+
+    quotes_seen = [
+        codec.decode(r.value) for recs in read_topic(kafka, quotes).values() for r in recs
+    ]
+    assert quotes_seen and all(type(q) is Quote for q in quotes_seen)
+    assert {q.symbol for q in quotes_seen} == set(SYMBOLS)
+
+
+def test_sigkill_then_restart_repairs_the_downtime(kafka, prefect_server, new_topic):
+    symbols = SYMBOLS[:3]
+    trades, quotes = new_topic(3), new_topic(3)
+    with _sim(rate=300, symbols=symbols) as sim:
+        cmd = [
+            sys.executable, "-m", "flows.ingest", "--simulator", sim.http_url,
+            "--symbols", ",".join(symbols), "--channels", "trades,quotes",
+            "--trades-topic", trades, "--quotes-topic", quotes, "--validate", "off",
+            "--metrics-port", "0", "--progress-every", "2",
+        ]  # fmt: skip
+        first = subprocess.Popen(
+            [*cmd, "--seconds", "60"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while sum(end_offsets(kafka, trades).values()) < 300:
+                assert first.poll() is None, "first run ended early"
+                assert time.monotonic() < deadline, "first run published nothing"
+                time.sleep(0.3)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(10)
+        killed = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
+        time.sleep(3)
+        down_until = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
+        second = subprocess.run(
+            [*cmd, "--seconds", "5"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode == 0, second.stderr[-3000:]
+        final = sim.report()
+
+    report = last_json_line(second.stdout)
+    assert report["trades_repaired"] > 0 and report["gaps_repaired"] >= len(symbols)
+    ids = trade_ids(kafka, trades)
+    for s in symbols:
+        assert down_until[s] - killed[s] >= 100  # trades really happened while it was down
+        assert_contiguous(ids[s], s)
+        assert ids[s][0] == first_sent(final, s)
+        assert ids[s][-1] > down_until[s]
+
+
+def test_validate_only_reports(kafka, prefect_server, new_topic):
+    trades = new_topic(1)
+    with _sim(rate=100) as sim:
+        good = ingest(
+            symbols=SYMBOLS, shard_size=2, simulator_url=sim.http_url, validate_mode="only",
+            trades_topic=trades, metrics_port=0, first_message_timeout_s=10,
+        )  # fmt: skip
+        missing = ingest(
+            symbols=SYMBOLS[:1], channels=["trades"], simulator_url=sim.http_url,
+            validate_mode="only", trades_topic=f"{trades}.missing", metrics_port=0,
+        )  # fmt: skip
+    bad_symbol = ingest(symbols=["BTCUSDT"], validate_mode="only", metrics_port=0)
+
+    assert good["ok"], good
+    names = [c["check"] for c in good["checks"]]
+    assert names == [
+        "configuration", "kafka", "topics", "shard 0 first message", "shard 1 first message"
+    ]  # fmt: skip
+    assert not missing["ok"]
+    verdict = {c["check"]: c["ok"] for c in missing["checks"]}
+    assert verdict == {
+        "configuration": True, "kafka": True, "topics": False, "shard 0 first message": True
+    }  # fmt: skip
+    assert not bad_symbol["ok"] and "BTCUSDT" in bad_symbol["checks"][0]["detail"]
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX signals")
+def test_sigterm_flushes_and_exits(kafka, prefect_server, new_topic):
+    """SIGTERM mid-stream: the run stops reading, flushes, and what it counted as
+    acknowledged is exactly what the topic holds."""
+    trades, quotes = new_topic(3), new_topic(1)
+    with _sim(rate=300, symbols=SYMBOLS[:2]) as sim:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.ingest",
+                "--simulator",
+                sim.http_url,
+                "--symbols",
+                ",".join(SYMBOLS[:2]),
+                "--trades-topic",
+                trades,
+                "--quotes-topic",
+                quotes,
+                "--validate",
+                "off",
+                "--metrics-port",
+                "0",
+                "--progress-every",
+                "1",
+                "--channels",
+                "trades",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while sum(end_offsets(kafka, trades).values()) < 200:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "stopped: " in err, err[-3000:]
+    stopped = last_json_line(err.split("stopped: ", 1)[1].splitlines()[0])
+    assert stopped["unresolved_at_exit"] == 0
+    ids = trade_ids(kafka, trades)
+    assert sum(map(len, ids.values())) == stopped["acked"]
+    for s, got in ids.items():
+        assert_contiguous(got, s)
+
+
+@pytest.mark.parametrize("venue", ["coinbase", "kraken"])
+def test_other_venues_flow_through_the_same_machinery(kafka, prefect_server, new_topic, venue):
+    """Coinbase and Kraken over the same connection, publisher and DLQ path, two shards.
+    Their ids are not repaired from REST (published as they come; sinks dedupe)."""
+    symbols = SYMBOLS[:2]
+    trades, quotes = new_topic(3), new_topic(3)
+    with _sim(f"{venue}:malformed_every=50", rate=200, symbols=symbols) as sim:
+        report = ingest(
+            venue=venue, symbols=symbols, shard_size=1, simulator_url=sim.http_url,
+            validate_mode="on_start", metrics_port=0, run_seconds=4,
+            trades_topic=trades, quotes_topic=quotes,
+        )  # fmt: skip
+    assert len(report["shards"]) == 2 and report["sent"] == report["acked"] > 300
+    assert report["gaps_found"] == 0 and report["dead_letters"] == report["bad_frames"] > 0
+    ids = trade_ids(kafka, trades, venue=venue)
+    assert sorted(ids) == symbols and all(len(v) > 100 for v in ids.values())
+    quoted = {
+        codec.decode(r.value).symbol for recs in read_topic(kafka, quotes).values() for r in recs
+    }
+    assert quoted == set(symbols)

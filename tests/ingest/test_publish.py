@@ -1,0 +1,86 @@
+"""What happens to a message Kafka refuses for good: counted as failed (never as
+published), handed back to its shard, and re-fetched from REST history in id order; an
+error that leaves the producer unable to deliver anything stops the run with it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from kafka.admin import NewTopic
+from prometheus_client import REGISTRY
+
+from simulator.process import SimulatorProcess
+from tasks.core.kafka import admin, producer
+from tasks.ingest.gaps import GapTracker
+from tasks.ingest.publish import PRODUCER_TUNING, Publisher, Topics
+from tasks.venues import venue_config
+from tasks.venues.binance import BinanceRest
+from tests.ingest.support import trade_ids
+
+
+def _failures(shard: str) -> float:
+    labels = {"venue": "binance", "shard": shard}
+    return REGISTRY.get_sample_value("kafka_publish_failure_total", labels) or 0.0
+
+
+def test_refused_trades_are_counted_returned_and_repaired_in_order(kafka, new_topic):
+    refusing = f"test.refusing.{uuid.uuid4().hex[:10]}"
+    client = admin(kafka)
+    # Every record is larger than this topic accepts: the broker refuses each for good.
+    client.create_topics([NewTopic(refusing, 1, 1, topic_configs={"max.message.bytes": "64"})])
+    good = new_topic(1)
+    with SimulatorProcess("--symbols", "BTC-USDT", "--rate", "200") as sim:
+        history = BinanceRest(venue_config("binance", sim.http_url))
+        deadline = time.monotonic() + 10
+        while len(trades := history.historical_trades("BTC-USDT", None, 30)) < 30:
+            assert time.monotonic() < deadline, "the simulator made no trades"
+            time.sleep(0.2)
+        bad = Publisher(producer(kafka, **PRODUCER_TUNING), "binance", Topics(refusing), 8)
+        lane = bad.lane("refused")
+        before = _failures("refused")
+        for t in trades[:-1]:  # more than the in-flight bound: failures must free room
+            lane.publish(t)
+        bad.close(timeout=30)
+
+        assert lane.acked == 0 and lane.failed == len(trades) - 1 and lane.in_flight == 0
+        assert type(bad.fatal).__name__ == "MessageSizeTooLargeError"  # not retriable
+        assert _failures("refused") - before == len(trades) - 1
+        failed = lane.take_failed()
+        assert sorted(t.trade_id for t in failed) == [t.trade_id for t in trades[:-1]]
+        assert lane.take_failed() == []  # handed back once
+
+        ok = Publisher(producer(kafka, **PRODUCER_TUNING), "binance", Topics(good), 8)
+        ok_lane = ok.lane("ok")
+        last = trades[-2].trade_id
+        tracker = GapTracker("binance", history, ok_lane.publish, {"BTC-USDT": last})
+        tracker.rewind(failed)
+        assert tracker.last["BTC-USDT"] == trades[0].trade_id - 1
+        tracker.on_trade(trades[-1])  # the next live trade finds the hole and repairs it
+        assert ok.close(timeout=30) == 0
+    client.delete_topics([refusing])
+    client.close()
+
+    assert ok_lane.acked == len(trades) and tracker.trades_repaired == len(trades) - 1
+    assert trade_ids(kafka, good)["BTC-USDT"] == [t.trade_id for t in trades]
+
+
+def test_a_fatal_producer_error_stops_the_run(kafka, prefect_server):
+    from flows.ingest import ingest
+
+    refusing = f"test.refusing.{uuid.uuid4().hex[:10]}"
+    client = admin(kafka)
+    client.create_topics([NewTopic(refusing, 1, 1, topic_configs={"max.message.bytes": "64"})])
+    try:
+        with SimulatorProcess("--symbols", "BTC-USDT", "--rate", "200") as sim:
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="MessageSizeTooLargeError"):
+                ingest(
+                    symbols=["BTC-USDT"], channels=["trades"], simulator_url=sim.http_url,
+                    validate_mode="off", metrics_port=0, trades_topic=refusing, run_seconds=30,
+                )  # fmt: skip
+            assert time.monotonic() - started < 15  # stopped by the error, not the clock
+    finally:
+        client.delete_topics([refusing])
+        client.close()

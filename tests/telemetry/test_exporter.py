@@ -1,0 +1,169 @@
+"""The exporter's probes against the real local stack: Kafka lag, PostgreSQL freshness,
+failed and crashed runs from the Prefect API, and how the gauges follow them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import REGISTRY
+
+from tasks.core.kafka import admin, consumer, producer
+from tasks.telemetry import exporter
+
+
+def sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_lag_is_log_end_minus_committed_per_partition(kafka, new_topic) -> None:
+    topic = new_topic(partitions=2)
+    p = producer(kafka, linger_ms=0)
+    for i in range(10):
+        p.send(topic, value=b"x", partition=i % 2)  # 5 records per partition
+    p.flush(10)
+    p.close()
+    group = f"tapeline.test-{uuid.uuid4().hex[:8]}"
+    c = consumer(group, kafka)
+    c.commit({TopicPartition(topic, 0): OffsetAndMetadata(2, "", -1),
+              TopicPartition(topic, 1): OffsetAndMetadata(5, "", -1)})  # fmt: skip
+    c.close()
+    client = admin(kafka)
+    try:
+        lag = exporter.consumer_lag(client, group)
+        assert lag == {(group, topic, "0"): 3, (group, topic, "1"): 0}
+        # Only the watched prefix: a group outside it is not reported.
+        assert exporter.consumer_lag(client, f"{group}-other") == {}
+    finally:
+        client.delete_groups([group])
+        client.close()
+
+
+@pytest.fixture
+def trades_schema(pg_conn):
+    """A private schema with a ``trades`` table, first on the search path."""
+    schema = f"test_{uuid.uuid4().hex[:8]}"
+    pg_conn.autocommit = True
+    with pg_conn.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"SET search_path = {schema}")
+        cur.execute(
+            "CREATE TABLE trades (venue text, symbol text, trade_id bigint, event_us bigint,"
+            " PRIMARY KEY (venue, symbol, trade_id))"
+        )
+    yield pg_conn
+    with pg_conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_freshness_is_age_of_newest_trade_per_pair(trades_schema) -> None:
+    now = time.time()
+    us = int(now * 1_000_000)
+    rows = [
+        ("binance", "BTC-USDT", 1, us - 9_000_000),
+        ("binance", "BTC-USDT", 2, us - 4_000_000),  # newest of the pair: 4 s old
+        ("binance", "ETH-USDT", 7, us - 60_000_000),
+        ("kraken", "BTC-USD", 3, us - 500_000),
+        ("coinbase", "SOL-USD", 1, us - 7_200_000_000),  # 2 h old: outside a 1 h window
+    ]
+    with trades_schema.cursor() as cur:
+        cur.executemany("INSERT INTO trades VALUES (%s, %s, %s, %s)", rows)
+    ages = exporter.freshness(trades_schema, now, window_s=3600)
+    assert set(ages) == {("binance", "BTC-USDT"), ("binance", "ETH-USDT"), ("kraken", "BTC-USD")}
+    assert ages[("binance", "BTC-USDT")] == pytest.approx(4.0, abs=1e-3)
+    assert ages[("binance", "ETH-USDT")] == pytest.approx(60.0, abs=1e-3)
+    assert ages[("kraken", "BTC-USD")] == pytest.approx(0.5, abs=1e-3)
+    assert exporter.freshness(trades_schema, now, window_s=86_400)[
+        ("coinbase", "SOL-USD")
+    ] == pytest.approx(7200.0, abs=1e-3)
+
+
+def _post(api: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        api + path, data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def test_failed_and_crashed_runs_are_counted_per_flow(prefect_server: str) -> None:
+    name = f"test-exporter-{uuid.uuid4().hex[:8]}"
+    flow = _post(prefect_server, "/flows/", {"name": name})
+    try:
+        for final in ("FAILED", "FAILED", "CRASHED", "COMPLETED"):
+            run = _post(prefect_server, "/flow_runs/", {"flow_id": flow["id"]})
+            for state in ("RUNNING", final):
+                path = f"/flow_runs/{run['id']}/set_state"
+                answer = _post(prefect_server, path, {"state": {"type": state}, "force": True})
+                assert answer["status"] == "ACCEPT"
+        now = datetime.now(UTC)
+        counts = exporter.failed_flow_runs(prefect_server, now, timedelta(hours=1))
+        assert counts[(name, "failed")] == 2
+        assert counts[(name, "crashed")] == 1
+        assert not any(flow_name == name and s == "completed" for flow_name, s in counts)
+        # Runs that ended before the window are not counted.
+        later = now + timedelta(hours=2)
+        assert (name, "failed") not in exporter.failed_flow_runs(
+            prefect_server, later, timedelta(hours=1)
+        )
+    finally:
+        req = urllib.request.Request(f"{prefect_server}/flows/{flow['id']}", method="DELETE")
+        urllib.request.urlopen(req, timeout=10).close()
+
+
+def test_publish_sets_new_series_and_removes_vanished_ones() -> None:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    gauge = Gauge("lag_probe", "test", ("group",), registry=registry)
+    shown: set = set()
+    exporter.publish(gauge, {("a",): 3, ("b",): 4}, shown)
+    exporter.publish(gauge, {("b",): 5}, shown)
+    assert registry.get_sample_value("lag_probe", {"group": "a"}) is None
+    assert registry.get_sample_value("lag_probe", {"group": "b"}) == 5
+
+
+def test_an_unreachable_source_is_counted_and_the_others_still_run(kafka, new_topic) -> None:
+    topic = new_topic(partitions=1)
+    group = f"tapeline.test-{uuid.uuid4().hex[:8]}"
+    p = producer(kafka, linger_ms=0)
+    for _ in range(4):
+        p.send(topic, value=b"x", partition=0)
+    p.flush(10)
+    p.close()
+    c = consumer(group, kafka)
+    c.commit({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)})
+    c.close()
+    port = closed_port()
+    broken = kafka.with_overrides(
+        pg_dsn=f"postgresql://u:p@127.0.0.1:{port}/x",
+        prefect_api_url=f"http://127.0.0.1:{port}/api",
+    )
+    before = {
+        p: sample("tapeline_exporter_errors_total", probe=p) or 0 for p in ("postgres", "prefect")
+    }
+    probe = exporter.Exporter(broken, group_prefix=group)
+    try:
+        assert probe.collect() == {"kafka": True, "postgres": False, "prefect": False}
+        assert sample("tapeline_consumer_lag", group=group, topic=topic, partition="0") == 3
+        for name in ("postgres", "prefect"):
+            assert sample("tapeline_exporter_errors_total", probe=name) == before[name] + 1
+    finally:
+        probe.close()
+        client = admin(kafka)
+        client.delete_groups([group])
+        client.close()
