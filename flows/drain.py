@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from blocks import settings as block_settings
 from flows.common import RETRIES, migrate_schema
@@ -44,20 +45,9 @@ def drain_topics(
     consumer: str,
     topics: list[str],
     dlq_source: str,
-    max_records: int | None,
-    max_seconds: float,
-    batch_size: int,
+    options: dict[str, Any],
 ) -> DrainResult:
-    return drain(
-        sink,
-        consumer,
-        topics,
-        dlq_source=dlq_source,
-        settings=settings,
-        max_records=max_records,
-        max_seconds=max_seconds,
-        batch_size=batch_size,
-    )
+    return drain(sink, consumer, topics, dlq_source=dlq_source, settings=settings, **options)
 
 
 def run_drain(
@@ -66,18 +56,33 @@ def run_drain(
     settings: config.Settings,
     consumer: str,
     topics: list[str],
-    budget: dict[str, Any],
-) -> dict[str, Any]:
+    options: dict[str, Any],
+) -> Completed:
     """The steps every drain flow shares once its sink is open: drain, metrics, summary.
-    ``budget``: ``max_records``, ``max_seconds``, ``batch_size``."""
-    result = drain_topics(sink, settings, consumer, topics, flow_name.replace("-", "."), **budget)
+    ``options``: the flow's drain parameters (``tasks.drain.loop.drain`` keywords)."""
+    result = drain_topics(sink, settings, consumer, topics, flow_name.replace("-", "."), options)
     record_metrics(flow_name, result)
     # Flow runs are short-lived processes: hand the counts to the Pushgateway (when one
     # is configured) so Prometheus sees them after the run has ended.
     push_drain_metrics(flow_name, url=settings.pushgateway_url)
     summary = summarize(flow_name, result)
     publish(summary)
-    return summary
+    return Completed(message=state_message(summary), data=summary)
+
+
+def state_message(summary: dict[str, Any]) -> str:
+    """What the run's final state says: how it ended, and anything an operator must know
+    (records left behind, dead-lettered, skipped) even though the run completed."""
+    parts = [f"{summary['stopped']}: {sum(summary['rows'].values())} rows"]
+    left = sum(summary["lag"].values())
+    if left:
+        parts.append(f"{left} records left for the next run")
+    if summary["rejects"]:
+        parts.append(f"{sum(summary['rejects'].values())} records dead-lettered")
+    if summary["skipped_deleted_records"]:
+        skipped = sum(summary["skipped_deleted_records"].values())
+        parts.append(f"{skipped} records deleted by Kafka before they were stored, skipped")
+    return "; ".join(parts)
 
 
 def summarize(flow_name: str, result: DrainResult) -> dict[str, Any]:
@@ -94,6 +99,10 @@ def summarize(flow_name: str, result: DrainResult) -> dict[str, Any]:
         "rejects": dict(result.rejects),
         "lag": result.lag_by_topic(),
         "fenced": result.fenced,
+        "first_write_s": None if result.first_write_s is None else round(result.first_write_s, 3),
+        "longest_wait_s": round(result.longest_wait_s, 3),
+        "partitions": result.partitions,
+        "skipped_deleted_records": {f"{t}[{p}]": n for (t, p), n in result.gaps.items()},
     }
 
 
@@ -123,14 +132,28 @@ def publish(summary: dict[str, Any]) -> None:
         }
         for table, n in summary["rows"].items()
     ]
+    parts = "; ".join(f"{t} {_ranges(ps)}" for t, ps in summary["partitions"].items())
     create_table_artifact(
         rows,
         key=summary["flow"],
         description=(
             f"{summary['flow']}: {summary['stopped']} after {summary['seconds']} s,"
-            f" {summary['batches']} batches, consumer {summary['consumer']}"
+            f" {summary['batches']} batches (first after {summary['first_write_s']} s, longest"
+            f" wait {summary['longest_wait_s']} s), consumer {summary['consumer']},"
+            f" partitions {parts}"
         ),
     )
+
+
+def _ranges(partitions: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out: list[str] = []
+    for p in partitions:
+        if out and out[-1].split("-")[-1] == str(p - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ",".join(out)
 
 
 @flow(name="drain-prices", log_prints=True, retries=1, retry_delay_seconds=30)
@@ -142,15 +165,22 @@ def drain_prices(
     max_records: int | None = None,
     max_seconds: float = 50.0,
     batch_size: int = 20_000,
+    partitions: str | None = None,
+    allow_gaps: bool = False,
+    reset_log: bool = False,
     kafka_block: str | None = None,
     postgres_block: str | None = None,
 ) -> dict[str, Any]:
-    """Trades and top-of-book quotes from Kafka into PostgreSQL, exactly once in effect."""
+    """Trades and top-of-book quotes from Kafka into PostgreSQL, exactly once in effect.
+
+    ``partitions`` ("0-2,5"; default all) splits the work between deployments;
+    ``allow_gaps`` skips (and counts) records deleted from Kafka before they were stored
+    instead of failing; ``reset_log`` accepts a recreated topic, starting it over."""
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     migrate_schema(settings, schema)
     sink = PostgresSink(settings.pg_dsn, schema)
-    budget = {"max_records": max_records, "max_seconds": max_seconds, "batch_size": batch_size}
-    return run_drain("drain-prices", sink, settings, consumer, [trades_topic, quotes_topic], budget)
+    topics = [trades_topic, quotes_topic]
+    return run_drain("drain-prices", sink, settings, consumer, topics, _options(locals()))
 
 
 @flow(name="drain-transactions", log_prints=True, retries=1, retry_delay_seconds=30)
@@ -161,11 +191,22 @@ def drain_transactions(
     max_records: int | None = None,
     max_seconds: float = 50.0,
     batch_size: int = 5_000,
+    partitions: str | None = None,
+    allow_gaps: bool = False,
+    reset_log: bool = False,
     kafka_block: str | None = None,
     mongo_block: str | None = None,
 ) -> dict[str, Any]:
-    """User transactions from Kafka into MongoDB transactions and wallet balances."""
+    """User transactions from Kafka into MongoDB transactions and wallet balances
+    (parameters as ``drain_prices``)."""
     settings = block_settings(kafka=kafka_block, mongo=mongo_block)
     sink = MongoSink(settings.mongo_url, database or settings.mongo_db)
-    budget = {"max_records": max_records, "max_seconds": max_seconds, "batch_size": batch_size}
-    return run_drain("drain-transactions", sink, settings, consumer, [topic], budget)
+    return run_drain("drain-transactions", sink, settings, consumer, [topic], _options(locals()))
+
+
+_OPTIONS = ("max_records", "max_seconds", "batch_size", "partitions", "allow_gaps", "reset_log")
+
+
+def _options(params: dict[str, Any]) -> dict[str, Any]:
+    """The drain keywords among a flow's parameters."""
+    return {k: params[k] for k in _OPTIONS}

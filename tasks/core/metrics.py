@@ -61,6 +61,11 @@ DRAIN_DUPLICATES = Counter(
     "tapeline_drain_duplicates", "Rows skipped as already stored", ("sink", "table")
 )
 DRAIN_REJECTS = Counter("tapeline_drain_rejects", "Records sent to the DLQ", ("sink", "topic"))
+DRAIN_OFFSET_GAPS = Counter(
+    "tapeline_drain_offset_gaps",
+    "Records deleted from the log before they were drained, skipped as the operator allowed",
+    ("sink", "topic"),
+)
 DRAIN_BATCH_SECONDS = Histogram(
     "tapeline_drain_batch_seconds",
     "Time to write and commit one batch",

@@ -9,6 +9,14 @@ database, not Kafka, knows what is done. Hence:
 - ``stored_offsets`` is where a drain resumes; Kafka's committed offsets only show lag;
 - a writer whose ``expected`` offsets no longer match what is stored (another drain got
   there first) raises ``Fenced`` and writes nothing, so a stale writer never double-applies.
+- a record the store refuses as data (not as a connection problem: a value out of range,
+  a row too large to index, arithmetic that cannot be exact) makes ``write`` raise
+  ``Rejected`` naming those records and their reasons, having written nothing; the loop
+  dead-letters them (acknowledged before any offset passes them) and writes the rest, so
+  one poison record never stops its partition;
+- the stored offsets of a topic belong to one log (cluster id and topic id): ``claim_log``
+  records it, so offsets of a recreated topic or another cluster are never applied to
+  the new one silently.
 
 A new sink implements ``Sink`` and ``Batch`` in one module of ``tasks/drain`` and gets one
 flow in ``flows/drain.py``.
@@ -43,6 +51,15 @@ class Fenced(Exception):
     """Another drain moved this consumer's stored offsets: re-read them, write nothing."""
 
 
+class Rejected(Exception):
+    """The store refused these records as data; nothing of the batch was written.
+    ``records``: ``(record, reason)`` pairs, the records as the batch received them."""
+
+    def __init__(self, records: list[tuple[Any, str]]):
+        super().__init__(f"{len(records)} record(s) refused: {records[0][1][:200]}")
+        self.records = records
+
+
 @dataclass
 class Written:
     """What one batch (or a whole drain) changed, per table."""
@@ -66,6 +83,10 @@ class Batch(Protocol):
         """Decode and keep records; returns ``(record, reason)`` for each reject."""
         ...
 
+    def drop(self, records: list[Any]) -> None:
+        """Forget these records (the store refused them; they went to the DLQ)."""
+        ...
+
 
 class Sink(Protocol):
     name: str
@@ -74,10 +95,19 @@ class Sink(Protocol):
 
     def stored_offsets(self, consumer: str, topics: list[str]) -> dict[Key, int]: ...
 
+    def claim_log(self, consumer: str, topic: str, log: str, *, reset: bool = False) -> str | None:
+        """Record that ``consumer``'s offsets of ``topic`` belong to ``log`` (cluster id/topic
+        id) and return the log recorded before (None: none yet). A different log recorded
+        before is kept, unless ``reset``: then the stored offsets of ``topic`` are forgotten
+        (an operator's decision after a topic was recreated) and ``log`` is recorded."""
+        ...
+
     def write(
         self, consumer: str, batch: Any, offsets: dict[Key, tuple[int | None, int]]
     ) -> Written:
-        """Apply ``batch`` once; ``offsets``: partition -> (expected stored, next)."""
+        """Apply ``batch`` once; ``offsets``: partition -> (expected stored, next). Raises
+        ``Fenced`` when the stored offsets are not the expected ones, ``Rejected`` when the
+        store refuses records as data; either way nothing was written."""
         ...
 
     def close(self) -> None: ...

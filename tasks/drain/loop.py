@@ -1,31 +1,47 @@
 """The batch-consume loop both drains share: Kafka -> decode -> sink -> offsets.
 
-Delivery guarantee: a sink stores each batch together with (PostgreSQL) or guarded by
-(MongoDB) the Kafka offsets it came from, so the database, not Kafka, knows what is
-done. On assignment the loop seeks to the offsets the sink stored, falling back to the
-group's committed offsets, then to the earliest. Kafka's committed offsets are written
-only after the sink's write is durable: they show lag and seed a fresh database.
+Delivery guarantee (the sink contract, ``tasks.drain.contract``): a sink stores each batch
+together with (PostgreSQL) or guarded by (MongoDB) the Kafka offsets it came from, so the
+database, not Kafka, knows what is done. The loop starts every assigned partition at the
+offset the sink stored, falling back to the consumer's committed Kafka offset (which
+seeds a fresh database), then to the log start. Kafka's committed offsets are written
+only after the sink's write is durable: they show lag to the exporter.
 
-Concurrency: drains join the consumer group named after the consumer, so two drains
-started at once split the partitions. A batch in flight when its partitions move lands
-on its own; whoever then writes a partition from stale offsets is stopped by the sink's
-fence (PostgreSQL) or guards (MongoDB).
+Assignment, not group membership: a scheduled drain assigns itself its partitions (all
+of them, or the ``partitions`` it is given) instead of joining a consumer group. The
+database already holds its offsets and fences stale writers, so a group would add only
+its rebalances: a run joining every minute could sit in ``RebalanceInProgress`` for most
+of its budget while an evicted predecessor timed out. With assignment the first poll
+fetches. Two runs given the same partitions are still exactly once (the sink's fence or
+guards stop the stale one, which re-reads the stored offsets); runs given disjoint
+partition sets drain in parallel.
+
+Offsets that do not fit the log are loud: a stored offset below the log start (records
+deleted by retention before they were drained) or beyond the log end fails the run naming
+topic, partition and offsets, unless the operator allows gaps, which then skips to the
+log start and counts the records skipped. Each topic's stored offsets are bound to its
+log (cluster id and topic id), so a recreated topic or another cluster is refused too.
+
+Poison records: a record the codec rejects, or one the store refuses as data
+(``Rejected``), goes to the DLQ with its reason (acked before the offsets that pass it
+are stored) while the rest of its batch is written; nothing retries forever on the same
+data.
 
 Throughput: decoding batch N+1 overlaps writing batch N (one writer thread, so writes
-stay in order); at most two batches are in memory. Bad records go to the DLQ (acked
-before the offsets that pass them are stored) and never stop the drain.
+stay in order); at most two batches are in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -35,13 +51,15 @@ from tasks.core.metrics import (
     DRAIN_BATCH_SECONDS,
     DRAIN_DUPLICATES,
     DRAIN_LAST_SUCCESS,
+    DRAIN_OFFSET_GAPS,
     DRAIN_REJECTS,
     DRAIN_ROWS,
     FRESHNESS,
 )
-from tasks.drain.contract import Batch, Fenced, Key, Sink, Written, crash_point
+from tasks.drain.contract import Batch, Fenced, Key, Rejected, Sink, Written, crash_point
 
 log = logging.getLogger(__name__)
+_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
 
 
 @dataclass
@@ -56,6 +74,10 @@ class DrainResult:
     lag: dict[Key, int] = field(default_factory=dict)  # partition -> records left
     batch_seconds: list[float] = field(default_factory=list)
     fenced: int = 0
+    gaps: dict[Key, int] = field(default_factory=dict)  # records skipped (allowed by operator)
+    partitions: dict[str, list[int]] = field(default_factory=dict)  # topic -> assigned
+    first_write_s: float | None = None  # from start to the first stored batch
+    longest_wait_s: float = 0.0  # longest stretch without a stored batch while records waited
     seconds: float = 0.0
     stopped: str = ""
 
@@ -66,57 +88,114 @@ class DrainResult:
         return dict(out)
 
 
-class _Run(ConsumerRebalanceListener):
-    """State of one drain; also the rebalance listener (called inside ``poll``)."""
+class OffsetOutOfLog(Exception):
+    """A stored offset that does not fit the partition's log, or offsets of another log."""
+
+
+def parse_partitions(spec: str | list[int] | None) -> set[int] | None:
+    """``None``/``""``: every partition; else a set from ``[0, 1]`` or ``"0-2,5"``."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, list):
+        parts = {int(p) for p in spec}
+    else:
+        parts = set()
+        for item in str(spec).split(","):
+            m = _RANGE.fullmatch(item.strip())
+            if m is None:
+                raise ValueError(f"partitions: expected e.g. '0-2,5', got {spec!r}")
+            parts.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if not parts or min(parts) < 0:
+        raise ValueError(f"partitions: expected non-negative partition numbers, got {spec!r}")
+    return parts
+
+
+class _Run:
+    """State of one drain over its assigned partitions."""
 
     def __init__(
         self, sink: Sink, name: str, topics: list[str], settings, dlq_source: str, batch_size: int
     ):
         self.sink, self.name, self.topics, self.dlq_source = sink, name, topics, dlq_source
-        # A drain that died is evicted after 6 s (the broker's minimum), not the default
-        # 45 s, so its retry gets the partitions back soon; heartbeats run on their own
-        # thread, so a slow batch does not count against it. One poll may fill a batch.
-        self.consumer = kafka.consumer(
-            name,
-            settings,
-            session_timeout_ms=6_000,
-            heartbeat_interval_ms=1_000,
-            max_poll_records=batch_size,
-        )
+        # group_id only names the committed offsets (lag display, seeding); the consumer
+        # never joins the group. One poll may fill a whole batch.
+        self.consumer = kafka.consumer(name, settings, max_poll_records=batch_size)
         self.settings = settings
         self.result = DrainResult(name, sink.name)
         self.expected: dict[Key, int | None] = {}  # what the sink holds before our next batch
-        self.ends: dict[TopicPartition, int] = {}  # log ends seen when assigned
-        self._need_ends: set[TopicPartition] = set()
+        self.ends: dict[TopicPartition, int] = {}
         self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
-        self.joined = False
         self.resync = False
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"drain-{sink.name}")
-        self._inflight: tuple[Future, dict[Key, tuple[int | None, int]]] | None = None
+        self._inflight: tuple[Future, Batch, dict[Key, tuple[int | None, int]]] | None = None
         self._producer: Any = None
+        self._started = self._last_write = time.monotonic()
 
-    # -- rebalance: called on kafka-python's IO thread, which must neither call Kafka nor
-    # wait long (blocking it stalls the group's join): a batch still being written lands
-    # on its own, and the fence (or the MongoDB guards) stops anyone writing it twice.
-    def on_partitions_revoked(self, revoked) -> None:
-        pass
+    # -- assignment -------------------------------------------------------------------
+    def assign(self, partitions: set[int] | None, allow_gaps: bool, reset_log: bool) -> None:
+        """Take the partitions, check each topic's log identity, start at stored offsets."""
+        c = self.consumer
+        tps = []
+        for topic in self.topics:
+            known = c.partitions_for_topic(topic)
+            if not known:
+                raise ValueError(f"topic {topic!r} does not exist")
+            chosen = sorted(known if partitions is None else known & partitions)
+            self.result.partitions[topic] = chosen
+            tps += [TopicPartition(topic, p) for p in chosen]
+        if not tps:
+            wanted = sorted(partitions or ())
+            raise ValueError(f"none of partitions {wanted} exist in {self.topics}")
+        for topic in self.topics:
+            self._claim_log(topic, reset_log)
+        c.assign(tps)
+        self._position(tps, allow_gaps)
 
-    def on_partitions_assigned(self, assigned) -> None:
-        self.joined = True
-        self._seek_stored(list(assigned))
-        self._need_ends.update(assigned)
+    def _claim_log(self, topic: str, reset: bool) -> None:
+        cluster = self.consumer._client.cluster  # kafka-python keeps both ids from Metadata
+        log_id = f"{cluster.cluster_id}/{cluster.topic_id(topic)}"
+        before = self.sink.claim_log(self.name, topic, log_id, reset=reset)
+        if before is not None and before != log_id and not reset:
+            raise OffsetOutOfLog(
+                f"{self.name}: stored offsets of {topic!r} belong to log {before} but the broker"
+                f" serves log {log_id}: the topic was recreated or this is another cluster."
+                " Their offsets mean nothing here; run once with reset_log=True to start this"
+                " topic over from its log start (README: Operating Tapeline)"
+            )
 
-    def _seek_stored(self, tps: list[TopicPartition]) -> None:
-        """Seek to the sink's offsets; a partition with a write in flight goes on after it."""
+    def _position(self, tps: list[TopicPartition], allow_gaps: bool) -> None:
+        """Seek to the sink's offsets (or the committed, or the log start), checking each
+        against the log: outside it is an error, or an allowed and counted gap."""
+        c = self.consumer
         stored = self.sink.stored_offsets(self.name, self.topics)
-        inflight = self._inflight[1] if self._inflight is not None else {}
+        starts, self.ends = c.beginning_offsets(tps), c.end_offsets(tps)
+        inflight = self._inflight[2] if self._inflight is not None else {}
         for tp in tps:
             key = (tp.topic, tp.partition)
-            if key in inflight:
+            if key in inflight:  # a write still in flight lands first; go on after it
                 stored[key] = inflight[key][1]
             self.expected[key] = stored.get(key)
-            if key in stored:
-                self.consumer.seek(tp, stored[key])
+            start, end = starts[tp], self.ends[tp]
+            at = stored.get(key)
+            if at is None:
+                committed = c.committed(tp)
+                at = committed if committed is not None and start <= committed <= end else start
+            elif not start <= at <= end:
+                where = f"{tp.topic}[{tp.partition}]: stored offset {at}, log {start}..{end}"
+                if at > end or not allow_gaps:
+                    raise OffsetOutOfLog(
+                        f"{self.name}: {where}: "
+                        + (
+                            "beyond the log end (topic recreated, truncated or another cluster)"
+                            if at > end
+                            else f"{start - at} records were deleted before they were drained;"
+                            " rerun with allow_gaps=True to skip them (counted)"
+                        )
+                    )
+                self.result.gaps[key] = self.result.gaps.get(key, 0) + start - at
+                log.error("%s: %s: skipping %d deleted records", self.name, where, start - at)
+                at = start
+            c.seek(tp, at)
 
     # -- writes -----------------------------------------------------------------------
     def submit(self, batch: Batch, offsets: dict[Key, tuple[int | None, int]]) -> None:
@@ -125,38 +204,48 @@ class _Run(ConsumerRebalanceListener):
             written = self.sink.write(self.name, batch, offsets)
             return written, time.perf_counter() - t0
 
-        self._inflight = (self._writer.submit(work), offsets)
+        self._inflight = (self._writer.submit(work), batch, offsets)
 
     def _finish_write(self) -> None:
-        """Wait for the in-flight write and account for it (no Kafka calls)."""
-        if self._inflight is None:
-            return
-        future, offsets = self._inflight
-        self._inflight = None
-        try:
-            written, seconds = future.result()
-        except Fenced as e:
-            log.warning("%s: %s; re-reading stored offsets", self.name, e)
-            self.result.fenced += 1
-            self.resync = True
-            return
-        crash_point("after_db_commit")
-        self.result.written.add(written)
-        self.result.batch_seconds.append(seconds)
-        for (t, p), (_, nxt) in offsets.items():
-            self._to_commit[TopicPartition(t, p)] = OffsetAndMetadata(nxt, "", -1)
+        """Wait for the in-flight write and account for it (no Kafka calls but the DLQ)."""
+        while self._inflight is not None:
+            future, batch, offsets = self._inflight
+            self._inflight = None
+            try:
+                written, seconds = future.result()
+            except Fenced as e:
+                log.warning("%s: %s; re-reading stored offsets", self.name, e)
+                self.result.fenced += 1
+                self.resync = True
+                return
+            except Rejected as e:  # dead-letter what the store refused, write the rest
+                for ack in [self.reject(r.topic, r.partition, r, why) for r, why in e.records]:
+                    ack.get(timeout=30)
+                batch.drop([r for r, _ in e.records])
+                self.submit(batch, offsets)
+                continue
+            crash_point("after_db_commit")
+            now = time.monotonic()
+            res = self.result
+            if res.first_write_s is None:
+                res.first_write_s = now - self._started
+            res.longest_wait_s = max(res.longest_wait_s, now - self._last_write)
+            self._last_write = now
+            res.written.add(written)
+            self.result.batch_seconds.append(seconds)
+            for (t, p), (_, nxt) in offsets.items():
+                self._to_commit[TopicPartition(t, p)] = OffsetAndMetadata(nxt, "", -1)
 
     def settle(self) -> None:
         """Finish the in-flight write, then show its offsets in Kafka (lag display)."""
         self._finish_write()
-        assigned = self.consumer.assignment()
-        commit = {tp: om for tp, om in self._to_commit.items() if tp in assigned}
+        commit = dict(self._to_commit)
         self._to_commit.clear()
         if not commit:
             return
         try:
             self.consumer.commit(commit)
-        except KafkaError as e:  # e.g. a rebalance in progress: the sink's offsets rule
+        except KafkaError as e:  # the sink's offsets rule; this is the lag display only
             log.warning("%s: Kafka offset commit failed (lag display only): %s", self.name, e)
 
     def reject(self, topic: str, partition: int, rec: Any, reason: str) -> Future:
@@ -189,15 +278,13 @@ class _Run(ConsumerRebalanceListener):
         return out
 
     def caught_up(self) -> bool:
-        if self._need_ends:
-            self.ends.update(self.consumer.end_offsets(list(self._need_ends)))
-            self._need_ends.clear()
-        assigned = self.consumer.assignment()
-        return all(self.consumer.position(tp) >= self.ends.get(tp, 0) for tp in assigned)
+        """Every partition read up to the log end seen when the run started."""
+        c = self.consumer
+        return all(c.position(tp) >= end for tp, end in self.ends.items())
 
     def lag(self) -> dict[Key, int]:
         c = self.consumer
-        tps = [TopicPartition(t, p) for t in self.topics for p in c.partitions_for_topic(t) or ()]
+        tps = list(self.ends)
         ends = c.end_offsets(tps)
         stored = self.sink.stored_offsets(self.name, self.topics)
         out = {}
@@ -214,7 +301,7 @@ class _Run(ConsumerRebalanceListener):
         self._writer.shutdown(wait=True)
         if self._producer is not None:
             self._producer.close(timeout=10)
-        self.consumer.close()
+        self.consumer.close(autocommit=False)
         self.sink.close()
 
 
@@ -225,21 +312,24 @@ def drain(
     *,
     dlq_source: str,
     settings: config.Settings | None = None,
+    partitions: str | list[int] | None = None,
+    allow_gaps: bool = False,
+    reset_log: bool = False,
     max_records: int | None = None,
     max_seconds: float = 50.0,
     batch_size: int = 20_000,
     poll_ms: int = 1_000,
 ) -> DrainResult:
-    """Drain ``topics`` into ``sink`` until caught up or a budget is spent."""
+    """Drain ``topics`` (``partitions`` of them: all by default) into ``sink`` until caught
+    up or a budget is spent. ``allow_gaps``: skip, and count, records deleted from the
+    log before they were drained, instead of failing; ``reset_log``: accept a recreated
+    topic (or another cluster), forgetting the offsets stored for the old one."""
     settings = settings or config.load()
     t0 = time.monotonic()
     run = _Run(sink, consumer, topics, settings, dlq_source, batch_size)
     res = run.result
     try:
-        for topic in topics:  # known partitions before joining, or the first assignment is empty
-            if not run.consumer.partitions_for_topic(topic):
-                raise ValueError(f"topic {topic!r} does not exist")
-        run.consumer.subscribe(topics, listener=run)
+        run.assign(parse_partitions(partitions), allow_gaps, reset_log)
         while True:
             if time.monotonic() - t0 >= max_seconds:
                 res.stopped = "time budget"
@@ -254,9 +344,9 @@ def drain(
                 run.settle()
                 if run.resync:
                     run.resync = False
-                    run._seek_stored(list(run.consumer.assignment()))
+                    run._position(list(run.ends), allow_gaps)
                     continue
-                if run.joined and run.caught_up():
+                if run.caught_up():
                     res.stopped = "caught up"
                     break
                 continue
@@ -274,7 +364,7 @@ def drain(
             run.settle()
             if run.resync:  # the previous batch was fenced: this one starts from stale offsets
                 run.resync = False
-                run._seek_stored(list(run.consumer.assignment()))
+                run._position(list(run.ends), allow_gaps)
                 continue
             for key, (_, nxt) in offsets.items():
                 run.expected[key] = nxt
@@ -298,6 +388,8 @@ def record_metrics(flow_name: str, result: DrainResult) -> None:
         DRAIN_REJECTS.labels(sink=sink, topic=topic).inc(n)
     for seconds in result.batch_seconds:
         DRAIN_BATCH_SECONDS.labels(sink=sink).observe(seconds)
+    for (topic, _), n in result.gaps.items():
+        DRAIN_OFFSET_GAPS.labels(sink=sink, topic=topic).inc(n)
     for (topic, partition), n in result.lag.items():
         CONSUMER_LAG.labels(group=result.consumer, topic=topic, partition=str(partition)).set(n)
     now_us = time.time_ns() // 1000

@@ -14,6 +14,14 @@ is repaired by simply replaying the batch:
    re-read and re-folded).
 3. ``kafka_offsets``: the batch's next offsets, only ever moved forwards.
 Amounts are decimal strings (FerretDB 1.x drops the connection on Decimal128).
+
+Marks and sources name a *stream*: the topic, or ``topic#N`` after the N-th reset of a
+recreated topic (``claim_log``), so offsets of a new log never meet the marks of the old
+one, while documents written before streams existed (plain topic) stay valid.
+
+A transaction whose effect cannot be applied exactly (a balance beyond the exact
+context) is refused as data: its stored document is removed again and ``Rejected``
+names it, so the loop dead-letters it and writes the rest of the batch.
 """
 
 from __future__ import annotations
@@ -28,14 +36,14 @@ from typing import Any
 
 import pymongo
 from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
-from pymongo.errors import BulkWriteError, ConnectionFailure
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
 
 from tasks.core.codec import CodecError, decode
 from tasks.core.events import UserTransaction
 from tasks.core.wallets import EXACT, effects, wallet_id
-from tasks.drain.contract import Written, crash_point
+from tasks.drain.contract import Rejected, Written, crash_point
 
-log = logging.getLogger(__name__)
+log = _log = logging.getLogger(__name__)
 
 # FerretDB 1.24 (SQLite) holds a pooled connection per matched document until the whole
 # update command ends and deadlocks at ~100; small commands keep it far from that.
@@ -48,8 +56,9 @@ class TxBatch:
     """Decoded transactions of one batch with where each came from."""
 
     def __init__(self) -> None:
-        # (tx, its effects, topic, partition, offset)
+        # (tx, its effects, topic, partition, offset), and the Kafka record of each
         self.items: list[tuple[UserTransaction, list[tuple[str, Decimal]], str, int, int]] = []
+        self.records: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.items)
@@ -62,9 +71,16 @@ class TxBatch:
                 if type(tx) is not UserTransaction:
                     raise CodecError(f"unexpected event type {type(tx).__name__} for wallets")
                 self.items.append((tx, effects(tx), topic, partition, rec.offset))
+                self.records.append(rec)
             except CodecError as e:
                 rejects.append((rec, e.reason))
         return rejects
+
+    def drop(self, records: list[Any]) -> None:
+        gone = {id(r) for r in records}
+        kept = [(i, r) for i, r in zip(self.items, self.records, strict=True) if id(r) not in gone]
+        self.items = [i for i, _ in kept]
+        self.records = [r for _, r in kept]
 
 
 def tx_document(tx: UserTransaction, topic: str, partition: int, offset: int) -> dict:
@@ -90,6 +106,7 @@ class MongoSink:
     def __init__(self, url: str, database: str, *, retry_seconds: float = 60.0):
         self.url, self.database, self.retry_seconds = url, database, retry_seconds
         self._client: Any = None
+        self._streams: dict[str, str] = {}  # topic -> stream name in marks and sources
 
     @property
     def db(self):
@@ -113,6 +130,29 @@ class MongoSink:
         docs = self._retrying(lambda: list(self.db.kafka_offsets.find({"consumer": consumer})))
         return {(d["topic"], d["partition"]): d["next"] for d in docs if d["topic"] in wanted}
 
+    def claim_log(self, consumer: str, topic: str, log: str, *, reset: bool = False) -> str | None:
+        def claim() -> str | None:
+            key = f"{consumer}|{topic}"
+            doc = self.db.kafka_logs.find_one({"_id": key}) or {}
+            before, epoch = doc.get("log_id"), doc.get("epoch", 0)
+            if before is not None and before != log:
+                if not reset:
+                    return before
+                epoch += 1  # a new stream: marks of the old log cannot match its offsets
+                self.db.kafka_offsets.delete_many({"consumer": consumer, "topic": topic})
+                log_line = "%s %s: offsets forgotten, now log %s (was %s), stream %s#%d"
+                _log.warning(log_line, consumer, topic, log, before, topic, epoch)
+            try:
+                self.db.kafka_logs.update_one(
+                    {"_id": key}, {"$set": {"log_id": log, "epoch": epoch}}, upsert=True
+                )
+            except DuplicateKeyError:  # two first claims raced; the other one's stands
+                return claim()
+            self._streams[topic] = topic if epoch == 0 else f"{topic}#{epoch}"
+            return before
+
+        return self._retrying(claim)
+
     def write(
         self, consumer: str, batch: TxBatch, offsets: dict[Key, tuple[int | None, int]]
     ) -> Written:
@@ -121,9 +161,14 @@ class MongoSink:
 
     def _write_once(self, consumer: str, batch: TxBatch, offsets) -> Written:
         out = Written()
-        canonical = self._store_transactions(batch, out)
+        streams = self._streams
+        items = [(tx, e, streams.get(t, t), p, o) for tx, e, t, p, o in batch.items]
+        canonical = self._store_transactions(items, out)
         crash_point("mongo_after_transactions")
-        out.rows["wallets"] = self._apply_wallets(canonical)
+        try:
+            out.rows["wallets"] = self._apply_wallets(canonical)
+        except _Unrepresentable as e:
+            self._refuse(batch, items, e.sources)
         crash_point("mongo_after_wallets")
         for (topic, partition), (_, nxt) in offsets.items():
             self.db.kafka_offsets.update_one(
@@ -136,10 +181,21 @@ class MongoSink:
             )
         return out
 
-    def _store_transactions(self, batch: TxBatch, out: Written) -> list:
+    def _refuse(self, batch: TxBatch, items: list, sources: set[tuple[str, int, int]]) -> None:
+        """Remove the stored documents of transactions whose effects cannot be applied
+        (only where this occurrence owns them) and raise ``Rejected`` naming them."""
+        refused = [(item, rec) for item, rec in zip(items, batch.records, strict=True)
+                   if item[2:] in sources]  # fmt: skip
+        for (tx, _, stream, partition, offset), _ in refused:
+            src = {"topic": stream, "partition": partition, "offset": offset}
+            self.db.transactions.delete_one({"_id": tx.tx_id, "src": src})
+        reason = "mongo refused the transaction: a balance it moves cannot stay exact"
+        raise Rejected([(rec, reason) for _, rec in refused])
+
+    def _store_transactions(self, items: list, out: Written) -> list:
         """Insert new transactions; returns the items whose effects this batch owns."""
         first: dict[str, tuple] = {}
-        for item in batch.items:
+        for item in items:
             first.setdefault(item[0].tx_id, item)  # a repeat inside the batch is a duplicate
         docs = [tx_document(tx, t, p, o) for tx, _, t, p, o in first.values()]
         duplicate_ids: list[str] = []
@@ -152,7 +208,7 @@ class MongoSink:
                     raise
                 duplicate_ids = [docs[err["index"]]["_id"] for err in errors]
         out.rows["transactions"] = len(docs) - len(duplicate_ids)
-        out.duplicates["transactions"] = len(batch.items) - out.rows["transactions"]
+        out.duplicates["transactions"] = len(items) - out.rows["transactions"]
         owner = {}  # tx id -> (topic, partition, offset) of the occurrence that counts
         if duplicate_ids:
             found = self.db.transactions.find({"_id": {"$in": duplicate_ids}}, {"src": 1})
@@ -180,12 +236,18 @@ class MongoSink:
             if not pending:
                 return changed
             current = {d["_id"]: d for d in self.db.wallets.find({"_id": {"$in": list(pending)}})}
-            ops, ids = [], []
+            ops, ids, refused = [], [], set()
             for wid, effs in pending.items():
-                op = _wallet_op(wid, users[wid], current.get(wid), effs)
+                try:
+                    op = _wallet_op(wid, users[wid], current.get(wid), effs)
+                except _Unrepresentable as e:
+                    refused |= e.sources
+                    continue
                 if op is not None:
                     ops.append(op)
                     ids.append(wid)
+            if refused:  # before any wallet is written, so a rewrite without them is whole
+                raise _Unrepresentable(refused)
             retry: dict[str, list] = {}
             for i in range(0, len(ops), _OPS_PER_COMMAND):
                 chunk, chunk_ids = ops[i : i + _OPS_PER_COMMAND], ids[i : i + _OPS_PER_COMMAND]
@@ -214,15 +276,31 @@ class MongoSink:
                 time.sleep(delay)
 
 
+class _Unrepresentable(ArithmeticError):
+    """Effects that cannot be applied exactly; ``sources``: (stream, partition, offset)."""
+
+    def __init__(self, sources: set[tuple[str, int, int]]):
+        super().__init__(f"{len(sources)} effect(s) cannot be applied exactly")
+        self.sources = sources
+
+
 def _wallet_op(wid: str, owner: tuple[str, str], doc: dict | None, effs: list):
-    """The compare-and-set write for one wallet, or None when nothing is left to apply."""
+    """The compare-and-set write for one wallet, or None when nothing is left to apply.
+    Raises ``_Unrepresentable`` naming the effects that would make the balance inexact."""
     applied = {(a["topic"], a["partition"]): a["offset"] for a in (doc or {}).get("applied", [])}
     balance = Decimal(doc["balance"]) if doc else Decimal(0)
     todo = False
+    bad = set()
     for topic, partition, offset, delta in sorted(effs, key=lambda e: e[2]):
         if offset > applied.get((topic, partition), -1):
-            balance = EXACT.add(balance, delta)
+            try:
+                balance = EXACT.add(balance, delta)
+            except ArithmeticError:
+                bad.add((topic, partition, offset))
+                continue
             todo = True
+    if bad:
+        raise _Unrepresentable(bad)
     if not todo:
         return None
     for topic, partition, offset, _ in effs:

@@ -31,16 +31,28 @@ import psycopg2.extensions
 from tasks.core.codec import MAX_FUTURE_US, MIN_TIME_US, TRADE_PATTERN, CodecError, decode
 from tasks.core.events import Quote, Trade
 from tasks.core.pg import connect
-from tasks.drain.contract import Fenced, Written
+from tasks.drain.contract import Fenced, Rejected, Written
 
-log = logging.getLogger(__name__)
+log = _log = logging.getLogger(__name__)
 
 _RETRY_CODES = {
     psycopg2.errorcodes.SERIALIZATION_FAILURE,
     psycopg2.errorcodes.DEADLOCK_DETECTED,
     psycopg2.errorcodes.UNIQUE_VIOLATION,  # two first-time drains inserting one offset row
 }
+# PostgreSQL refuses the data itself (SQLSTATE classes): 22 data exception (numeric field
+# overflow, invalid text), 23 integrity constraint violation (a CHECK; unique violations
+# are handled by ON CONFLICT and retried), 54 program limit exceeded (an index row too
+# large). Retrying cannot help: the records are isolated and dead-lettered instead.
+# psycopg2 raises class 54 as OperationalError, the class of a lost connection, so the
+# SQLSTATE decides, never the exception class.
+_DATA_CLASSES = ("22", "23", "54")
 TopicPartition = tuple[str, int]
+
+
+def _refused_as_data(e: psycopg2.Error) -> bool:
+    code = e.pgcode or ""
+    return code[:2] in _DATA_CLASSES and code not in _RETRY_CODES
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -74,6 +86,9 @@ class PriceBatch:
     def __init__(self) -> None:
         self.trades: list[bytes] = []
         self.quotes: list[bytes] = []
+        # the Kafka record of each line, so a line the table refuses goes to the DLQ
+        self.trade_records: list[Any] = []
+        self.quote_records: list[Any] = []
         self._max_time = str(time.time_ns() // 1000 + MAX_FUTURE_US).encode()
 
     def __len__(self) -> int:
@@ -82,7 +97,7 @@ class PriceBatch:
     def add(self, topic: str, partition: int, records: Iterable[Any]) -> list[tuple[Any, str]]:
         """Take one partition's records; returns ``(record, reason)`` for each reject."""
         rejects = []
-        match, trades = TRADE_PATTERN.fullmatch, self.trades
+        match, trades, sources = TRADE_PATTERN.fullmatch, self.trades, self.trade_records
         min_t, max_t = _MIN_TIME, self._max_time
         join = b"\t".join
         for rec in records:
@@ -97,24 +112,35 @@ class PriceBatch:
                     and g[5].strip(b"0.")
                 ):
                     trades.append(join(g))
+                    sources.append(rec)
                     continue
-            reason = self._slow(rec.value)
+            reason = self._slow(rec)
             if reason is not None:
                 rejects.append((rec, reason))
         return rejects
 
-    def _slow(self, value: Any) -> str | None:
+    def _slow(self, rec: Any) -> str | None:
         try:
-            event = decode(value)
+            event = decode(rec.value)
         except CodecError as e:
             return e.reason
         if type(event) is Trade:
             self.trades.append(trade_line(event))
+            self.trade_records.append(rec)
         elif type(event) is Quote:
             self.quotes.append(quote_line(event))
+            self.quote_records.append(rec)
         else:
             return f"unexpected event type {type(event).__name__} for the price history"
         return None
+
+    def drop(self, records: list[Any]) -> None:
+        gone = {id(r) for r in records}
+        pairs = ((self.trades, self.trade_records), (self.quotes, self.quote_records))
+        for lines, sources in pairs:
+            kept = [(line, r) for line, r in zip(lines, sources, strict=True) if id(r) not in gone]
+            lines[:] = [line for line, _ in kept]
+            sources[:] = [r for _, r in kept]
 
 
 # --- writes ---------------------------------------------------------------------------
@@ -187,6 +213,34 @@ class PostgresSink:
                 log.warning("postgres sink: reading offsets failed, retrying: %s", e)
                 time.sleep(0.5)
 
+    def claim_log(self, consumer: str, topic: str, log: str, *, reset: bool = False) -> str | None:
+        def claim(conn) -> str | None:
+            with conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT log_id FROM kafka_logs WHERE consumer = %s AND topic = %s FOR UPDATE",
+                    (consumer, topic),
+                )
+                row = cur.fetchone()
+                before = row[0] if row else None
+                if before is not None and before != log and not reset:
+                    return before
+                if reset and before != log:
+                    cur.execute(
+                        "DELETE FROM kafka_offsets WHERE consumer = %s AND topic = %s",
+                        (consumer, topic),
+                    )
+                    log_line = "%s %s: offsets forgotten, now log %s (was %s)"
+                    _log.warning(log_line, consumer, topic, log, before)
+                cur.execute(
+                    "INSERT INTO kafka_logs (consumer, topic, log_id) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (consumer, topic) DO UPDATE"
+                    " SET log_id = EXCLUDED.log_id, updated_at = now()",
+                    (consumer, topic, log),
+                )
+                return before
+
+        return self._retrying(claim)
+
     def write(
         self,
         consumer: str,
@@ -194,7 +248,10 @@ class PostgresSink:
         offsets: dict[TopicPartition, tuple[int | None, int]],
     ) -> Written:
         """Store ``batch`` and move each partition from its expected to its next offset."""
-        return self._retrying(lambda conn: self._write_once(conn, consumer, batch, offsets))
+        return self._retrying(
+            lambda conn: self._write_once(conn, consumer, batch, offsets),
+            isolate=lambda conn: self._isolate(conn, batch),
+        )
 
     def _write_once(self, conn, consumer, batch: PriceBatch, offsets) -> Written:
         out = Written()
@@ -238,29 +295,51 @@ class PostgresSink:
             raise Fenced(f"offsets moved by another drain of {consumer!r}: {moved}")
         return False
 
-    def _retrying(self, work):
-        """Run ``work(conn)``; retry conflicts and lost connections until the deadline."""
+    def _retrying(self, work, isolate=None):
+        """Run ``work(conn)``; retry conflicts and lost connections until the deadline.
+        Data the server refuses is never retried: ``isolate(conn)`` finds the refused
+        records and raises ``Rejected``; when no record alone is refused, the error is
+        raised as it is (the run fails loudly rather than retrying the same data)."""
         deadline = time.monotonic() + self.retry_seconds
         attempt = 0
         while True:
             attempt += 1
             try:
                 return work(self._connection())
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+            except psycopg2.Error as e:
+                if _refused_as_data(e):
+                    if isolate is not None:
+                        isolate(self._connection())
+                    raise
                 if e.pgcode in _RETRY_CODES:
                     why = e.pgcode
-                else:  # connection lost or refused: start over on a new one
-                    why = f"connection: {str(e).strip()[:80]}"
+                elif isinstance(e, psycopg2.OperationalError | psycopg2.InterfaceError):
+                    why = f"connection: {str(e).strip()[:80]}"  # lost or refused: reconnect
                     self.close()
-            except psycopg2.IntegrityError as e:
-                if e.pgcode not in _RETRY_CODES:
+                else:
                     raise
-                why = e.pgcode
             delay = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(f"PostgreSQL write kept failing ({why}) for {attempt} tries")
             log.warning("postgres sink retry %d in %.2fs: %s", attempt, delay, why)
             time.sleep(delay)
+
+    def _isolate(self, conn, batch: PriceBatch) -> None:
+        """Find the lines the tables refuse (probes in savepoints, all undone) and raise
+        ``Rejected`` with their records and PostgreSQL's reasons."""
+        refused = []
+        try:
+            with conn.cursor() as cur:
+                for table, lines, sources in (
+                    ("trades", batch.trades, batch.trade_records),
+                    ("quotes", batch.quotes, batch.quote_records),
+                ):
+                    for i, reason in _refused_lines(cur, table, lines):
+                        refused.append((sources[i], f"postgres refused the {table} row: {reason}"))
+        finally:
+            conn.rollback()
+        if refused:
+            raise Rejected(refused)
 
 
 def _copy_insert(cur, table: str, lines: list[bytes]) -> int:
@@ -285,3 +364,29 @@ def _copy_insert(cur, table: str, lines: list[bytes]) -> int:
     else:
         cur.execute("RELEASE SAVEPOINT fresh")
     return inserted
+
+
+def _refused_lines(cur, table: str, lines: list[bytes]) -> list[tuple[int, str]]:
+    """Indexes of the lines ``table`` refuses as data, with the server's reason: found by
+    bisection, each probe a COPY + INSERT in a savepoint that is rolled back. k refused
+    lines of n cost about 2k log2(n) probes; poison is rare, so this path may be slow."""
+    out: list[tuple[int, str]] = []
+    todo = [(0, len(lines))] if lines else []
+    while todo:
+        lo, hi = todo.pop()
+        cur.execute("SAVEPOINT probe")
+        try:
+            data = b"\n".join(lines[lo:hi]) + b"\n"
+            cur.copy_expert(f"COPY stage_{table} FROM STDIN", io.BytesIO(data), size=len(data))
+            cur.execute(f"INSERT INTO {table} SELECT * FROM stage_{table} ON CONFLICT DO NOTHING")
+        except psycopg2.Error as e:
+            if not _refused_as_data(e):
+                raise
+            if hi - lo == 1:
+                first = (e.pgerror or str(e)).strip().splitlines()[0][:300]
+                out.append((lo, f"{e.pgcode} {first}"))
+            else:
+                mid = (lo + hi) // 2
+                todo += [(mid, hi), (lo, mid)]
+        cur.execute("ROLLBACK TO SAVEPOINT probe")
+    return sorted(out)

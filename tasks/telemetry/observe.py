@@ -40,6 +40,7 @@ from tasks.core.metrics import (
     DRAIN_BATCH_SECONDS,
     DRAIN_DUPLICATES,
     DRAIN_LAST_SUCCESS,
+    DRAIN_OFFSET_GAPS,
     DRAIN_REJECTS,
     DRAIN_ROWS,
 )
@@ -52,6 +53,7 @@ DRAIN_METRICS = (
     DRAIN_REJECTS,
     DRAIN_BATCH_SECONDS,
     DRAIN_LAST_SUCCESS,
+    DRAIN_OFFSET_GAPS,
     DLQ_RECORDS,
 )
 # Labels the gateway sets from the grouping key (``instance`` it adds, empty).

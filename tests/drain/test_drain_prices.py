@@ -170,15 +170,19 @@ def test_killed_between_database_and_kafka_commit_equals_a_clean_run(kafka, post
         assert price_state(postgres.pg_dsn, crashed) == price_state(postgres.pg_dsn, clean)
 
 
-def test_two_drains_at_once_split_the_partitions(kafka, postgres, schema, new_topic):
+def test_two_drains_on_disjoint_partitions_drain_in_parallel(kafka, postgres, schema, new_topic):
     t_topic, q_topic = new_topic(6), new_topic(1)
     publish(kafka, t_topic, trades(24_000))
     consumer, results = _name(), []
 
-    def run() -> None:
-        results.append(drain_prices_now(kafka, schema, consumer, [t_topic, q_topic], batch_size=25))
+    def run(partitions: str) -> None:
+        results.append(
+            drain_prices_now(
+                kafka, schema, consumer, [t_topic, q_topic], batch_size=25, partitions=partitions
+            )
+        )
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("0-2", "3-5")]
     for t in threads:
         t.start()
     for t in threads:
@@ -196,3 +200,28 @@ def test_two_drains_at_once_split_the_partitions(kafka, postgres, schema, new_to
         assert cur.fetchone() == (24_000, 24_000)
         cur.execute("SELECT sum(next_offset) FROM kafka_offsets WHERE topic = %s", (t_topic,))
         assert cur.fetchone() == (24_000,)
+
+
+def test_two_drains_on_the_same_partitions_store_each_trade_once(
+    kafka, postgres, schema, new_topic
+):
+    """An operator's extra run beside the scheduled one: both take every partition, the
+    fence stops whichever writes from stale offsets, and it re-reads and goes on."""
+    t_topic, q_topic = new_topic(3), new_topic(1)
+    publish(kafka, t_topic, trades(9_000))
+    consumer, results = _name(), []
+
+    def run() -> None:
+        results.append(drain_prices_now(kafka, schema, consumer, [t_topic, q_topic], batch_size=50))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.stopped for r in results] == ["caught up"] * 2, [r.records for r in results]
+    with contextlib.closing(connect(postgres.pg_dsn, schema)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT trade_id) FROM trades")
+        assert cur.fetchone() == (9_000, 9_000)
+        cur.execute("SELECT sum(next_offset) FROM kafka_offsets WHERE topic = %s", (t_topic,))
+        assert cur.fetchone() == (9_000,)

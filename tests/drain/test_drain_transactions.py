@@ -91,16 +91,20 @@ def test_killed_at_any_step_then_retried_equals_a_clean_run(kafka, mongo, new_to
         client.close()
 
 
-def test_two_drains_at_once_split_the_partitions(kafka, mongo_db, new_topic):
+def test_two_drains_on_disjoint_partitions_give_exact_balances(kafka, mongo_db, new_topic):
     topic = new_topic(6)
     txs = transactions(users=60, n=1500, seed=5)
     publish(kafka, topic, txs)
     consumer, results = _name(), []
 
-    def run() -> None:
-        results.append(drain_transactions_now(kafka, mongo_db.name, consumer, topic, batch_size=60))
+    def run(partitions: str) -> None:
+        results.append(
+            drain_transactions_now(
+                kafka, mongo_db.name, consumer, topic, batch_size=60, partitions=partitions
+            )
+        )
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("0,2,4", "1,3,5")]
     for t in threads:
         t.start()
     for t in threads:
