@@ -9,9 +9,13 @@ is repaired by simply replaying the batch:
    twice while a replay of the first one still can.
 2. ``wallets`` (one document per user and asset): a batch's effects are folded per
    wallet in Python with exact Decimals, skipping effects at or below the offset the
-   wallet already applied for that partition, and written with a compare-and-set on the
-   wallet's version, so two writers of one wallet never interleave (a lost race is
-   re-read and re-folded).
+   wallet already applied for that partition. The new state (version v+1) is claimed by
+   inserting ``wallet_versions`` document ``<wallet>#<v+1>``: FerretDB matches an update's
+   filter and writes by ``_id`` in two steps, so an update-based compare-and-set lets two
+   writers both win, but a unique ``_id`` insert has exactly one winner, on FerretDB and
+   MongoDB alike. The loser re-reads the newest version and re-folds (its effects are
+   then mostly below the winner's marks). The winner copies its state into ``wallets``,
+   the collection readers query, only forwards.
 3. ``kafka_offsets``: the batch's next offsets, only ever moved forwards.
 Amounts are decimal strings (FerretDB 1.x drops the connection on Decimal128).
 
@@ -35,7 +39,7 @@ from decimal import Decimal
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo import ASCENDING, DESCENDING, DeleteOne, InsertOne, UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError
 
 from tasks.core.codec import CodecError, decode
@@ -49,6 +53,9 @@ log = _log = logging.getLogger(__name__)
 # update command ends and deadlocks at ~100; small commands keep it far from that.
 _OPS_PER_COMMAND = 16
 _DUPLICATE_KEY = 11000
+# Wallet versions are kept this long (and each wallet's newest for ever): a writer folds
+# onto a version it read at most half this long ago, so the _id it claims was never freed.
+_VERSIONS_KEPT_S = 3600.0
 Key = tuple[str, int]
 
 
@@ -107,6 +114,7 @@ class MongoSink:
         self.url, self.database, self.retry_seconds = url, database, retry_seconds
         self._client: Any = None
         self._streams: dict[str, str] = {}  # topic -> stream name in marks and sources
+        self._pruned_at = 0.0
 
     @property
     def db(self):
@@ -115,6 +123,7 @@ class MongoSink:
             db = self._client[self.database]
             db.transactions.create_index([("user_id", ASCENDING), ("event_us", DESCENDING)])
             db.wallets.create_index([("user_id", ASCENDING)])
+            db.wallet_versions.create_index([("wid", ASCENDING)])
         return self._client[self.database]
 
     def open_batch(self) -> TxBatch:
@@ -223,7 +232,7 @@ class MongoSink:
         ]
 
     def _apply_wallets(self, items: list) -> int:
-        """Fold effects per wallet and write each with a version compare-and-set."""
+        """Fold effects per wallet; claim each new state by inserting its version."""
         pending: dict[str, list[tuple[str, int, int, Decimal]]] = defaultdict(list)
         users: dict[str, tuple[str, str]] = {}
         for tx, deltas, topic, partition, offset in items:
@@ -232,33 +241,112 @@ class MongoSink:
                 pending[wid].append((topic, partition, offset, delta))
                 users[wid] = (tx.user_id, asset)
         changed = 0
+        base, read_at = self._base(list(pending)), time.monotonic()
         for attempt in range(1, 51):
             if not pending:
+                self._prune()
                 return changed
-            current = {d["_id"]: d for d in self.db.wallets.find({"_id": {"$in": list(pending)}})}
-            ops, ids, refused = [], [], set()
+            if time.monotonic() - read_at > _VERSIONS_KEPT_S / 2:  # paused: its base may be gone
+                base, read_at = self._base(list(pending)), time.monotonic()
+            states, refused = {}, set()
             for wid, effs in pending.items():
                 try:
-                    op = _wallet_op(wid, users[wid], current.get(wid), effs)
+                    state = _fold(wid, users[wid], base.get(wid), effs)
                 except _Unrepresentable as e:
                     refused |= e.sources
                     continue
-                if op is not None:
-                    ops.append(op)
-                    ids.append(wid)
+                if state is not None:
+                    states[wid] = state
             if refused:  # before any wallet is written, so a rewrite without them is whole
                 raise _Unrepresentable(refused)
-            retry: dict[str, list] = {}
-            for i in range(0, len(ops), _OPS_PER_COMMAND):
-                chunk, chunk_ids = ops[i : i + _OPS_PER_COMMAND], ids[i : i + _OPS_PER_COMMAND]
-                done = _bulk(self.db.wallets, chunk)
-                changed += done
-                if done < len(chunk):  # lost a race: re-read and re-fold these wallets
-                    retry.update({wid: pending[wid] for wid in chunk_ids})
-            pending = retry
-            if pending:
+            won, lost = self._claim_versions(states)
+            self._show(won)
+            changed += len(won)
+            pending = {wid: pending[wid] for wid in lost}
+            if pending:  # another writer got there first: fold onto its state
+                base, read_at = self._base(list(pending)), time.monotonic()
                 time.sleep(random.uniform(0, 0.01 * attempt))
         raise RuntimeError(f"wallet updates kept conflicting: {sorted(pending)[:5]}")
+
+    def _claim_versions(self, states: dict[str, dict]) -> tuple[list[dict], list[str]]:
+        """Insert ``<wallet>#<v>`` for each new state: a unique ``_id`` is the one write
+        FerretDB checks atomically, so of two writers folding onto one version exactly one
+        wins. Returns the states that won and the wallets that lost."""
+        won: list[dict] = []
+        lost: list[str] = []
+        items = list(states.items())
+        for i in range(0, len(items), _OPS_PER_COMMAND):
+            chunk = items[i : i + _OPS_PER_COMMAND]
+            ops = [InsertOne({**st, "_id": f"{wid}#{st['v']}", "wid": wid}) for wid, st in chunk]
+            failed: set[int] = set()
+            try:
+                self.db.wallet_versions.bulk_write(ops, ordered=False)
+            except BulkWriteError as e:
+                errors = e.details["writeErrors"]
+                if any(err["code"] != _DUPLICATE_KEY for err in errors):
+                    raise
+                failed = {err["index"] for err in errors}
+            for n, (wid, st) in enumerate(chunk):
+                (lost.append(wid) if n in failed else won.append({**st, "_id": wid}))
+        return won, lost
+
+    def _show(self, states: list[dict]) -> None:
+        """Copy won states into ``wallets`` (what readers query), never backwards. FerretDB's
+        two-step update can let a racing writer of an older version land after ours, so
+        the copy is read back and repeated until ``wallets`` holds ours or a newer one."""
+        todo = list(states)
+        for _ in range(10):
+            views = [
+                UpdateOne(
+                    {"_id": st["_id"], "v": {"$lt": st["v"]}},
+                    {"$set": {k: v for k, v in st.items() if k != "_id"}},
+                    upsert=True,
+                )
+                for st in todo
+            ]
+            for i in range(0, len(views), _OPS_PER_COMMAND):
+                _bulk(self.db.wallets, views[i : i + _OPS_PER_COMMAND])  # a newer view stays
+            shown = {
+                d["_id"]: d["v"]
+                for d in self.db.wallets.find({"_id": {"$in": [st["_id"] for st in todo]}})
+            }
+            todo = [st for st in todo if shown.get(st["_id"], 0) < st["v"]]
+            if not todo:
+                return
+        log.warning("wallets view behind its versions for %s", [st["_id"] for st in todo][:5])
+
+    def _base(self, wids: list[str]) -> dict[str, dict]:
+        """The newest claimed state of each wallet, what the next version folds onto: its
+        newest ``wallet_versions`` document (never pruned), else its ``wallets`` document
+        (a wallet written before versions existed), else none."""
+        base = {d["_id"]: d for d in self.db.wallets.find({"_id": {"$in": wids}})}
+        newest: dict[str, dict] = {}
+        for d in self.db.wallet_versions.find({"wid": {"$in": wids}}):
+            if d["v"] > newest.get(d["wid"], {}).get("v", -1):
+                newest[d["wid"]] = d
+        for wid, d in newest.items():
+            if d["v"] >= base.get(wid, {}).get("v", -1):
+                base[wid] = {k: v for k, v in d.items() if k != "wid"} | {"_id": wid}
+        return base
+
+    def _prune(self) -> None:
+        """Drop versions older than ``_VERSIONS_KEPT_S`` that are not their wallet's newest,
+        at most once a minute. A claim is safe while every version a writer may fold onto
+        exists: writers re-read a base older than half that time before claiming."""
+        now = time.monotonic()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        cutoff = time.time_ns() // 1000 - int(_VERSIONS_KEPT_S * 1_000_000)
+        old = list(self.db.wallet_versions.find({"updated_us": {"$lt": cutoff}}).limit(256))
+        if not old:
+            return
+        newest: dict[str, int] = {}
+        for d in self.db.wallet_versions.find({"wid": {"$in": list({d["wid"] for d in old})}}):
+            newest[d["wid"]] = max(d["v"], newest.get(d["wid"], -1))
+        gone = [DeleteOne({"_id": d["_id"]}) for d in old if d["v"] < newest[d["wid"]]]
+        for i in range(0, len(gone), _OPS_PER_COMMAND):
+            self.db.wallet_versions.bulk_write(gone[i : i + _OPS_PER_COMMAND], ordered=False)
 
     def _retrying(self, work):
         deadline = time.monotonic() + self.retry_seconds
@@ -284,8 +372,8 @@ class _Unrepresentable(ArithmeticError):
         self.sources = sources
 
 
-def _wallet_op(wid: str, owner: tuple[str, str], doc: dict | None, effs: list):
-    """The compare-and-set write for one wallet, or None when nothing is left to apply.
+def _fold(wid: str, owner: tuple[str, str], doc: dict | None, effs: list) -> dict | None:
+    """The wallet's next state (version ``v + 1``), or None when nothing is left to apply.
     Raises ``_Unrepresentable`` naming the effects that would make the balance inexact."""
     applied = {(a["topic"], a["partition"]): a["offset"] for a in (doc or {}).get("applied", [])}
     balance = Decimal(doc["balance"]) if doc else Decimal(0)
@@ -305,14 +393,14 @@ def _wallet_op(wid: str, owner: tuple[str, str], doc: dict | None, effs: list):
         return None
     for topic, partition, offset, _ in effs:
         applied[(topic, partition)] = max(offset, applied.get((topic, partition), -1))
-    state = {
+    return {
+        "user_id": owner[0],
+        "asset": owner[1],
+        "v": (doc["v"] + 1) if doc else 1,
         "balance": format(balance, "f"),
         "applied": [{"topic": t, "partition": p, "offset": o} for (t, p), o in applied.items()],
         "updated_us": time.time_ns() // 1000,
     }
-    if doc is None:
-        return InsertOne({"_id": wid, "user_id": owner[0], "asset": owner[1], "v": 1, **state})
-    return UpdateOne({"_id": wid, "v": doc["v"]}, {"$set": {**state, "v": doc["v"] + 1}})
 
 
 def _bulk(collection, ops: list) -> int:
@@ -323,4 +411,4 @@ def _bulk(collection, ops: list) -> int:
     except BulkWriteError as e:
         if any(err["code"] != _DUPLICATE_KEY for err in e.details["writeErrors"]):
             raise
-        return e.details["nInserted"] + e.details["nModified"]
+        return e.details.get("nInserted", 0) + e.details.get("nModified", 0)  # FerretDB: may lack

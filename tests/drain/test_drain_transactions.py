@@ -6,8 +6,13 @@ Balances are checked against the wallet rules computed independently in the test
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -15,6 +20,7 @@ from dataclasses import replace
 from tasks.core.codec import encode
 from tasks.core.wallets import fold_transactions, wallet_balances
 from tests.drain.support import (
+    ROOT,
     drain_transactions_now,
     expected_balances,
     mongo_client,
@@ -116,3 +122,36 @@ def test_two_drains_on_disjoint_partitions_give_exact_balances(kafka, mongo_db, 
     assert sum(r.records.get(topic, 0) for r in results) == len(txs)  # nothing read twice
     assert mongo_db.transactions.count_documents({}) == len(txs)
     assert wallet_balances(mongo_db) == expected_balances(txs)
+
+
+def test_a_drain_paused_mid_batch_beside_another_loses_no_effect(kafka, mongo_db, new_topic):
+    """Two drains of one wallet set (same consumer, same partition): one is frozen with
+    SIGSTOP for 10 s while it writes, the other drains everything meanwhile; when the
+    frozen one wakes up and writes its stale batch, the version claim makes it re-fold
+    onto the newer state, so no effect is lost or applied twice."""
+    topic = new_topic(1)
+    txs = transactions(users=8, n=6000, seed=17)
+    publish(kafka, topic, txs)
+    consumer = _name()
+    cmd = [sys.executable, "-m", "tests.drain.support", "transactions", mongo_db.name, consumer,
+           topic, "--batch-size", "1500"]  # fmt: skip
+    frozen = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        deadline = time.monotonic() + 60
+        while mongo_db.transactions.count_documents({}) == 0:  # it is writing now
+            assert frozen.poll() is None, "the first drain ended before it wrote anything"
+            assert time.monotonic() < deadline, "the first drain wrote nothing within 60 s"
+            time.sleep(0.05)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        other = drain_transactions_now(kafka, mongo_db.name, consumer, topic, batch_size=700)
+        assert other.stopped == "caught up"
+        time.sleep(max(0.0, 10 - other.seconds))  # frozen for at least 10 s in all
+        os.kill(frozen.pid, signal.SIGCONT)
+        assert frozen.wait(120) == 0, "the woken drain did not finish within 120 s"
+    finally:
+        if frozen.poll() is None:
+            os.kill(frozen.pid, signal.SIGCONT)
+            frozen.kill()
+    assert mongo_db.transactions.count_documents({}) == len({t.tx_id for t in txs})
+    assert wallet_balances(mongo_db) == expected_balances(txs)
+    assert wallet_balances(mongo_db) == fold_transactions(mongo_db)
