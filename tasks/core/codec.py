@@ -5,6 +5,12 @@ Wire format (version 1): one JSON object per Kafka message, ``{"v": 1, "t": <typ
 times as integers (epoch microseconds). ``decode`` validates; anything it rejects raises
 ``CodecError`` whose ``reason`` is what the DLQ record carries. Decoding never raises
 anything else.
+
+Sizes are part of the format: every string, decimal and integer field and the message
+itself have a maximum (the constants below), so whatever the codec accepts every sink
+stores (PostgreSQL ``text``/``numeric`` columns and their indexes, MongoDB documents) and
+wallet arithmetic computes exactly. ``from_dict`` enforces them, and with it ``decode``,
+``validate`` and every venue adapter.
 """
 
 from __future__ import annotations
@@ -33,12 +39,53 @@ VERSION = 1
 # Times outside [2009-01-03, now + 1 day] are absurd for crypto market data.
 MIN_TIME_US = 1_230_940_800_000_000
 MAX_FUTURE_US = 86_400_000_000
+# Integers (trade_id, update_id, trade_count) are PostgreSQL BIGINTs: signed 64-bit.
 MAX_ID = 2**63 - 1
+
+# -- size limits ---------------------------------------------------------------------------
+# Strings, in characters (str length). Bytes need no limit of their own: UTF-8 takes at
+# most 4 per character, so the widest index row, the candles key (venue, symbol,
+# interval, open_us), holds at most 4 * (32 + 64 + 16) + 8 = 456 bytes of data, far
+# under btree's 2,704-byte maximum (a 3,000-character symbol broke it), and a MongoDB _id
+# (tx_id; wallets' "user_id:asset") stays under 600 bytes.
+MAX_CHARS: dict[str, int] = {
+    "venue": 32,  # registry names: binance, binanceus, coinbase, kraken (<= 9)
+    "symbol": 64,  # canonical BASE-QUOTE; real assets are <= 12 characters each
+    "venue_symbol": 64,  # the venue's spelling: BTCUSDT, XBT/USD, 1000SATSUSDT
+    "interval": 16,  # 1m, 15m, 4h, 1d (tasks.analytics.candles allows <= 6 characters)
+    "source": 32,  # 'trades' or 'venue'
+    "tx_id": 128,  # a uuid4 hex is 32; exchange order ids are at most ~64
+    "user_id": 128,  # a uuid or an account id, with room for a prefix
+}
+# Decimals, as ``Decimal`` reads them: coefficient digits and exponent (value =
+# coefficient * 10**exponent). Real data is far inside: Binance prints 8 decimals
+# ("0.00000001", "123456789.12345678": 17 digits), Coinbase and Kraken at most 10, a
+# candle's VWAP has 28 significant digits (VWAP_CONTEXT in tasks.analytics.candles and
+# tasks.venues.binance), volumes are exact sums of sizes. Together these make wallet
+# arithmetic exact (tasks.core.wallets.EXACT, 100 digits): qty * price has at most
+# 2 * 40 = 80 digits, and notional +- fee spans at most 100 places, the most when two
+# amounts at exponent -40 meet a fee just under 1e19 (places 10**-80 .. 10**19, with a
+# carry). PostgreSQL's numeric takes 131,072 digits before the point and 16,383 after
+# (17,000 decimals overflowed it); no price or size column is in an index.
+MAX_DIGITS = 40  # significant digits (the coefficient; trailing zeros count as written)
+MAX_SCALE = 40  # exponent >= -40, zero included (0E-99999): a 28-digit VWAP of a >= 1e-13 price
+MAX_ADJUSTED = 18  # |x| < 1e19 and exponent <= 18, zero included (0E+99999): the largest
+# sizes and daily volumes (memecoins with ~1e15 supply) have 4 orders to spare.
+MAX_DECIMAL_CHARS = 64  # the written string: a valid value's canonical form has <= 43
+# characters ("-0." and 40 zeros); the rest is room for a venue's leading zeros or "+".
+# Any message ``decode`` reads. The largest valid event encodes to under 2.5 KiB (a
+# transaction with every string at its limit in \u-escaped control characters;
+# tests/core/test_codec.py builds it); the rest is room for fields decode ignores (the
+# candle topic's indicators). 1/64 of Kafka's default 1 MiB message.max.bytes.
+MAX_MESSAGE_BYTES = 16 * 1024
+
 # Plain ASCII decimal syntax: Decimal() alone also takes "1_000", " 1 ", non-ASCII digits.
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-# |value| within 1e-40..1e40: anything beyond is garbage that would overflow NUMERIC
-# columns or decimal arithmetic downstream and stall a sink.
-MAX_ADJUSTED_EXP = 40
+# A plain decimal of at most 19 characters meets every limit above by construction (<= 19
+# digits, <= 18 decimals, < 1e19), so the common case skips the checks (see _dec).
+_PLAIN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)", re.ASCII)
+_SHORT = MAX_ADJUSTED + 1
+assert _SHORT <= MAX_DIGITS and _SHORT - 1 <= MAX_SCALE
 
 
 class CodecError(ValueError):
@@ -52,6 +99,8 @@ class CodecError(ValueError):
 def _str(name: str, v: Any) -> str:
     if type(v) is not str or not v:
         raise CodecError(f"{name}: expected a non-empty string, got {v!r:.60}")
+    if len(v) > MAX_CHARS[name]:
+        raise CodecError(f"{name}: longer than {MAX_CHARS[name]} characters ({len(v)}): {v!r:.60}")
     if "\x00" in v or not (v.isascii() or _utf8(v)):  # text columns and encode() refuse these
         raise CodecError(f"{name}: NUL or unpaired surrogate in {v!r:.60}")
     return v
@@ -68,6 +117,19 @@ def _utf8(v: str) -> bool:
 def _dec(name: str, v: Any, positive: bool) -> Decimal:
     if type(v) is not str:
         raise CodecError(f"{name}: expected a decimal string, got {type(v).__name__}")
+    # the hot path: a short plain decimal is within every size limit by construction
+    d = Decimal(v) if len(v) <= _SHORT and _PLAIN.fullmatch(v) else _bounded(name, v)
+    if d < 0 or (positive and d == 0):
+        raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
+    return d
+
+
+def _bounded(name: str, v: str) -> Decimal:
+    """A decimal string checked against the syntax and every size limit."""
+    if len(v) > MAX_DECIMAL_CHARS:
+        raise CodecError(
+            f"{name}: longer than {MAX_DECIMAL_CHARS} characters ({len(v)}): {v!r:.60}"
+        )
     if _DECIMAL.fullmatch(v) is None:
         if v.lstrip("+-").lower() in ("nan", "snan", "inf", "infinity"):
             raise CodecError(f"{name}: not finite: {v!r:.60}")
@@ -76,10 +138,17 @@ def _dec(name: str, v: Any, positive: bool) -> Decimal:
         d = Decimal(v)
     except InvalidOperation:  # an exponent beyond the decimal module's range
         raise CodecError(f"{name}: magnitude out of range: {v!r:.60}") from None
-    if d and abs(d.adjusted()) > MAX_ADJUSTED_EXP:
-        raise CodecError(f"{name}: magnitude out of range: {v!r:.60}")
-    if d < 0 or (positive and d == 0):
-        raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
+    _, digits, exponent = d.as_tuple()
+    if len(digits) > MAX_DIGITS:
+        raise CodecError(
+            f"{name}: more than {MAX_DIGITS} significant digits ({len(digits)}): {v!r:.60}"
+        )
+    if d and d.adjusted() > MAX_ADJUSTED:
+        raise CodecError(f"{name}: magnitude out of range (>= 1e{MAX_ADJUSTED + 1}): {v!r:.60}")
+    if not -MAX_SCALE <= exponent <= MAX_ADJUSTED:
+        raise CodecError(
+            f"{name}: exponent {exponent} out of range [-{MAX_SCALE}, {MAX_ADJUSTED}]: {v!r:.60}"
+        )
     return d
 
 
@@ -239,6 +308,9 @@ def from_dict(obj: Any) -> Event:
 
 
 def decode(data: bytes | str) -> Event:
+    if isinstance(data, (bytes, bytearray, str)) and len(data) > MAX_MESSAGE_BYTES:
+        # a str is measured in characters: each is at least one byte
+        raise CodecError(f"message: {len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
     try:
         obj = json.loads(data)
     except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError
@@ -258,11 +330,44 @@ def validate(event: Event) -> Event:
 # field values (tests/drain/test_drain_rows.py checks this property), so the price drain
 # (``tasks.drain.postgres.PriceBatch``) skips json.loads, Decimal and the dataclass and
 # copies the fields straight into its COPY line. Anything else takes the full path.
-_S = rb'"([\x20\x21\x23-\x5b\x5d-\x7e]+)"'  # printable ASCII, no quote or backslash
-_D = rb'"([0-9]{1,40}(?:\.[0-9]{1,40})?)"'  # plain decimal: |adjusted exponent| <= 40
+# The groups are built from the limits above, so that for what ``encode`` writes (printable
+# ASCII names, decimals in plain notation) a match and ``decode`` agree exactly; only
+# the time range and "price, qty > 0" are left to PriceBatch's own checks.
+
+
+def _s(limit: int) -> bytes:
+    """A JSON string of 1..limit printable ASCII characters, no quote or backslash."""
+    return rb'"([\x20\x21\x23-\x5b\x5d-\x7e]{1,%d})"' % limit
+
+
+def _uint_at_most(n: int) -> bytes:
+    """Decimal integers 0..n as ``str`` writes them (no leading zeros)."""
+    top = str(n).encode()
+    alts = [b"0"]
+    if len(top) > 1:  # fewer digits than n
+        alts.append(rb"[1-9][0-9]{0,%d}" % (len(top) - 2))
+    for i, c in enumerate(top):  # as many digits: n's first i digits, then a smaller one
+        low = 0x31 if i == 0 else 0x30
+        if c > low:
+            rest = b"[0-9]{%d}" % (len(top) - i - 1) if i < len(top) - 1 else b""
+            alts.append(top[:i] + b"[%c-%c]" % (low, c - 1) + rest)
+    alts.append(top)
+    return b"(" + b"|".join(alts) + b")"
+
+
+# A plain decimal: "0" or "0.<1..MAX_SCALE digits>"; or a nonzero integer part of at most
+# MAX_ADJUSTED + 1 digits (|x| < 1e19) and at most MAX_SCALE decimals, MAX_DIGITS digits in
+# all (the lookahead: at most MAX_DIGITS + 1 characters with the point). Needs MAX_SCALE <=
+# MAX_DIGITS, so the zero branch is within the digit limit too.
+_D = rb'"((?:0|(?=[0-9.]{1,%d}")[1-9][0-9]{0,%d})(?:\.[0-9]{1,%d})?)"' % (
+    MAX_DIGITS + 1, MAX_ADJUSTED, MAX_SCALE,
+)  # fmt: skip
+assert MAX_SCALE <= MAX_DIGITS and MAX_SCALE + 2 <= MAX_DECIMAL_CHARS
 _T = rb"([1-9][0-9]{15})"  # 16-digit epoch microseconds (2001..2286)
 TRADE_PATTERN = re.compile(
-    rb'\{"v":1,"t":"trade","venue":' + _S + rb',"symbol":' + _S + rb',"venue_symbol":' + _S
-    + rb',"trade_id":(0|[1-9][0-9]{0,17}),"price":' + _D + rb',"qty":' + _D
+    rb'\{"v":1,"t":"trade","venue":' + _s(MAX_CHARS["venue"])
+    + rb',"symbol":' + _s(MAX_CHARS["symbol"])
+    + rb',"venue_symbol":' + _s(MAX_CHARS["venue_symbol"])
+    + rb',"trade_id":' + _uint_at_most(MAX_ID) + rb',"price":' + _D + rb',"qty":' + _D
     + rb',"side":"(buy|sell)","event_us":' + _T + rb',"recv_us":' + _T + rb"\}"
 )  # fmt: skip

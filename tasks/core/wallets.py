@@ -15,10 +15,13 @@ from decimal import Context, Decimal, Inexact
 from tasks.core.codec import CodecError
 from tasks.core.events import UserTransaction, split_symbol
 
-# Exact arithmetic or a reject: 100 digits hold any product of two codec-valid amounts
-# of realistic length; anything that would round is refused rather than stored wrong.
+# Exact arithmetic or a reject: the codec's decimal limits (tasks.core.codec: <= 40 digits,
+# exponent >= -40, < 1e19) make every transaction's effects fit 100 digits (qty * price
+# +- fee spans at most 10**-80 .. 10**19), so ``effects`` never rounds a codec-valid one
+# (tests/core/test_codec.py tries the corners). A balance folded from many stays exact
+# while its digits span at most 100 places; anything that would round is refused
+# rather than stored wrong.
 EXACT = Context(prec=100, traps=[Inexact])
-_ASSET = re.compile(r"[A-Za-z0-9]{1,32}")
 _ASSET = re.compile(r"[A-Za-z0-9]{1,32}")
 
 

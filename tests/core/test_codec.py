@@ -1,11 +1,13 @@
 """The codec's promises: lossless round trips, CodecError as the only failure, and each
-validation rule rejecting what it names."""
+validation rule rejecting what it names; the size limits accept at the limit, reject one
+past it, keep wallet arithmetic exact and fit PostgreSQL's columns and indexes."""
 
 from __future__ import annotations
 
 import json
 import time
-from decimal import Decimal
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, localcontext
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from tasks.core import codec
 from tasks.core.codec import CodecError, decode, encode, from_dict, to_dict, validate
 from tasks.core.events import Candle, Quote, Trade, UserTransaction
+from tasks.core.wallets import effects
 
 NOW_US = time.time_ns() // 1000
 T0 = 1_700_000_000_000_000  # 2023-11-14
@@ -25,13 +28,21 @@ names = st.text(
     min_size=1,
     max_size=12,
 )
-# Positive decimals across magnitudes, keeping their written form (trailing zeros, E-notation).
-positive = st.builds(
-    lambda digits, exp: Decimal(digits).scaleb(exp),
-    st.integers(1, 10**20),
-    st.integers(-30, 10),
-)
-non_negative = positive | st.sampled_from([Decimal("0"), Decimal("0.00000000")])
+# Decimals anywhere within the codec's limits, keeping their written form (trailing zeros,
+# E-notation): 1..MAX_DIGITS digits, exponent from -MAX_SCALE to what keeps |x| < 1e19.
+
+
+@st.composite
+def within_limits(draw) -> Decimal:
+    n = draw(st.integers(1, codec.MAX_DIGITS))
+    digits = draw(st.integers(10 ** (n - 1), 10**n - 1))
+    exponent = draw(st.integers(-codec.MAX_SCALE, codec.MAX_ADJUSTED - n + 1))
+    return Decimal(f"{digits}E{exponent}")  # exact (scaleb would round to 28 digits)
+
+
+positive = within_limits()
+zeros = st.integers(-codec.MAX_SCALE, codec.MAX_ADJUSTED).map(lambda e: Decimal(f"0E{e}"))
+non_negative = positive | zeros
 times = st.integers(codec.MIN_TIME_US, NOW_US)
 ids = st.integers(0, codec.MAX_ID)
 sides = st.sampled_from(["buy", "sell"])
@@ -155,7 +166,7 @@ def test_a_valid_trade_decodes_exactly():
         ({"price": ""}, "price: not a number"),
         ({"price": 1.5}, "price: expected a decimal string, got float"),
         ({"price": "1e41"}, "price: magnitude out of range"),
-        ({"qty": "1e-41"}, "qty: magnitude out of range"),
+        ({"qty": "1e-41"}, "qty: exponent -41 out of range"),
         ({"qty": "1e99999999999999999999"}, "qty: magnitude out of range"),
         ({"trade_id": -1}, "trade_id: expected a non-negative integer"),
         ({"trade_id": 2**63}, "trade_id: expected a non-negative integer"),
@@ -227,7 +238,8 @@ def test_transaction_status_and_fee_rules():
         (b"", "not JSON"),
         (b'{"v":1,', "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
-        (b"[" * 100_000, "not JSON"),
+        (b"[" * 10_000, "not JSON: nested too deeply"),
+        (b"[" * 100_000, "message: 100000 bytes, more than 16384"),
         (b"[1, 2]", "expected a JSON object, got list"),
         (b"null", "expected a JSON object, got NoneType"),
     ],
@@ -244,3 +256,366 @@ def test_encode_refuses_wrong_types_instead_of_writing_bad_json():
         encode(bad)
     with pytest.raises(TypeError):
         encode(Trade("b", "A-B", "AB", 1, "1", Decimal(1), "buy", T0, T0))  # type: ignore[arg-type]
+
+
+# -- size limits ---------------------------------------------------------------------------
+
+WIRES = {
+    "trade": trade_wire(),
+    "quote": to_dict(
+        Quote("kraken", "BTC-USD", "XBT/USD", 9, Decimal("60000.1"), Decimal("0.5"),
+              Decimal("60000.2"), Decimal("0"), T0, T0 + 1)
+    ),
+    "tx": to_dict(
+        UserTransaction("tx-1", "user-1", "BTC-USDT", "buy", Decimal("0.5"), Decimal("60000.1"),
+                        Decimal("0.03"), "filled", T0)
+    ),
+    "candle": to_dict(
+        Candle("binance", "BTC-USDT", "1m", T0, Decimal("1"), Decimal("2"), Decimal("0.5"),
+               Decimal("1.5"), Decimal("10"), 3, Decimal("1.25"), "trades")
+    ),
+}  # fmt: skip
+FIELDS = [(t, f, check) for t, (_, fields) in codec._SCHEMAS.items() for f, check in fields]
+STRING_FIELDS = [(t, f) for t, f, check in FIELDS if check is codec._str]
+DECIMAL_FIELDS = [(t, f) for t, f, check in FIELDS if check in (codec._pos, codec._nonneg)]
+INT_FIELDS = [(t, f) for t, f, check in FIELDS if check in (codec._int, codec._opt_int)]
+
+
+def wire(t: str, **changes) -> dict:
+    return {**WIRES[t], **changes}
+
+
+def reason(obj) -> str | None:
+    """What from_dict says about ``obj``: None when it accepts it."""
+    try:
+        from_dict(obj)
+    except CodecError as e:
+        return e.reason
+    return None
+
+
+def test_every_string_field_has_its_limit():
+    assert sorted({f for _, f in STRING_FIELDS}) == sorted(codec.MAX_CHARS)
+    assert len(DECIMAL_FIELDS) == 15 and len(INT_FIELDS) == 3
+
+
+@pytest.mark.parametrize(("t", "field"), STRING_FIELDS)
+def test_each_string_is_accepted_at_its_limit_and_rejected_past_it(t, field):
+    limit = codec.MAX_CHARS[field]
+    at = "".join(chr(0x41 + i % 26) for i in range(limit))
+    event = from_dict(wire(t, **{field: at}))
+    assert getattr(event, field) == at and decode(encode(event)) == event
+    assert reason(wire(t, **{field: at + "Z"})) == (
+        f"{field}: longer than {limit} characters ({limit + 1}): {at + 'Z'!r:.60}"
+    )
+    assert reason(wire(t, **{field: ""})) == f"{field}: expected a non-empty string, got ''"
+
+
+@pytest.mark.parametrize(
+    "char", ["é", "€", "\U0001d539", "\x01"], ids=["2-byte", "3-byte", "4-byte", "escaped"]
+)
+def test_strings_are_measured_in_characters_whatever_their_bytes(char):
+    """Characters, not bytes: 64 of them are at most 256 UTF-8 bytes (or 384 JSON-escaped
+    bytes for control characters), which every column, index and message bound holds."""
+    limit = codec.MAX_CHARS["symbol"]
+    event = from_dict(trade_wire(symbol=char * limit))
+    assert len(event.symbol.encode()) == limit * len(char.encode())
+    assert decode(encode(event)) == event
+    assert reason(trade_wire(symbol=char * (limit + 1))).startswith(
+        f"symbol: longer than {limit} characters ({limit + 1})"
+    )
+
+
+def test_what_broke_production_is_rejected_naming_the_field():
+    assert reason(trade_wire(symbol="BTC" * 1000)).startswith(
+        "symbol: longer than 64 characters (3000)"
+    )
+    assert reason(trade_wire(price="1." + "1" * 17_000)).startswith(
+        "price: longer than 64 characters (17002)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("9" * 19, None),  # the largest integer part: |x| < 1e19
+        ("1" + "0" * 19, "magnitude out of range (>= 1e19)"),
+        ("9.999999999999999999E+18", None),
+        ("1E+19", "magnitude out of range (>= 1e19)"),
+        ("1E+18", None),
+        ("9" * 19 + "." + "9" * 21, None),  # 40 digits
+        ("9" * 19 + "." + "9" * 22, "more than 40 significant digits (41)"),
+        ("1." + "0" * 39, None),  # trailing zeros are digits as written
+        ("1." + "0" * 40, "more than 40 significant digits (41)"),
+        ("1" * 40 + "E-40", None),
+        ("1" * 41 + "E-41", "more than 40 significant digits (41)"),
+        ("0." + "0" * 39 + "1", None),  # 40 decimals
+        ("0." + "0" * 40 + "1", "exponent -41 out of range [-40, 18]"),
+        ("1E-40", None),
+        ("1E-41", "exponent -41 out of range [-40, 18]"),
+        ("1E+100000", "magnitude out of range"),
+        ("1E-100000", "exponent -100000 out of range [-40, 18]"),
+        ("0" * 60 + "1.5", None),  # leading zeros are not significant, only characters
+        ("0" * 63 + "1", None),
+        ("0" * 64 + "1", "longer than 64 characters (65)"),
+        ("0.00000001", None),  # Binance's smallest tick
+        ("123456789.12345678", None),  # a Binance size with its 8 decimals
+    ],
+)
+def test_each_decimal_limit_accepts_at_the_limit_and_rejects_past_it(value, rule):
+    got = reason(trade_wire(price=value))
+    if rule is None:
+        assert got is None
+        assert from_dict(trade_wire(price=value)).price == Decimal(value)
+    else:
+        assert got is not None and got.startswith(f"price: {rule}"), got
+
+
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("0", None),
+        ("0E+18", None),
+        ("0E-40", None),
+        ("0." + "0" * 40, None),
+        ("0E+19", "exponent 19 out of range"),
+        ("0E-41", "exponent -41 out of range"),
+        ("0." + "0" * 41, "exponent -41 out of range"),
+        ("0E+99999", "exponent 99999 out of range"),
+        ("0E-99999", "exponent -99999 out of range"),
+        ("-0E+99999", "exponent 99999 out of range"),
+        ("0E+99999999999999999999", "magnitude out of range"),  # beyond Decimal itself
+    ],
+)
+def test_zero_has_a_bounded_exponent_too(value, rule):
+    got = reason(wire("quote", bid_qty=value))  # a field where zero is valid
+    if rule is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(f"bid_qty: {rule}"), got
+
+
+@pytest.mark.parametrize(("t", "field"), DECIMAL_FIELDS)
+@pytest.mark.parametrize(
+    ("value", "rule"),
+    [
+        ("1E+19", "magnitude out of range"),
+        ("0E-41", "exponent -41 out of range"),
+        ("1." + "0" * 40, "more than 40 significant digits"),
+        ("0" * 65, "longer than 64 characters"),
+    ],
+)
+def test_every_decimal_field_is_bounded(t, field, value, rule):
+    assert reason(wire(t, **{field: value})).startswith(f"{field}: {rule}")
+
+
+@pytest.mark.parametrize(("t", "field"), INT_FIELDS)
+def test_integers_are_signed_64_bit(t, field):
+    assert getattr(from_dict(wire(t, **{field: 2**63 - 1})), field) == codec.MAX_ID
+    for bad in (2**63, -1, 10**100):
+        assert reason(wire(t, **{field: bad})).startswith(
+            f"{field}: expected a non-negative integer"
+        )
+
+
+def test_messages_are_bounded_in_bytes():
+    base = json.dumps(trade_wire(), separators=(",", ":"))
+    pad = codec.MAX_MESSAGE_BYTES - len(base) - len(',"x":""')
+    at = base[:-1] + ',"x":"' + "a" * pad + '"}'  # decode ignores fields it does not know
+    assert len(at) == codec.MAX_MESSAGE_BYTES
+    assert decode(at.encode()) == decode(at) == from_dict(trade_wire())
+    over = at[:-2] + 'a"}'
+    for data in (over.encode(), over, bytearray(over.encode())):
+        with pytest.raises(CodecError) as exc:
+            decode(data)
+        assert exc.value.reason == "message: 16385 bytes, more than 16384"
+
+
+def _largest(t: str):
+    """The event of type ``t`` whose encoding is longest: every string at its limit in
+    characters JSON escapes to 6 bytes, every decimal at its longest written form."""
+    cls, fields = codec._SCHEMAS[t]
+    longest = Decimal("0." + "9" * codec.MAX_SCALE)  # 42 characters as str() writes it
+    values = {
+        codec._pos: longest, codec._nonneg: longest, codec._int: codec.MAX_ID,
+        codec._opt_int: codec.MAX_ID, codec._time: NOW_US, codec._side: "sell",
+        codec._tx_side: "deposit", codec._status: "cancelled",
+    }  # fmt: skip
+    return cls(*(
+        "\x1f" * codec.MAX_CHARS[f] if check is codec._str else values[check]
+        for f, check in fields
+    ))  # fmt: skip
+
+
+@pytest.mark.parametrize("t", sorted(codec._SCHEMAS))
+def test_the_largest_valid_event_encodes_far_under_the_message_limit(t):
+    event = validate(_largest(t))
+    data = encode(event)
+    assert decode(data) == event
+    assert len(data) < 2.5 * 1024 < codec.MAX_MESSAGE_BYTES / 6
+
+
+@settings(max_examples=300)
+@given(non_negative)
+def test_valid_decimals_are_written_in_at_most_42_characters(d):
+    assert from_dict(wire("quote", bid_qty=str(d))).bid_qty == d
+    assert len(str(d)) <= 42 < codec.MAX_DECIMAL_CHARS
+
+
+# Decimal-looking strings around and far past every limit, and strings around theirs.
+_lengths = st.sampled_from([0, 1, 18, 19, 20, 21, 39, 40, 41, 42, 63, 64, 65]) | st.integers(0, 70)
+
+
+@st.composite
+def decimal_like(draw) -> str:
+    def digits() -> str:
+        n = draw(_lengths)
+        return draw(st.text("0123456789", min_size=n, max_size=n))
+
+    out = draw(st.sampled_from(["", "", "+", "-"])) + "0" * draw(st.integers(0, 3)) + digits()
+    if draw(st.booleans()):
+        out += "." + digits()
+    if draw(st.booleans()):
+        exponent = draw(st.sampled_from([18, 19, 40, 41, 99999, 100000]) | st.integers(-50, 50))
+        out += f"E{exponent:+d}"
+    return out
+
+long_text = st.text(max_size=200) | st.integers(0, 200).map(lambda n: "x" * n)
+
+
+@st.composite
+def hostile_wires(draw):
+    """Valid wire dicts with one or two fields at or past a limit, or of the wrong type."""
+    t = draw(st.sampled_from(sorted(codec._SCHEMAS)))
+    fields = codec._SCHEMAS[t][1]
+    obj = dict(WIRES[t])
+    for f, check in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2)):
+        if check in (codec._pos, codec._nonneg):
+            value = decimal_like()
+        elif check is codec._str:
+            limit = codec.MAX_CHARS[f]
+            value = long_text | st.text(min_size=limit - 1, max_size=limit + 1)
+        else:
+            value = st.integers() | st.integers(codec.MAX_ID - 1, codec.MAX_ID + 1)
+        obj[f] = draw(value | json_values) if draw(st.integers(0, 4)) == 0 else draw(value)
+    return obj
+
+
+@settings(max_examples=500)
+@given(hostile_wires())
+def test_decode_raises_only_codec_error_and_accepts_only_what_fits(obj):
+    try:
+        event = decode(json.dumps(obj))
+    except CodecError as e:
+        assert e.reason
+        return
+    for f, v in to_dict(event).items():
+        if f in codec.MAX_CHARS:
+            assert 0 < len(v) <= codec.MAX_CHARS[f]
+        elif type(getattr(event, f, None)) is Decimal:
+            _, digits, exponent = getattr(event, f).as_tuple()
+            assert len(digits) <= codec.MAX_DIGITS
+            assert -codec.MAX_SCALE <= exponent <= codec.MAX_ADJUSTED
+            assert abs(getattr(event, f)) < Decimal("1E19")
+    assert len(encode(event)) <= codec.MAX_MESSAGE_BYTES and decode(encode(event)) == event
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(max_size=3000) | st.text(max_size=3000) | st.none() | st.integers()
+    | st.floats() | st.lists(st.integers(), max_size=3)
+    | st.integers(0, 3).map(lambda n: b"x" * (codec.MAX_MESSAGE_BYTES + n))
+)  # fmt: skip
+def test_decode_raises_only_codec_error_on_anything(data):
+    try:
+        decode(data)
+    except CodecError as e:
+        assert e.reason
+
+
+# -- the limits keep wallet arithmetic exact -------------------------------------------------
+
+
+def _exact_effects(tx: UserTransaction) -> list[tuple[str, Decimal]]:
+    """effects() recomputed with unbounded precision (the reference)."""
+    with localcontext(Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)):
+        if tx.side == "deposit":
+            return [(tx.symbol, tx.qty - tx.fee)]
+        notional = tx.qty * tx.price
+        if tx.side == "buy":
+            return [("BTC", tx.qty), ("USDT", -(notional + tx.fee))]
+        return [("BTC", -tx.qty), ("USDT", notional - tx.fee)]
+
+
+def _tx(side: str, qty: Decimal, price: Decimal, fee: Decimal) -> UserTransaction:
+    symbol = "USDT" if side == "deposit" else "BTC-USDT"
+    return validate(UserTransaction("t", "u", symbol, side, qty, price, fee, "filled", T0))
+
+
+SMALLEST_40 = Decimal("0." + "9" * 40)  # 40 digits at exponent -40
+LARGEST_40 = Decimal("9" * 19 + "." + "9" * 21)  # 40 digits just under 1e19
+
+
+@pytest.mark.parametrize("side", ["buy", "sell", "deposit"])
+@pytest.mark.parametrize(
+    ("qty", "price", "fee"),
+    [
+        (SMALLEST_40, SMALLEST_40, LARGEST_40),  # places 10**-80 .. 10**19: 100 digits
+        (Decimal("1E-40"), Decimal("1E-40"), Decimal("9" * 19)),
+        (LARGEST_40, LARGEST_40, Decimal("1E-40")),
+        (LARGEST_40, SMALLEST_40, SMALLEST_40),
+        (Decimal("9" * 19), Decimal("9" * 19), Decimal("0")),
+    ],
+)
+def test_wallet_effects_are_exact_at_the_corners_of_the_limits(side, qty, price, fee):
+    tx = _tx(side, qty, price, fee)
+    assert effects(tx) == _exact_effects(tx)
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(["buy", "sell", "deposit"]), positive, positive, non_negative)
+def test_wallet_effects_of_any_valid_transaction_are_exact(side, qty, price, fee):
+    tx = _tx(side, qty, price, fee)
+    assert effects(tx) == _exact_effects(tx)
+
+
+# -- the limits fit PostgreSQL's columns and indexes ---------------------------------------
+
+MIGRATION = Path(__file__).parents[2] / "tasks/drain/migrations/0001_price_history.sql"
+
+
+def test_postgres_stores_the_largest_values_the_codec_accepts(pg_conn):
+    """The price tables (as temporary copies) take every string at its limit in 4-byte
+    characters, in their primary keys and indexes, and decimals at both ends of the range."""
+    def name(n: int, offset: int) -> str:  # distinct characters: nothing to compress
+        return "".join(chr(0x1D400 + offset + i) for i in range(n))
+
+    venue, symbol, venue_symbol = name(32, 0), name(64, 100), name(64, 200)
+    interval, source = name(16, 300), name(32, 400)
+    big, small = LARGEST_40, Decimal("1" * 40 + "E-40")
+    trade = validate(Trade(venue, symbol, venue_symbol, codec.MAX_ID, big, small, "buy",
+                           NOW_US, NOW_US))  # fmt: skip
+    candle = validate(Candle(venue, symbol, interval, T0, big, big, small, small, big,
+                             codec.MAX_ID, small, source))  # fmt: skip
+    try:
+        with pg_conn.cursor() as cur:
+            cur.execute(MIGRATION.read_text().replace("CREATE TABLE ", "CREATE TEMP TABLE "))
+            cur.execute(
+                "INSERT INTO trades VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [getattr(trade, f) for f in codec._FIELDS[Trade]],
+            )
+            cur.execute(
+                "INSERT INTO quotes VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (venue, symbol, venue_symbol, codec.MAX_ID, big, Decimal("0E-40"), small,
+                 Decimal("0E+18"), NOW_US, NOW_US),
+            )  # fmt: skip
+            cur.execute(
+                "INSERT INTO candles VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [getattr(candle, f) for f in codec._FIELDS[Candle]],
+            )
+            cur.execute("SELECT symbol, price, qty FROM trades")
+            assert cur.fetchall() == [(symbol, big, small)]
+            cur.execute("SELECT high, low, vwap, trade_count FROM candles")
+            assert cur.fetchall() == [(big, small, small, codec.MAX_ID)]
+    finally:
+        pg_conn.rollback()
