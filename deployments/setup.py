@@ -1,10 +1,10 @@
 """Register everything a Prefect environment needs to run Tapeline's deployments.
 
-    python -m deployments.setup            # local stack: pool, blocks, deployments, automation
+    python -m deployments.setup            # local stack: pool, blocks, deployments, automations
     TAPELINE_CODE_DIR=/app python -m deployments.setup    # what the compose worker runs
 
 Idempotent: the work pool is created only when missing, blocks and deployments are
-overwritten with the current settings, the automation is replaced. The deployments
+overwritten with the current settings, the automations are replaced. The deployments
 themselves live in prefect.yaml; this only prepares the ground and calls
 ``prefect --no-prompt deploy --all`` (which fails when the pool does not exist).
 """
@@ -15,8 +15,10 @@ import argparse
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
+from uuid import UUID
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -85,6 +87,95 @@ def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
     ).create()
 
 
+# A worker proposes Pending ("Submitting"), which takes the deployment's concurrency slot,
+# then starts the flow-run process, which proposes Running. A worker stopped in between
+# (SIGTERM kills its flow-run process and leaves the run Pending; a lost container or
+# machine takes both) leaves the run Pending with the slot held: every later run of a
+# CANCEL_NEW deployment is Cancelled until the server reclaims the Pending lease (300 s by
+# default), and the run stays Pending for good. The bound for "stuck", 75 s:
+# - far above a normal start (Pending -> Running 6-12 s on 2 cores; drains under a heavy
+#   soak: median 20-30 s, a tenth over 140 s). A run still starting after it is ended all
+#   the same, and its process then runs anyway (the server accepts Crashed -> Running)
+#   without the slot it released: one overlapping run, which the drains tolerate
+#   (partitions split, offsets stored with the data);
+# - a free slot within two schedule periods (120 s) of a worker being back: the run is
+#   ended 2-6 s after the bound (proactive triggers are evaluated every 5 s; an overloaded
+#   server was seen 15 s late), and a worker takes a run up to 10 s early (prefetch), so
+#   the run after next finds the slot free;
+# - well under the 300 s lease: ending a run whose lease the server already reclaimed
+#   releases the slot a second time, and two runs could overlap.
+STUCK_PENDING_S = 75
+PENDING_AUTOMATION = "tapeline: crash flow runs stuck in Pending"
+# Events are named after the state's name, not its type (prefect.states): Pending-type
+# names, and every other name a run can take next (or a heartbeat: the process is alive).
+PENDING_NAMES = ("Pending", "Submitting", "InfrastructurePending")
+MOVED_ON_NAMES = (
+    "Running", "Retrying", "Completed", "Failed", "TimedOut", "Crashed", "Cancelling",
+    "Cancelled", "Paused", "Suspended", "Scheduled", "AwaitingRetry",
+    "AwaitingConcurrencySlot", "Late", "heartbeat",
+)  # fmt: skip
+
+
+def ensure_stuck_pending_automation(
+    deployment_ids: Iterable[UUID],
+    pending_s: int = STUCK_PENDING_S,
+    *,
+    name: str = PENDING_AUTOMATION,
+) -> UUID | None:
+    """Mark a run of these deployments Crashed when it has been Pending for ``pending_s``
+    with nothing after it (no Running, no end, no heartbeat): its worker is gone. Leaving
+    Pending gives the deployment's concurrency slot back, so the next scheduled run runs
+    instead of being Cancelled. Replaced when it exists; none without deployments.
+
+    Only for deployments with a concurrency limit: there a stuck run blocks every later
+    run. Elsewhere a slow start ended by mistake would cost more than it saves (a crashed
+    ingestion run is restarted by its trigger while the slow one goes on)."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    with suppress(ValueError):  # read raises when there is none yet
+        Automation.read(name=name).delete()
+    ids = [f"prefect.deployment.{i}" for i in deployment_ids]
+    if not ids:
+        return None
+    automation = Automation(
+        name=name,
+        description=f"Mark runs Crashed that stay Pending for {pending_s} s (worker lost).",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "deployment", "prefect.resource.id": ids},
+            after={f"prefect.flow-run.{s}" for s in PENDING_NAMES},
+            # A Pending-type state restarts the clock (a worker proposes Pending, then
+            # Submitting); any other state or a heartbeat means the run moved on. Not a
+            # "prefect.flow-run.*" wildcard: that also matches the pull-step events a
+            # flow-run process sends before it is Running, and Submitting itself.
+            expect={f"prefect.flow-run.{s}" for s in (*PENDING_NAMES, *MOVED_ON_NAMES)},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=pending_s,
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"Pending for {pending_s} s without starting: its worker is gone.",
+            )
+        ],
+    ).create()
+    return automation.id
+
+
+def concurrency_limited(names: Iterable[str]) -> list[UUID]:
+    """Ids of the named deployments (``flow/deployment``) that have a concurrency limit."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = [client.read_deployment_by_name(n) for n in names]
+    return [d.id for d in found if d.global_concurrency_limit is not None]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__)
     parser.add_argument("--pool", default=POOL)
@@ -113,6 +204,9 @@ def _register(env: dict[str, str]) -> int:
         print(f"deployed {name}")
     ensure_silent_run_automation()
     print(f"automation '{SILENT_AUTOMATION}' in place")
+    limited = concurrency_limited(names)
+    ensure_stuck_pending_automation(limited)
+    print(f"automation '{PENDING_AUTOMATION}' in place for {len(limited)} deployments")
     return 0
 
 
