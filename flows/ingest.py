@@ -3,14 +3,22 @@
 Runbook of one run:
 
 1. Plan: venue adapter, symbols, channels, shards (a bad parameter fails here).
-2. Validate (``validate_mode='on_start'`` or ``'only'``): Kafka answers, topics exist, each
-   shard delivers a first message. 'only' returns the report and stops.
-3. Resume: read the last published trade id per symbol back from Kafka.
-4. Stream: one thread per shard (a long-running ``connect-shard`` task each), one shared
+2. Lease (``acquire-lease``): one ingestion per feed (venue + trades topic). The run takes
+   the feed's lease in PostgreSQL before anything connects, waiting (and logging who
+   holds it) while another live run has it; see ``tasks/ingest/lease.py``.
+3. Validate (``validate_mode='on_start'`` or ``'only'``): Kafka answers, topics exist, each
+   shard delivers a first message. 'only' returns the report and stops (and takes no
+   lease: it publishes nothing).
+4. Resume: read the last published trade id per symbol back from Kafka (after the lease:
+   the previous holder has stopped by then, so this is really the last id).
+5. Stream: one thread per shard (a long-running ``connect-shard`` task each), one shared
    producer; gaps are repaired from REST as ``repair-gap`` tasks. A progress line is
-   logged every ``progress_every_s``.
-5. Shutdown (cancellation, SIGTERM, Ctrl-C or ``run_seconds``): stop reading, flush the
-   producer, close sockets, log and return the counts.
+   logged every ``progress_every_s``. A thread renews the lease every 5 s; if it was taken,
+   or could not be renewed for ~35 s, publishing stops at once and the run fails
+   "fenced: ...".
+6. Shutdown (cancellation, SIGTERM, Ctrl-C or ``run_seconds``): stop reading, flush the
+   producer, close sockets, release the lease (so the next run need not wait out its
+   TTL), log and return the counts.
 
 Per-message work never touches Prefect: its run recorder could not keep up, and the
 connection, publisher and gap tracker in ``tasks/`` do not need it.
@@ -25,6 +33,8 @@ Also a command: ``python -m flows.ingest --venue binance --symbols BTC-USDT,ETH-
 # could not be resolved there.
 import argparse
 import json
+import os
+import socket
 import sys
 import time
 import uuid
@@ -35,10 +45,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.common import migrate_schema
 from tasks.core import config, metrics
 from tasks.core.topics import QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
+from tasks.ingest.lease import Keeper, Lease, LeaseLost, feed_key
 from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
 from tasks.ingest.publish import Topics
 from tasks.ingest.validate import check
@@ -47,6 +59,12 @@ from tasks.venues.connection import ConnectionPolicy
 
 DEFAULT_SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
 _serving: set[int] = set()  # metrics ports this process already serves
+
+
+@task(name="acquire-lease", cache_policy=NO_CACHE, task_run_name="acquire lease {lease.feed}")
+def acquire_lease(lease: Lease) -> int:
+    """Wait until no other live run holds the feed, then take it; returns the token."""
+    return lease.acquire(logger=get_run_logger())
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -108,50 +126,94 @@ def ingest(
         if validate_mode == "only":
             return {"ok": False, "checks": [check("configuration", False, str(e))]}
         raise
-    if validate_mode != "off":
-        report = validate_ingestion(p, settings, topics, first_message_timeout_s)
-        for c in report["checks"]:
-            logger.info(
-                "validate %-22s %s  %s", c["check"], "ok  " if c["ok"] else "FAIL", c["detail"]
-            )
-        if validate_mode == "only":
-            return report
-        if not report["ok"]:
-            failed = [c["check"] for c in report["checks"] if not c["ok"]]
-            raise RuntimeError(f"validation failed: {', '.join(failed)}")
+    if validate_mode == "only":
+        return _validate(p, settings, topics, first_message_timeout_s, logger)
 
-    _serve_metrics(settings.metrics_port if metrics_port is None else metrics_port, logger)
-    last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
-    logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
-
-    ingestion = Ingestion(
-        p,
-        settings,
-        run_id=str(flow_run.id or uuid.uuid4()),
-        topics=topics,
-        max_in_flight=max_in_flight,
-        policy=ConnectionPolicy(stall_timeout_s=stall_timeout_s),
-        last_ids=last_ids,
-    )
-    for w in ingestion.workers:
-        if w.tracker is not None:
-            w.tracker.fill_gap = partial(repair_gap, w.tracker)
-    logger.info(
-        "streaming %s %s for %d symbols on %d shards",
-        p.config.name, "+".join(p.channels), len(p.symbols), len(p.shards),
-    )  # fmt: skip
-    ingestion.start(connect_shard)
+    run_id = str(flow_run.id or uuid.uuid4())
+    migrate_schema(settings, "public")  # creates the leases' table on a new database
+    lease = Lease(settings.pg_dsn, feed_key(p.config.name, trades_topic), _owner(run_id))
+    token = acquire_lease(lease)
+    fenced: str | None = None
     try:
-        _watch(ingestion, run_seconds, progress_every_s, logger)
+        if validate_mode != "off":
+            checks = _validate(p, settings, topics, first_message_timeout_s, logger)
+            if not checks["ok"]:
+                failed = [c["check"] for c in checks["checks"] if not c["ok"]]
+                raise RuntimeError(f"validation failed: {', '.join(failed)}")
+        _serve_metrics(settings.metrics_port if metrics_port is None else metrics_port, logger)
+        last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
+        logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
+
+        ingestion = Ingestion(
+            p,
+            settings,
+            run_id=run_id,
+            topics=topics,
+            max_in_flight=max_in_flight,
+            policy=ConnectionPolicy(stall_timeout_s=stall_timeout_s),
+            last_ids=last_ids,
+        )
+        for w in ingestion.workers:
+            if w.tracker is not None:
+                w.tracker.fill_gap = partial(repair_gap, w.tracker)
+        # Publishing is allowed until the lease's fence point; each renewal moves it on.
+        ingestion.publisher.valid_until = lease.fence_at
+        keeper = Keeper(lease, ingestion.fence, ingestion.publisher.extend, logger=logger)
+        keeper.start()
+        logger.info(
+            "streaming %s %s for %d symbols on %d shards",
+            p.config.name, "+".join(p.channels), len(p.symbols), len(p.shards),
+        )  # fmt: skip
+        ingestion.start(connect_shard)
+        try:
+            _watch(ingestion, run_seconds, progress_every_s, logger)
+        finally:
+            fenced = ingestion.publisher.fence_reason()
+            if fenced is not None:
+                fenced = keeper.verdict or fenced
+                ingestion.fence(fenced)
+            # Flush only while the lease surely holds (the keeper renews meanwhile).
+            report = ingestion.stop(flush_timeout_s=max(0.0, min(30.0, lease.remaining())))
+            keeper.stop()
+            report["lease"] = {
+                "feed": lease.feed,
+                "token": token,
+                "renewals": keeper.renewals,
+                "failed_renewals": keeper.failures,
+                "fenced": fenced,
+            }
+            logger.info(
+                "stopped: %s", json.dumps({k: v for k, v in report.items() if k != "shards"})
+            )
     finally:
-        report = ingestion.stop()
-        logger.info("stopped: %s", json.dumps({k: v for k, v in report.items() if k != "shards"}))
+        # After the producer has closed: every record of ours is in (or dropped) by now.
+        # (A lease taken by another run is no longer ours to release: a no-op then.)
+        if lease.release():
+            logger.info("lease %s released", lease.feed)
+        lease.close()
+    if fenced is not None:
+        raise LeaseLost(f"{fenced} (published until then: {report['acked']} acked)")
     if report["shard_errors"] or report["producer_error"]:
         raise RuntimeError(
             f"ingestion stopped: shards {report['shard_errors']}, "
             f"Kafka producer {report['producer_error']}"
         )
     return report
+
+
+def _validate(
+    p: Plan, settings: config.Settings, topics: Topics, timeout_s: float, logger: Any
+) -> dict[str, Any]:
+    """Run the checks and log them; the caller decides what a failed check means."""
+    report = validate_ingestion(p, settings, topics, timeout_s)
+    for c in report["checks"]:
+        logger.info("validate %-22s %s  %s", c["check"], "ok  " if c["ok"] else "FAIL", c["detail"])
+    return report
+
+
+def _owner(run_id: str) -> str:
+    """How the lease names its holder in logs and in ``ingest_leases.owner``."""
+    return f"flow run {flow_run.name or '-'} ({run_id}) on {socket.gethostname()} pid {os.getpid()}"
 
 
 def _serve_metrics(port: int, logger: Any) -> None:

@@ -24,7 +24,7 @@ from tasks.core.events import Trade
 from tasks.core.kafka import producer
 from tasks.core.metrics import INFLIGHT, VENDOR_FETCH_FAILURE, VENDOR_FETCH_SUCCESS, VENUE_LAG
 from tasks.ingest.gaps import GapTracker
-from tasks.ingest.publish import PRODUCER_TUNING, Lane, Publisher, Topics
+from tasks.ingest.publish import PRODUCER_TUNING, Closed, Lane, Publisher, Topics
 from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
 from tasks.venues.connection import Connection, ConnectionPolicy
 
@@ -126,34 +126,43 @@ class ShardWorker:
 
     def on_connect(self) -> None:
         if self.tracker is not None:
-            self.tracker.after_connect(self.symbols)
+            try:
+                self.tracker.after_connect(self.symbols)
+            except Closed:  # fenced (or stopping): this shard reads no more
+                self.connection.stop()
+                raise
 
     def on_frame(self, raw: bytes, recv_us: int) -> None:
         lane = self.lane
-        if lane.has_failures:
-            self._recover()
         try:
-            parsed = self.adapter.parse(raw, recv_us)
-        except FeedError as e:
-            self.bad_frames += 1
-            self._bad.inc()
-            lane.dead_letter(
-                self.source, e.reason, raw,
-                venue=self.plan.config.name, shard=self.shard, run=self.run_id, recv_us=recv_us,
-            )  # fmt: skip
-            return
-        self._ok.inc()
-        if parsed.control is not None:
-            self._control(parsed)
-            return
-        tracker = self.tracker
-        for event in parsed.events:
-            if type(event) is Trade:
-                self.lag_us = recv_us - event.event_us
-                if tracker is not None:
-                    tracker.on_trade(event)
-                    continue
-            lane.publish(event)
+            if lane.has_failures:
+                self._recover()
+            try:
+                parsed = self.adapter.parse(raw, recv_us)
+            except FeedError as e:
+                self.bad_frames += 1
+                self._bad.inc()
+                lane.dead_letter(
+                    self.source, e.reason, raw,
+                    venue=self.plan.config.name, shard=self.shard, run=self.run_id,
+                    recv_us=recv_us,
+                )  # fmt: skip
+                return
+            self._ok.inc()
+            if parsed.control is not None:
+                self._control(parsed)
+                return
+            tracker = self.tracker
+            for event in parsed.events:
+                if type(event) is Trade:
+                    self.lag_us = recv_us - event.event_us
+                    if tracker is not None:
+                        tracker.on_trade(event)
+                        continue
+                lane.publish(event)
+        except Closed:  # fenced (or stopping): this shard reads no more; the flow ends the run
+            self.connection.stop()
+            raise
 
     def _control(self, parsed: Parsed) -> None:
         if parsed.control == "server_shutdown":
@@ -267,12 +276,24 @@ class Ingestion:
 
     @property
     def alive(self) -> bool:
-        """True while every shard thread runs and the producer can still deliver."""
+        """True while every shard thread runs, the producer can still deliver and the
+        feed's lease (if any) still allows publishing."""
         return (
             all(t.is_alive() for t in self._threads)
             and not self.errors
             and self.publisher.fatal is None
+            and self.publisher.fence_reason() is None
         )
+
+    def fence(self, reason: str) -> str:
+        """Stop publishing now, for good: no lane sends again, the shards stop reading and
+        the producer drops what it has not sent. ``stop`` still joins and reports.
+        Returns the reason in force (the first one given)."""
+        for w in self.workers:
+            w.stop()
+        reason = self.publisher.fence(reason)
+        self.publisher.abort()
+        return reason
 
     def update_gauges(self) -> tuple[float, int]:
         """Set the venue-lag and in-flight gauges (the flow does this every second)."""

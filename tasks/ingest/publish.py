@@ -23,6 +23,11 @@ Guarantee (what ``Publisher`` keeps, with the producer settings of ``tasks.core.
   send fails; ``Publisher.fatal`` then holds the error and the ingestion stops with it
   (retrying cannot help: it needs an operator). Nothing acknowledged is lost, and the
   next run resumes from what Kafka holds.
+- Only while the feed's lease holds (``tasks.ingest.lease``): with ``valid_until`` set,
+  every send first checks the lease clock, and from ``valid_until`` on (or once
+  ``fence`` was called) a lane refuses to send (``Fenced``); ``abort`` then drops what
+  the producer holds unsent, so nothing of this run reaches Kafka after another run may
+  have taken the feed over.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from tasks.core import codec, dlq
 from tasks.core.events import Quote, Trade
 from tasks.core.metrics import EVENT_TO_ACK, KAFKA_PUBLISH_FAILURE, KAFKA_PUBLISH_SUCCESS
 from tasks.core.topics import DLQ, QUOTES, TRADES
+from tasks.ingest.lease import clock
 from tasks.ingest.resume import partition_of
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,10 @@ class Topics:
 
 class Closed(Exception):
     """``publish`` was waiting for room when the publisher was closed."""
+
+
+class Fenced(Closed):
+    """The feed's lease is lost or expiring: this run must not send anything more."""
 
 
 class LatencyWindow:
@@ -120,6 +130,11 @@ class Publisher:
         self.lanes: list[Lane] = []
         self.closed = False
         self.fatal: BaseException | None = None
+        # Lease clock (tasks.ingest.lease.clock) until which sending is allowed; None: no
+        # lease (backfills, benchmarks). ``fenced``: why sending stopped for good.
+        self.valid_until: float | None = None
+        self.fenced: str | None = None
+        self.aborted = False  # what was unresolved was dropped on purpose (fence, close)
         self._partitions: dict[str, int] = {}
 
     def lane(self, shard: str) -> Lane:
@@ -154,16 +169,52 @@ class Publisher:
         for lane in self.lanes:
             lane.room.set()
 
-    def close(self, timeout: float = 30.0) -> int:
-        """Wake blocked publishers, flush for up to ``timeout`` and close the producer;
-        returns how many messages were still unresolved (0 after a clean flush)."""
+    def extend(self, valid_until: float) -> None:
+        """The lease was renewed: sending is allowed until ``valid_until`` (unless fenced)."""
+        if self.fenced is None:
+            self.valid_until = valid_until
+
+    def fence_reason(self) -> str | None:
+        """Why this publisher may no longer send (None: it may)."""
+        if self.fenced is None and self.valid_until is not None and clock() >= self.valid_until:
+            self.fence("fenced: the lease was not renewed in time")
+        return self.fenced
+
+    def fence(self, reason: str) -> str:
+        """Refuse every later send, for good, and wake blocked senders; returns the reason
+        in force (the first one given)."""
+        if self.fenced is None:
+            self.fenced = reason
         self.stop_waiting()
-        try:
-            self.producer.flush(timeout=timeout)
-        except Exception as e:  # KafkaTimeoutError: report what is left, then close anyway
-            log.warning("%s: flush did not finish in %.0f s: %s", self.venue, timeout, e)
+        return self.fenced
+
+    def abort(self, wait_s: float = 5.0) -> None:
+        """Drop what the producer has not had acknowledged yet: those records fail now
+        instead of reaching Kafka later (after fencing, or when a flush timed out)."""
+        self.aborted = True
+        sender = getattr(self.producer, "_sender", None)  # kafka-python's I/O thread
+        if sender is None:
+            return
+        sender.force_close()  # fails incomplete batches, closes its connections
+        sender.join(wait_s)
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Wake blocked publishers, flush for up to ``timeout`` (not when fenced) and close
+        the producer; returns how many messages were still unresolved (0 after a clean
+        flush). What is left unresolved is dropped."""
+        self.stop_waiting()
+        if self.fenced is None:
+            try:
+                self.producer.flush(timeout=timeout)
+            except Exception as e:  # KafkaTimeoutError: report what is left, then close
+                log.warning("%s: flush did not finish in %.0f s: %s", self.venue, timeout, e)
         left = self.in_flight
-        self.producer.close(timeout=0 if left else 5)
+        if left or self.fenced is not None:
+            self.abort()
+        try:
+            self.producer.close(timeout=0 if left or self.fenced else 5)
+        except Exception as e:  # closing after an abort: nothing is left to lose
+            log.warning("%s: producer close: %s", self.venue, e)
         return left
 
 
@@ -208,7 +259,8 @@ class Lane:
         return self.out - self.resolved
 
     def _reserve(self) -> None:
-        """Return once this lane has room for one more message (backpressure)."""
+        """Return once this lane has room for one more message (backpressure) and the
+        lease still allows sending (else ``Fenced``, for good)."""
         n = self.out - self.resolved
         if n >= self.cap:
             self._waiting = True
@@ -223,6 +275,10 @@ class Lane:
             n = self.out - self.resolved
         if n >= self.peak:
             self.peak = n + 1
+        p = self.publisher
+        until = p.valid_until
+        if p.fenced is not None or (until is not None and clock() >= until):
+            raise Fenced(p.fence("fenced: the lease was not renewed in time"))
 
     def _free(self) -> None:
         self.resolved += 1
@@ -253,8 +309,9 @@ class Lane:
     def _failure(self, error: BaseException) -> None:
         self.failed += 1
         self._fail.inc()
-        if not getattr(error, "retriable", False) and self.publisher.fatal is None:
-            self.publisher.fatal = error
+        p = self.publisher
+        if not getattr(error, "retriable", False) and p.fatal is None and not p.aborted:
+            p.fatal = error  # (records dropped by ``abort`` are not the producer's fault)
 
     def _resolved(self, event: Trade | Quote, live: bool, result: Any) -> None:
         self._free()
@@ -262,7 +319,7 @@ class Lane:
             self._failure(result)
             if type(event) is Trade:
                 self._failed_trades.append(event)
-            if self.failed == 1 or self.failed % 1000 == 0:
+            if (self.failed == 1 or self.failed % 1000 == 0) and not self.publisher.aborted:
                 log.error(
                     "%s shard %s: delivery failed (%d so far): %s",
                     self.publisher.venue, self.shard, self.failed, result,

@@ -156,10 +156,13 @@ def test_sigkill_then_restart_repairs_the_downtime(kafka, prefect_server, new_to
         killed = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
         time.sleep(3)
         down_until = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
+        # The killed run could not release its lease: the restart waits until it expires
+        # (45 s after the last renewal), then repairs all of the downtime.
         second = subprocess.run(
-            [*cmd, "--seconds", "5"], cwd=ROOT, capture_output=True, text=True, timeout=60
+            [*cmd, "--seconds", "5"], cwd=ROOT, capture_output=True, text=True, timeout=360
         )
         assert second.returncode == 0, second.stderr[-3000:]
+        assert "waiting for lease binance:" in second.stderr, second.stderr[-3000:]
         final = sim.report()
 
     report = last_json_line(second.stdout)

@@ -18,12 +18,14 @@ import time
 import uuid
 
 import pytest
+from kafka.admin import NewTopic
 
 from simulator.process import ROOT, SimulatorProcess
 from stack.process import alive, read_pid
 from stack.services import Kafka, up
 from tasks.core import config
-from tasks.core.topics import TRADES, ensure_topics
+from tasks.core.kafka import admin
+from tasks.core.topics import ensure_topics
 from tests.ingest.support import (
     assert_contiguous,
     end_offsets,
@@ -37,6 +39,9 @@ KAFKA_PORT = 29192
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
 MAX_IN_FLIGHT = 1000
 OUTAGE_S = 20
+# A trades topic of its own: the feed's lease (venue + trades topic) is then this test's
+# alone, whatever ingestion of the default topic runs on this machine meanwhile.
+TRADES = f"test.outage.{uuid.uuid4().hex[:10]}"
 
 
 def _kill(kafka: Kafka) -> None:
@@ -64,6 +69,10 @@ def private_kafka(settings, kafka):  # the shared Kafka proves the jars are inst
     try:
         up([broker])
         ensure_topics(s)
+        client = admin(s)
+        client.create_topics([NewTopic(TRADES, 3, 1)])
+        client.wait_for_topics([TRADES])
+        client.close()
         yield env, s, broker
     finally:
         _kill(broker)
@@ -111,6 +120,8 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
                 "off",
                 "--channels",
                 "trades",
+                "--trades-topic",
+                TRADES,
                 "--metrics-port",
                 str(port),
                 "--progress-every",

@@ -1,0 +1,483 @@
+"""One ingestion per feed: a lease in PostgreSQL that exactly one run holds while it publishes.
+
+Why: two ingestion runs of one feed publish every trade twice, and their gap trackers
+disagree. Nothing else stops that: the deployment trigger reruns a Crashed ingestion; the
+heartbeat automation marks a run Crashed when the *Prefect server* stops hearing from it,
+although the process may still be alive and publishing; an operator may start a deployment
+twice.
+
+The lease (table ``ingest_leases``, migration ``0300_ingest_leases.sql``): one row per
+feed, keyed ``"<venue>:<trades topic>"`` (``feed_key``), so test and side-by-side runs on
+private topics never meet.
+
+- **acquire** takes the row in one statement when it is free, released or expired, and
+  gives the taker the next fencing ``token`` (+1 per acquisition; rows are never deleted).
+  Otherwise it waits, polling every second and logging who holds it and until when.
+- **renew** extends the row only while holder id *and* token are still this run's. If
+  they are not, someone else has acquired it: ``LeaseLost`` ("fenced: ..."), and the run
+  stops publishing at once.
+- **release** (clean shutdown, after the producer has flushed and closed) expires the row
+  now, so the next run starts within a poll instead of waiting a TTL.
+
+Two clocks, one authority. Whether a lease has expired is decided only by PostgreSQL's
+``now()``: a waiter takes the row only if ``expires_at <= now()`` on the server, so the
+hosts' wall clocks never matter. But a holder must also know when to stop while the
+database is unreachable, so it keeps its own bound: it reads this host's boot-time clock
+(``clock``: CLOCK_BOOTTIME, monotonic, counts suspended time, never stepped by NTP)
+*before* sending each acquire or renew. The server stamps ``expires_at = now() + ttl``
+after it received the statement, so ``sent + ttl`` (``valid_until``) is never later than
+the real expiry; only a difference in clock *rate* (parts per million) eats into it.
+
+Self-fencing. The holder publishes only until ``fence_at = valid_until - margin``. The
+publisher enforces that per message (``tasks.ingest.publish``: a lane refuses to send past
+it), so neither a stuck database call, nor a slow flow loop, nor thread scheduling can
+stretch it; the flow then stops the shards, drops what the producer has not yet sent, and
+ends the run "fenced: could not renew ...". A waiter can take over only after the
+server's expiry, which is at least ``margin`` later.
+
+Timing (``TTL_S``, ``RENEW_EVERY_S``, ``MARGIN_S``, ``RETRY_S``), chosen together:
+
+- renew every 5 s, retry every 1 s after a failure; every attempt is bounded (connect
+  5 s, statement 5 s, unacknowledged TCP data 10 s), so a lost network cannot hang it.
+- TTL 45 s and margin 10 s: a holder whose last renewal was sent at ``t`` publishes until
+  ``t + 35`` without another. Renewals are due every 5 s, so the database may be
+  unreachable for up to 35 - 5 - 1 = 29 s (24 s if each attempt hangs the full connect
+  timeout) without stopping a healthy ingestion: a 10-20 s PostgreSQL restart costs
+  nothing; the holder keeps publishing on its own reckoning and renews the moment the
+  server answers (its row, with its token, is still there: nobody could take it).
+- A longer outage self-fences the holder at ``t + 35``, 10 s before anyone can take
+  over at ``t + 45``. The margin covers the flow noticing (0.2 s), aborting the
+  producer's unsent records and in-flight requests (well under a second with a healthy
+  broker), clock rate differences, and a small step of the database server's clock.
+- A holder that died (SIGKILL, lost machine) is replaced at most 45 s (+1 s poll) after
+  its last renewal; the Crashed-run trigger takes ~10 s to start the new run anyway, and
+  its gap repair covers the pause.
+
+Failure modes:
+
+- *PostgreSQL restarts for 10-20 s*: renewals fail, are retried every second, succeed
+  when it is back; publishing never pauses. Waiters retry the same way.
+- *PostgreSQL gone for longer than ~29 s*: the holder stops publishing and its run fails
+  "fenced: could not renew ... for N s"; a waiting run (if any) takes over after expiry,
+  resuming from what Kafka holds. Without a waiter, start the deployment again.
+- *Prefect server unreachable*: the lease does not involve Prefect. The run keeps
+  renewing and publishing; if the heartbeat automation marks it Crashed and the trigger
+  starts another run, that run waits, logging the live holder, and takes over only when
+  the first stops (released: within a second; died: after the TTL).
+- *Holder paused longer than the margin* (SIGSTOP, VM freeze, swap storm) and taken over
+  meanwhile: when it resumes, its lanes refuse to send (``fence_at`` has passed), and its
+  next renewal reports the loss. Kafka itself does not check fencing tokens, so a record
+  the broker had already received before the fence may still be appended: that residual
+  is what the margin is for.
+- *Second start by an operator*: the second run waits, logging who holds the feed.
+
+Nothing here imports Prefect; the flow passes its run logger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+from psycopg2.extensions import make_dsn
+
+from tasks.core.pg import connect
+
+log = logging.getLogger(__name__)
+
+TTL_S = 45.0  # the server expires an unrenewed lease this long after its last renewal
+RENEW_EVERY_S = 5.0  # a healthy holder renews this often
+MARGIN_S = 10.0  # a holder stops publishing this long before its lease could expire
+RETRY_S = 1.0  # after a failed renewal (or while a waiter cannot reach the database)
+POLL_S = 1.0  # how often a waiter asks whether the lease is free
+STATEMENT_TIMEOUT_MS = 5000
+TCP_USER_TIMEOUT_MS = 10_000
+
+if hasattr(time, "CLOCK_BOOTTIME"):
+    _CLOCK_ID = time.CLOCK_BOOTTIME
+
+    def clock() -> float:
+        """Seconds on this host's boot-time clock: monotonic, and counts suspended time."""
+        return time.clock_gettime(_CLOCK_ID)
+
+else:  # pragma: no cover - not Linux
+    clock = time.monotonic
+
+
+def feed_key(venue: str, trades_topic: str) -> str:
+    """The lease key of a feed: the venue config name and the topic its trades go to."""
+    return f"{venue}:{trades_topic}"
+
+
+class LeaseLost(RuntimeError):
+    """The lease is no longer this holder's (taken, or not renewed in time): stop publishing."""
+
+
+class LeaseBusy(TimeoutError):
+    """Another live holder kept the lease for as long as the caller was willing to wait."""
+
+    def __init__(self, message: str, holder: Holder | None):
+        super().__init__(message)
+        self.holder = holder
+
+
+class Unreachable(RuntimeError):
+    """The database did not answer (down, restarting, network): try again shortly."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a feed's lease, as the database sees it now."""
+
+    feed: str
+    token: int
+    holder: str
+    owner: str
+    expires_in_s: float  # by the database's clock; <= 0: expired
+    renewed_ago_s: float
+    released: bool
+
+    def describe(self) -> str:
+        if self.released:
+            return f"{self.owner} (token {self.token}), released"
+        return (
+            f"{self.owner} (token {self.token}), renewed {self.renewed_ago_s:.0f} s ago, "
+            f"expires in {self.expires_in_s:.0f} s by the database's clock unless renewed"
+        )
+
+
+_ACQUIRE = """
+INSERT INTO ingest_leases AS l
+    (feed, token, holder, owner, acquired_at, renewed_at, expires_at)
+VALUES (%(feed)s, 1, %(holder)s, %(owner)s, now(), now(),
+        now() + %(ttl)s * interval '1 second')
+ON CONFLICT (feed) DO UPDATE
+   SET token = l.token + 1, holder = excluded.holder, owner = excluded.owner,
+       acquired_at = now(), renewed_at = now(), expires_at = excluded.expires_at,
+       released_at = NULL
+ WHERE l.expires_at <= now() OR l.released_at IS NOT NULL
+RETURNING token
+"""
+_RENEW = """
+UPDATE ingest_leases SET renewed_at = now(), expires_at = now() + %(ttl)s * interval '1 second'
+ WHERE feed = %(feed)s AND holder = %(holder)s AND token = %(token)s AND released_at IS NULL
+RETURNING token
+"""
+_RELEASE = """
+UPDATE ingest_leases SET expires_at = now(), released_at = now()
+ WHERE feed = %(feed)s AND holder = %(holder)s AND token = %(token)s AND released_at IS NULL
+RETURNING token
+"""
+_CURRENT = """
+SELECT token, holder, owner, extract(epoch FROM expires_at - now())::float8,
+       extract(epoch FROM now() - renewed_at)::float8, released_at IS NOT NULL
+  FROM ingest_leases WHERE feed = %(feed)s
+"""
+
+
+class Lease:
+    """The lease of one feed, as one would-be holder sees it (one acquisition at a time).
+
+    ``token`` is the fencing token of the current acquisition (None when not held);
+    ``valid_until``/``fence_at`` are on ``clock``. Thread-safe: statements are serialised
+    on one connection, which is reopened after any connection error.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        feed: str,
+        owner: str,
+        *,
+        schema: str = "public",
+        ttl_s: float = TTL_S,
+        renew_every_s: float = RENEW_EVERY_S,
+        margin_s: float = MARGIN_S,
+    ):
+        if not (renew_every_s > 0 and margin_s >= 0 and renew_every_s + margin_s < ttl_s):
+            raise ValueError(
+                f"lease timing: need 0 < renew_every_s ({renew_every_s}) and "
+                f"renew_every_s + margin_s ({margin_s}) < ttl_s ({ttl_s})"
+            )
+        self.dsn = dsn
+        self.schema = schema
+        self.feed = feed
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self.renew_every_s = renew_every_s
+        self.margin_s = margin_s
+        self.holder = ""
+        self.token: int | None = None
+        self.valid_until = -math.inf  # the server's expiry is no earlier than this
+        self.lost: str | None = None  # why the last acquisition ended, if it was not released
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    # ---- what the holder may do ---------------------------------------------------------
+
+    @property
+    def fence_at(self) -> float:
+        """Until when (``clock``) the holder may publish: ``margin_s`` before expiry."""
+        return self.valid_until - self.margin_s
+
+    @property
+    def held(self) -> bool:
+        """Held, and not past ``fence_at`` by this host's own reckoning."""
+        return self.token is not None and clock() < self.fence_at
+
+    def remaining(self) -> float:
+        """Seconds left to publish without another renewal (negative once past)."""
+        return self.fence_at - clock()
+
+    # ---- statements -------------------------------------------------------------------
+
+    def _execute(self, sql: str, **params: Any) -> list[tuple]:
+        with self._lock:
+            try:
+                if self._conn is None:
+                    dsn = make_dsn(self.dsn, tcp_user_timeout=TCP_USER_TIMEOUT_MS)
+                    conn = connect(dsn, self.schema)
+                    conn.autocommit = True  # now() is each statement's own start time
+                    with conn.cursor() as cur:
+                        cur.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                    self._conn = conn
+                with self._conn.cursor() as cur:
+                    cur.execute(sql, {"feed": self.feed, **params})
+                    return cur.fetchall() if cur.description else []
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                self._drop()
+                raise Unreachable(" ".join(str(e).split()) or type(e).__name__) from e
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        """Close the connection (the lease itself is kept, released or left to expire)."""
+        with self._lock:
+            self._drop()
+
+    def current(self) -> Holder | None:
+        """Who holds the lease now (None: nobody ever took it)."""
+        rows = self._execute(_CURRENT)
+        if not rows:
+            return None
+        token, holder, owner, expires_in, renewed_ago, released = rows[0]
+        return Holder(self.feed, token, holder, owner, expires_in, renewed_ago, released)
+
+    def try_acquire(self) -> Holder | None:
+        """One attempt: take the lease if it is free, released or expired (then None,
+        and ``token`` is set), else return who holds it. Raises ``Unreachable``."""
+        for _ in range(3):  # freed between the two statements: take it at once
+            holder = uuid.uuid4().hex
+            sent = clock()
+            rows = self._execute(_ACQUIRE, holder=holder, owner=self.owner, ttl=self.ttl_s)
+            if rows:
+                self.holder, self.token, self.lost = holder, rows[0][0], None
+                self.valid_until = sent + self.ttl_s
+                return None
+            current = self.current()
+            if current is not None and current.expires_in_s > 0 and not current.released:
+                return current
+        return current or Holder(self.feed, 0, "", "nobody (row deleted)", 0.0, 0.0, True)
+
+    def acquire(
+        self,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = POLL_S,
+        logger: Any = None,
+        log_every_s: float = 60.0,
+    ) -> int:
+        """Take the lease, waiting while another live holder has it; returns the token.
+
+        Logs who holds it when waiting starts, when the holder changes and every
+        ``log_every_s``; a database that does not answer is retried the same way.
+        ``timeout_s`` None waits for as long as it takes; else ``LeaseBusy``.
+        """
+        logger = logger or log
+        deadline = None if timeout_s is None else clock() + timeout_s
+        seen: tuple | None = None
+        next_log = -math.inf
+        waited_from = clock()
+        while True:
+            try:
+                holder = self.try_acquire()
+            except Unreachable as e:
+                holder = None
+                if clock() >= next_log or seen != ("unreachable",):
+                    logger.warning(
+                        "lease %s: PostgreSQL does not answer (%s); retrying every %.0f s",
+                        self.feed, e, poll_s,
+                    )  # fmt: skip
+                    seen, next_log = ("unreachable",), clock() + log_every_s
+            else:
+                if holder is None:
+                    waited = clock() - waited_from
+                    logger.info(
+                        "lease %s acquired: token %d%s; publishing only while it is renewed"
+                        " (every %.0f s, expires %.0f s after the last renewal)",
+                        self.feed, self.token,
+                        f" after waiting {waited:.0f} s" if seen is not None else "",
+                        self.renew_every_s, self.ttl_s,
+                    )  # fmt: skip
+                    return self.token  # type: ignore[return-value]
+                key = (holder.holder, holder.token)
+                if key != seen or clock() >= next_log:
+                    logger.warning("waiting for lease %s: held by %s", self.feed, holder.describe())
+                    seen, next_log = key, clock() + log_every_s
+            if deadline is not None and clock() >= deadline:
+                raise LeaseBusy(
+                    f"lease {self.feed} is held by "
+                    + (holder.describe() if holder else "? (PostgreSQL does not answer)"),
+                    holder,
+                )
+            pause = poll_s if deadline is None else min(poll_s, max(0.0, deadline - clock()))
+            time.sleep(pause)
+
+    def renew(self) -> float:
+        """Extend the lease by ``ttl_s``; returns the new ``fence_at``.
+
+        ``LeaseLost`` ("fenced: ...") when it is no longer this holder's; ``Unreachable``
+        when the database does not answer (the lease then holds until ``fence_at``)."""
+        if self.token is None:
+            raise LeaseLost(f"fenced: lease {self.feed} is not held ({self.lost or 'released'})")
+        sent = clock()
+        rows = self._execute(_RENEW, holder=self.holder, token=self.token, ttl=self.ttl_s)
+        if rows:
+            self.valid_until = max(self.valid_until, sent + self.ttl_s)
+            return self.fence_at
+        try:
+            now = self.current()
+            who = now.describe() if now is not None else "nobody (its row was deleted)"
+        except Unreachable:
+            who = "? (PostgreSQL stopped answering)"
+        mine = self.token
+        self.lost = f"fenced: lease {self.feed} (token {mine}) was taken; it is now held by {who}"
+        self.token, self.valid_until = None, -math.inf
+        raise LeaseLost(self.lost)
+
+    def release(self) -> bool:
+        """Give the lease up now (after the last record was delivered); False if it was
+        no longer held or the database did not answer (it then expires by itself)."""
+        if self.token is None:
+            return False
+        token = self.token
+        self.token, self.valid_until = None, -math.inf
+        try:
+            return bool(self._execute(_RELEASE, holder=self.holder, token=token))
+        except Unreachable as e:
+            log.warning("lease %s: release failed (%s); it expires by itself", self.feed, e)
+            return False
+
+
+class Keeper:
+    """Renews a held ``Lease`` in its own thread until stopped, lost or past ``fence_at``.
+
+    ``on_renewed(fence_at)`` after each renewal; ``on_fenced(reason)`` once, when the lease
+    was taken or could not be renewed before ``fence_at`` (``reason`` starts "fenced: ").
+    A renewal blocked on the network delays nothing but itself: the publisher enforces
+    ``fence_at`` on its own.
+    """
+
+    def __init__(
+        self,
+        lease: Lease,
+        on_fenced: Callable[[str], None],
+        on_renewed: Callable[[float], None] | None = None,
+        *,
+        logger: Any = None,
+        retry_s: float = RETRY_S,
+        warn_every_s: float = 5.0,
+    ):
+        self.lease = lease
+        self.on_fenced = on_fenced
+        self.on_renewed = on_renewed
+        self.logger = logger or log
+        self.retry_s = retry_s
+        self.warn_every_s = warn_every_s
+        self.verdict: str | None = None
+        self.renewals = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        ctx = contextvars.copy_context()  # the caller's logging context (a flow run's)
+        self._thread = threading.Thread(
+            target=ctx.run, args=(self._run,), name=f"lease-{self.lease.feed}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop renewing; True once the thread has ended (False: a call still hangs)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _fence(self, reason: str) -> None:
+        if self.verdict is None:
+            self.verdict = reason
+            self.logger.error("%s", reason)
+            self.on_fenced(reason)
+
+    def _run(self) -> None:
+        lease = self.lease
+        next_at = clock() + lease.renew_every_s
+        last_ok = lease.valid_until - lease.ttl_s  # when the last good statement was sent
+        failing_since, next_warn = None, -math.inf
+        last_error = ""
+        while not self._stop.is_set():
+            if clock() >= lease.fence_at:
+                self._fence(
+                    f"fenced: could not renew lease {lease.feed} (token {lease.token}) for "
+                    f"{clock() - last_ok:.0f} s (last error: {last_error or 'none'}); stopped "
+                    f"publishing {lease.margin_s:.0f} s before it could expire"
+                )
+                return
+            wait = min(next_at, lease.fence_at) - clock()
+            if wait > 0:
+                self._stop.wait(wait)
+                continue
+            try:
+                fence_at = lease.renew()
+            except LeaseLost as e:
+                self._fence(str(e))
+                return
+            except Unreachable as e:
+                self.failures += 1
+                last_error = str(e)
+                failing_since = failing_since or clock()
+                if clock() >= next_warn:
+                    self.logger.warning(
+                        "lease %s: renewal failed (%s); still ours for %.0f s by this host's"
+                        " clock, publishing stops then unless PostgreSQL answers",
+                        lease.feed, e, lease.remaining(),
+                    )  # fmt: skip
+                    next_warn = clock() + self.warn_every_s
+                next_at = clock() + self.retry_s
+                continue
+            self.renewals += 1
+            if failing_since is not None:
+                self.logger.info(
+                    "lease %s renewed again after %.0f s of failed renewals",
+                    lease.feed, clock() - failing_since,
+                )  # fmt: skip
+                failing_since, next_warn = None, -math.inf
+            last_ok = clock()
+            if self.on_renewed is not None and not self._stop.is_set():
+                self.on_renewed(fence_at)
+            next_at = clock() + lease.renew_every_s
