@@ -49,42 +49,54 @@ def ensure_pool(env: dict[str, str], pool: str) -> str:
     return "created"
 
 
-def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
-    """A self-hosted server marks nothing Crashed on its own: when a running flow run
-    sends no heartbeat for ``missing_heartbeat_s``, this marks it Crashed, which fires the
-    ingestion deployments' restart trigger (prefect.yaml)."""
+def _crash_when_quiet(
+    name: str,
+    description: str,
+    after: set[str],
+    expect: set[str],
+    within_s: int,
+    message: str,
+    match_related: dict[str, object] | None = None,
+):
+    """(Re)create an automation marking a flow run Crashed when, after one of ``after``,
+    none of ``expect`` follows within ``within_s``: the run went quiet, its process is
+    gone. Crashed ends the run, which frees a deployment concurrency slot it held."""
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     with suppress(ValueError):  # read raises when there is none yet
-        Automation.read(name=SILENT_AUTOMATION).delete()
-    Automation(
-        name=SILENT_AUTOMATION,
-        description="Mark flow runs Crashed when their heartbeat stops (zombie runs).",
+        Automation.read(name=name).delete()
+    return Automation(
+        name=name,
+        description=description,
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
-            after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat",
-                "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed",
-                "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
+            match_related=match_related or {},
+            after={f"prefect.flow-run.{e}" for e in after},
+            expect={f"prefect.flow-run.{e}" for e in expect},
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
-            within=missing_heartbeat_s,
+            within=within_s,
         ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"No heartbeat for {missing_heartbeat_s} s: the process is gone.",
-            )
-        ],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)],
     ).create()
+
+
+def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
+    """A self-hosted server marks nothing Crashed on its own: when a running flow run
+    sends no heartbeat for ``missing_heartbeat_s``, this marks it Crashed, which fires the
+    ingestion deployments' restart trigger (prefect.yaml)."""
+    _crash_when_quiet(
+        SILENT_AUTOMATION,
+        "Mark flow runs Crashed when their heartbeat stops (zombie runs).",
+        after={"heartbeat"},
+        expect={"heartbeat", "Completed", "Failed", "Cancelled", "Crashed"},
+        within_s=missing_heartbeat_s,
+        message=f"No heartbeat for {missing_heartbeat_s} s: the process is gone.",
+    )
 
 
 # A worker proposes Pending ("Submitting"), which takes the deployment's concurrency slot,
@@ -97,7 +109,7 @@ def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
 #   soak: median 20-30 s, a tenth over 140 s). A run still starting after it is ended all
 #   the same, and its process then runs anyway (the server accepts Crashed -> Running)
 #   without the slot it released: one overlapping run, which the drains tolerate
-#   (partitions split, offsets stored with the data);
+#   (the stale writer is fenced by the offsets stored with the data);
 # - a free slot within two schedule periods (120 s) of a worker being back: the run is
 #   ended 2-6 s after the bound (proactive triggers are evaluated every 5 s; an overloaded
 #   server was seen 15 s late), and a worker takes a run up to 10 s early (prefetch), so
@@ -131,39 +143,25 @@ def ensure_stuck_pending_automation(
     run. Elsewhere a slow start ended by mistake would cost more than it saves (a crashed
     ingestion run is restarted by its trigger while the slow one goes on)."""
     from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import EventTrigger, Posture
 
-    with suppress(ValueError):  # read raises when there is none yet
-        Automation.read(name=name).delete()
     ids = [f"prefect.deployment.{i}" for i in deployment_ids]
     if not ids:
+        with suppress(ValueError):  # read raises when there is none
+            Automation.read(name=name).delete()
         return None
-    automation = Automation(
-        name=name,
-        description=f"Mark runs Crashed that stay Pending for {pending_s} s (worker lost).",
-        trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.role": "deployment", "prefect.resource.id": ids},
-            after={f"prefect.flow-run.{s}" for s in PENDING_NAMES},
-            # A Pending-type state restarts the clock (a worker proposes Pending, then
-            # Submitting); any other state or a heartbeat means the run moved on. Not a
-            # "prefect.flow-run.*" wildcard: that also matches the pull-step events a
-            # flow-run process sends before it is Running, and Submitting itself.
-            expect={f"prefect.flow-run.{s}" for s in (*PENDING_NAMES, *MOVED_ON_NAMES)},
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=pending_s,
-        ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"Pending for {pending_s} s without starting: its worker is gone.",
-            )
-        ],
-    ).create()
+    # A Pending-type state restarts the clock (a worker proposes Pending, then Submitting);
+    # any other state or a heartbeat means the run moved on. Not a "prefect.flow-run.*"
+    # wildcard: that also matches the pull-step events a flow-run process sends before it
+    # is Running, and Submitting itself.
+    automation = _crash_when_quiet(
+        name,
+        f"Mark runs Crashed that stay Pending for {pending_s} s (worker lost).",
+        after=set(PENDING_NAMES),
+        expect={*PENDING_NAMES, *MOVED_ON_NAMES},
+        within_s=pending_s,
+        message=f"Pending for {pending_s} s without starting: its worker is gone.",
+        match_related={"prefect.resource.role": "deployment", "prefect.resource.id": ids},
+    )
     return automation.id
 
 

@@ -14,7 +14,8 @@
 ``transactions`` and ``wallets`` (mechanism in ``tasks/drain/mongo.py``).
 
 A crashed or retried run is harmless: the next one resumes from the offsets the
-database stored with the data. Two runs at once split the partitions between them.
+database stored with the data. Runs given disjoint ``partitions`` drain in parallel; two
+runs on the same partitions stay exactly once (the stale writer is fenced or guarded).
 A new sink is one module in ``tasks/drain`` and one flow here that calls ``run_drain``.
 """
 
@@ -32,13 +33,25 @@ from flows.common import RETRIES, migrate_schema
 from tasks.core import config
 from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS
 from tasks.drain.contract import Sink
-from tasks.drain.loop import DrainResult, drain, record_metrics
+from tasks.drain.loop import DrainResult, OffsetOutOfLog, drain, record_metrics
 from tasks.drain.mongo import MongoSink
 from tasks.drain.postgres import PostgresSink
 from tasks.telemetry.observe import push_drain_metrics
 
 
-@task(name="drain-topics", cache_policy=NO_CACHE, task_run_name="drain {consumer}", **RETRIES)
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """A drain that failed on its offsets or its parameters fails the same way again: only
+    other failures (a database or broker restarting) go on to the retry policy."""
+    return not isinstance(state.data, OffsetOutOfLog | ValueError)
+
+
+@task(
+    name="drain-topics",
+    cache_policy=NO_CACHE,
+    task_run_name="drain {consumer}",
+    retry_condition_fn=worth_retrying,
+    **RETRIES,
+)
 def drain_topics(
     sink: Sink,
     settings: config.Settings,

@@ -50,7 +50,7 @@ from tasks.core import config, metrics
 from tasks.core.topics import QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
-from tasks.ingest.lease import Keeper, Lease, LeaseLost, feed_key
+from tasks.ingest.lease import Keeper, Lease, LeaseLost, Unreachable, feed_key
 from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
 from tasks.ingest.publish import Topics
 from tasks.ingest.validate import check
@@ -157,6 +157,11 @@ def ingest(
             if w.tracker is not None:
                 w.tracker.fill_gap = partial(repair_gap, w.tracker)
         # Publishing is allowed until the lease's fence point; each renewal moves it on.
+        # Renewed here first: validation and the resume scan may have taken a while.
+        try:
+            lease.renew()
+        except Unreachable as e:  # still ours until fence_at; the keeper retries
+            logger.warning("lease %s: renewal before streaming failed: %s", lease.feed, e)
         ingestion.publisher.valid_until = lease.fence_at
         keeper = Keeper(lease, ingestion.fence, ingestion.publisher.extend, logger=logger)
         keeper.start()

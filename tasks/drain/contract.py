@@ -7,11 +7,13 @@ database, not Kafka, knows what is done. Hence:
 - ``write`` applies a batch at most once in effect, however often it is retried or
   replayed, and records the next offset of every partition in the batch;
 - ``stored_offsets`` is where a drain resumes; Kafka's committed offsets only show lag;
-- a writer whose ``expected`` offsets no longer match what is stored (another drain got
-  there first) raises ``Fenced`` and writes nothing, so a stale writer never double-applies.
+- a stale writer never double-applies: PostgreSQL fences it (a writer whose ``expected``
+  offsets no longer match what is stored raises ``Fenced`` and writes nothing); MongoDB
+  guards each effect with the offset it came from, so a stale batch re-applies nothing.
 - a record the store refuses as data (not as a connection problem: a value out of range,
   a row too large to index, arithmetic that cannot be exact) makes ``write`` raise
-  ``Rejected`` naming those records and their reasons, having written nothing; the loop
+  ``Rejected`` naming those records and their reasons, having written nothing that a
+  rewrite without them does not make whole; the loop
   dead-letters them (acknowledged before any offset passes them) and writes the rest, so
   one poison record never stops its partition;
 - the stored offsets of a topic belong to one log (cluster id and topic id): ``claim_log``

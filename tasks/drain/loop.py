@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
 from tasks.core import config, dlq, kafka
@@ -119,7 +119,12 @@ class _Run:
         self.sink, self.name, self.topics, self.dlq_source = sink, name, topics, dlq_source
         # group_id only names the committed offsets (lag display, seeding); the consumer
         # never joins the group. One poll may fill a whole batch.
-        self.consumer = kafka.consumer(name, settings, max_poll_records=batch_size)
+        # No auto_offset_reset: an offset that leaves the log mid-run (retention deleting
+        # records not yet drained) raises instead of jumping silently to the log start.
+        self.consumer = kafka.consumer(
+            name, settings, max_poll_records=batch_size, auto_offset_reset="none"
+        )
+        self.allow_gaps = False
         self.settings = settings
         self.result = DrainResult(name, sink.name)
         self.expected: dict[Key, int | None] = {}  # what the sink holds before our next batch
@@ -135,6 +140,7 @@ class _Run:
     def assign(self, partitions: set[int] | None, allow_gaps: bool, reset_log: bool) -> None:
         """Take the partitions, check each topic's log identity, start at stored offsets."""
         c = self.consumer
+        self.allow_gaps = allow_gaps
         tps = []
         for topic in self.topics:
             known = c.partitions_for_topic(topic)
@@ -192,10 +198,29 @@ class _Run:
                             " rerun with allow_gaps=True to skip them (counted)"
                         )
                     )
-                self.result.gaps[key] = self.result.gaps.get(key, 0) + start - at
-                log.error("%s: %s: skipping %d deleted records", self.name, where, start - at)
+                self._skip(tp, at, start, where)
                 at = start
             c.seek(tp, at)
+
+    def _skip(self, tp: TopicPartition, at: int, start: int, where: str) -> None:
+        key = (tp.topic, tp.partition)
+        self.result.gaps[key] = self.result.gaps.get(key, 0) + start - at
+        log.error("%s: %s: skipping %d deleted records", self.name, where, start - at)
+
+    def _out_of_range(self, positions: dict[TopicPartition, int]) -> None:
+        """Kafka deleted records this run had not read yet: fail, or skip them counted."""
+        if not positions:
+            raise OffsetOutOfLog(f"{self.name}: a position fell out of a partition's log")
+        starts = self.consumer.beginning_offsets(list(positions))
+        for tp, at in positions.items():
+            where = f"{tp.topic}[{tp.partition}]: position {at}, log starts at {starts[tp]}"
+            if not self.allow_gaps or at > starts[tp]:
+                raise OffsetOutOfLog(
+                    f"{self.name}: {where}: records were deleted while this run read them;"
+                    " rerun with allow_gaps=True to skip them (counted)"
+                )
+            self._skip(tp, at, starts[tp], where)
+            self.consumer.seek(tp, starts[tp])
 
     # -- writes -----------------------------------------------------------------------
     def submit(self, batch: Batch, offsets: dict[Key, tuple[int | None, int]]) -> None:
@@ -269,7 +294,13 @@ class _Run:
         out: dict[TopicPartition, list] = {}
         n = 0
         while n < limit:
-            got = self.consumer.poll(timeout_ms=poll_ms if n == 0 else 0, max_records=limit - n)
+            try:
+                got = self.consumer.poll(
+                    timeout_ms=poll_ms if n == 0 else 0, max_records=limit - n
+                )
+            except OffsetOutOfRangeError as e:
+                self._out_of_range(e.args[0] if e.args and isinstance(e.args[0], dict) else {})
+                continue
             if not got:
                 break
             for tp, recs in got.items():

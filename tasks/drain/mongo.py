@@ -14,8 +14,9 @@ is repaired by simply replaying the batch:
    filter and writes by ``_id`` in two steps, so an update-based compare-and-set lets two
    writers both win, but a unique ``_id`` insert has exactly one winner, on FerretDB and
    MongoDB alike. The loser re-reads the newest version and re-folds (its effects are
-   then mostly below the winner's marks). The winner copies its state into ``wallets``,
-   the collection readers query, only forwards.
+   then mostly below the winner's marks). Every batch then brings ``wallets``, the
+   collection readers query, up to the newest version of each wallet it touched (also
+   one that a crashed run claimed but did not copy), only forwards.
 3. ``kafka_offsets``: the batch's next offsets, only ever moved forwards.
 Amounts are decimal strings (FerretDB 1.x drops the connection on Decimal128).
 
@@ -56,6 +57,7 @@ _DUPLICATE_KEY = 11000
 # Wallet versions are kept this long (and each wallet's newest for ever): a writer folds
 # onto a version it read at most half this long ago, so the _id it claims was never freed.
 _VERSIONS_KEPT_S = 3600.0
+_VERSION_ONLY = frozenset({"_id", "wid", "superseded"})  # fields not copied into wallets
 Key = tuple[str, int]
 
 
@@ -124,6 +126,7 @@ class MongoSink:
             db.transactions.create_index([("user_id", ASCENDING), ("event_us", DESCENDING)])
             db.wallets.create_index([("user_id", ASCENDING)])
             db.wallet_versions.create_index([("wid", ASCENDING)])
+            db.wallet_versions.create_index([("superseded", ASCENDING), ("updated_us", ASCENDING)])
         return self._client[self.database]
 
     def open_batch(self) -> TxBatch:
@@ -232,7 +235,8 @@ class MongoSink:
         ]
 
     def _apply_wallets(self, items: list) -> int:
-        """Fold effects per wallet; claim each new state by inserting its version."""
+        """Fold effects per wallet; claim each new state by inserting its version; bring
+        ``wallets`` up to the newest versions (also those a crashed run claimed)."""
         pending: dict[str, list[tuple[str, int, int, Decimal]]] = defaultdict(list)
         users: dict[str, tuple[str, str]] = {}
         for tx, deltas, topic, partition, offset in items:
@@ -240,10 +244,12 @@ class MongoSink:
                 wid = wallet_id(tx.user_id, asset)
                 pending[wid].append((topic, partition, offset, delta))
                 users[wid] = (tx.user_id, asset)
+        touched = list(pending)
         changed = 0
-        base, read_at = self._base(list(pending)), time.monotonic()
+        base, read_at = self._base(touched), time.monotonic()
         for attempt in range(1, 51):
             if not pending:
+                self._show(touched)
                 self._prune()
                 return changed
             if time.monotonic() - read_at > _VERSIONS_KEPT_S / 2:  # paused: its base may be gone
@@ -257,10 +263,14 @@ class MongoSink:
                     continue
                 if state is not None:
                     states[wid] = state
-            if refused:  # before any wallet is written, so a rewrite without them is whole
+            if refused and attempt == 1:  # nothing of this batch claimed: reject them whole
                 raise _Unrepresentable(refused)
+            if refused:  # another writer moved a wallet between our folds: rare, and loud
+                raise RuntimeError(
+                    f"effects at {sorted(refused)[:3]} became inexact after part of their batch"
+                    " was applied by a concurrent writer; dead-letter them by hand"
+                )
             won, lost = self._claim_versions(states)
-            self._show(won)
             changed += len(won)
             pending = {wid: pending[wid] for wid in lost}
             if pending:  # another writer got there first: fold onto its state
@@ -268,11 +278,12 @@ class MongoSink:
                 time.sleep(random.uniform(0, 0.01 * attempt))
         raise RuntimeError(f"wallet updates kept conflicting: {sorted(pending)[:5]}")
 
-    def _claim_versions(self, states: dict[str, dict]) -> tuple[list[dict], list[str]]:
+    def _claim_versions(self, states: dict[str, dict]) -> tuple[list[str], list[str]]:
         """Insert ``<wallet>#<v>`` for each new state: a unique ``_id`` is the one write
         FerretDB checks atomically, so of two writers folding onto one version exactly one
-        wins. Returns the states that won and the wallets that lost."""
-        won: list[dict] = []
+        wins. The version each winner folded onto is then marked superseded (what pruning
+        and ``_base`` go by). Returns the wallets that won and those that lost."""
+        won: list[str] = []
         lost: list[str] = []
         items = list(states.items())
         for i in range(0, len(items), _OPS_PER_COMMAND):
@@ -286,67 +297,78 @@ class MongoSink:
                 if any(err["code"] != _DUPLICATE_KEY for err in errors):
                     raise
                 failed = {err["index"] for err in errors}
+            older = []
             for n, (wid, st) in enumerate(chunk):
-                (lost.append(wid) if n in failed else won.append({**st, "_id": wid}))
+                if n in failed:
+                    lost.append(wid)
+                    continue
+                won.append(wid)
+                if st["v"] > 1:
+                    superseded = {"$set": {"superseded": True}}
+                    older.append(UpdateOne({"_id": f"{wid}#{st['v'] - 1}"}, superseded))
+            if older:
+                self.db.wallet_versions.bulk_write(older, ordered=False)
         return won, lost
 
-    def _show(self, states: list[dict]) -> None:
-        """Copy won states into ``wallets`` (what readers query), never backwards. FerretDB's
-        two-step update can let a racing writer of an older version land after ours, so
-        the copy is read back and repeated until ``wallets`` holds ours or a newer one."""
-        todo = list(states)
+    def _show(self, wids: list[str]) -> None:
+        """Bring ``wallets`` (what readers query) up to each wallet's newest version, never
+        backwards. FerretDB's two-step update can let a racing copy of an older version
+        land after a newer one, so the copies are read back, against the newest versions
+        read again, until ``wallets`` holds them."""
         for _ in range(10):
+            newest = self._newest(wids)
+            shown = {d["_id"]: d["v"] for d in self.db.wallets.find({"_id": {"$in": wids}})}
+            todo = [d for wid, d in newest.items() if shown.get(wid, 0) < d["v"]]
+            if not todo:
+                return
             views = [
                 UpdateOne(
-                    {"_id": st["_id"], "v": {"$lt": st["v"]}},
-                    {"$set": {k: v for k, v in st.items() if k != "_id"}},
+                    {"_id": d["wid"], "v": {"$lt": d["v"]}},
+                    {"$set": {k: v for k, v in d.items() if k not in _VERSION_ONLY}},
                     upsert=True,
                 )
-                for st in todo
+                for d in todo
             ]
             for i in range(0, len(views), _OPS_PER_COMMAND):
                 _bulk(self.db.wallets, views[i : i + _OPS_PER_COMMAND])  # a newer view stays
-            shown = {
-                d["_id"]: d["v"]
-                for d in self.db.wallets.find({"_id": {"$in": [st["_id"] for st in todo]}})
-            }
-            todo = [st for st in todo if shown.get(st["_id"], 0) < st["v"]]
-            if not todo:
-                return
-        log.warning("wallets view behind its versions for %s", [st["_id"] for st in todo][:5])
+        log.warning("wallets behind their newest versions: %s", [d["wid"] for d in todo][:5])
+
+    def _newest(self, wids: list[str]) -> dict[str, dict]:
+        """Each wallet's newest ``wallet_versions`` document (superseded ones skipped)."""
+        newest: dict[str, dict] = {}
+        found = self.db.wallet_versions.find({"wid": {"$in": wids}, "superseded": {"$ne": True}})
+        for d in found:
+            if d["v"] > newest.get(d["wid"], {}).get("v", -1):
+                newest[d["wid"]] = d
+        return newest
 
     def _base(self, wids: list[str]) -> dict[str, dict]:
         """The newest claimed state of each wallet, what the next version folds onto: its
-        newest ``wallet_versions`` document (never pruned), else its ``wallets`` document
-        (a wallet written before versions existed), else none."""
+        newest ``wallet_versions`` document, else its ``wallets`` document (a wallet written
+        before versions existed), else none."""
         base = {d["_id"]: d for d in self.db.wallets.find({"_id": {"$in": wids}})}
-        newest: dict[str, dict] = {}
-        for d in self.db.wallet_versions.find({"wid": {"$in": wids}}):
-            if d["v"] > newest.get(d["wid"], {}).get("v", -1):
-                newest[d["wid"]] = d
-        for wid, d in newest.items():
+        for wid, d in self._newest(wids).items():
             if d["v"] >= base.get(wid, {}).get("v", -1):
-                base[wid] = {k: v for k, v in d.items() if k != "wid"} | {"_id": wid}
+                base[wid] = {k: v for k, v in d.items() if k not in _VERSION_ONLY} | {"_id": wid}
         return base
 
     def _prune(self) -> None:
-        """Drop versions older than ``_VERSIONS_KEPT_S`` that are not their wallet's newest,
-        at most once a minute. A claim is safe while every version a writer may fold onto
-        exists: writers re-read a base older than half that time before claiming."""
+        """Drop superseded versions older than ``_VERSIONS_KEPT_S``, at most once a minute.
+        A claim stays unique while every version a writer may fold onto exists: writers
+        re-read a base older than half that time before claiming."""
         now = time.monotonic()
         if now - self._pruned_at < 60:
             return
         self._pruned_at = now
         cutoff = time.time_ns() // 1000 - int(_VERSIONS_KEPT_S * 1_000_000)
-        old = list(self.db.wallet_versions.find({"updated_us": {"$lt": cutoff}}).limit(256))
-        if not old:
-            return
-        newest: dict[str, int] = {}
-        for d in self.db.wallet_versions.find({"wid": {"$in": list({d["wid"] for d in old})}}):
-            newest[d["wid"]] = max(d["v"], newest.get(d["wid"], -1))
-        gone = [DeleteOne({"_id": d["_id"]}) for d in old if d["v"] < newest[d["wid"]]]
-        for i in range(0, len(gone), _OPS_PER_COMMAND):
-            self.db.wallet_versions.bulk_write(gone[i : i + _OPS_PER_COMMAND], ordered=False)
+        old = {"superseded": True, "updated_us": {"$lt": cutoff}}
+        for _ in range(64):  # a bounded amount of work per run
+            ids = [d["_id"] for d in self.db.wallet_versions.find(old, {"_id": 1}).limit(256)]
+            if not ids:
+                return
+            for i in range(0, len(ids), _OPS_PER_COMMAND):
+                gone = [DeleteOne({"_id": x}) for x in ids[i : i + _OPS_PER_COMMAND]]
+                self.db.wallet_versions.bulk_write(gone, ordered=False)
 
     def _retrying(self, work):
         deadline = time.monotonic() + self.retry_seconds

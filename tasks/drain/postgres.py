@@ -308,10 +308,18 @@ class PostgresSink:
                 return work(self._connection())
             except psycopg2.Error as e:
                 if _refused_as_data(e):
-                    if isolate is not None:
+                    if isolate is None:
+                        raise
+                    try:
                         isolate(self._connection())
-                    raise
-                if e.pgcode in _RETRY_CODES:
+                    except psycopg2.Error as during:  # lost mid-probe: the write is retried
+                        if not isinstance(during, psycopg2.OperationalError):
+                            raise
+                        self.close()
+                        why = f"connection while isolating: {str(during).strip()[:80]}"
+                    else:
+                        raise  # refused, but by no record alone: fail loudly
+                elif e.pgcode in _RETRY_CODES:
                     why = e.pgcode
                 elif isinstance(e, psycopg2.OperationalError | psycopg2.InterfaceError):
                     why = f"connection: {str(e).strip()[:80]}"  # lost or refused: reconnect

@@ -253,7 +253,7 @@ class Lease:
                 with self._conn.cursor() as cur:
                     cur.execute(sql, {"feed": self.feed, **params})
                     return cur.fetchall() if cur.description else []
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+            except psycopg2.Error as e:  # lost, refused, read-only after a failover, ...
                 self._drop()
                 raise Unreachable(" ".join(str(e).split()) or type(e).__name__) from e
 
@@ -455,7 +455,8 @@ class Keeper:
             try:
                 fence_at = lease.renew()
             except LeaseLost as e:
-                self._fence(str(e))
+                if not self._stop.is_set():  # released by a clean shutdown meanwhile: no verdict
+                    self._fence(str(e))
                 return
             except Unreachable as e:
                 self.failures += 1

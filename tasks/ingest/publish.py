@@ -26,8 +26,9 @@ Guarantee (what ``Publisher`` keeps, with the producer settings of ``tasks.core.
 - Only while the feed's lease holds (``tasks.ingest.lease``): with ``valid_until`` set,
   every send first checks the lease clock, and from ``valid_until`` on (or once
   ``fence`` was called) a lane refuses to send (``Fenced``); ``abort`` then drops what
-  the producer holds unsent, so nothing of this run reaches Kafka after another run may
-  have taken the feed over.
+  the producer holds unsent. Records already handed to the producer's network thread
+  before the fence may still land (a frozen process that wakes up sends them before
+  ``abort`` runs): duplicates at worst, which the drains' natural keys absorb.
 """
 
 from __future__ import annotations
