@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
@@ -136,15 +137,25 @@ def failed_flow_runs(api_url: str, now: datetime, window: timedelta) -> dict[tup
     return named
 
 
-def _post(api_url: str, path: str, body: dict[str, Any]) -> Any:
+def _post(api_url: str, path: str, body: dict[str, Any], attempts: int = 5) -> Any:
+    """POST to the Prefect API. A server busy with its database answers 503 (SQLite:
+    "database is locked"): that is retried after a short, growing pause, as Prefect's own
+    client does; anything else is raised."""
     req = urllib.request.Request(
         api_url.rstrip("/") + path,
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or attempt + 1 == attempts:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def publish(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[Hashable]) -> None:

@@ -3,7 +3,6 @@ failed and crashed runs from the Prefect API, and how the gauges follow them."""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 import urllib.request
@@ -91,13 +90,7 @@ def test_freshness_is_age_of_newest_trade_per_pair(trades_schema) -> None:
     ] == pytest.approx(7200.0, abs=1e-3)
 
 
-def _post(api: str, path: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        api + path, data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
+_post = exporter._post  # the exporter's own client: it retries a busy server's 503
 
 
 def test_failed_and_crashed_runs_are_counted_per_flow(prefect_server: str) -> None:
