@@ -2330,12 +2330,18 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         try:
             ok = soak.setup()
+        except KeyboardInterrupt:
+            say("interrupted during set-up")
+            ok = False
         except Exception as e:
             say(f"could not set the platform up: {type(e).__name__}: {e}")
             traceback.print_exc()
             ok = False
         if not ok:
             soak.undo()
+            for p in (soak.store, soak.kafka, soak.runs):
+                if p is not None:
+                    p.stop()
             for side in reversed(soak.sides):
                 soak.stop_side(side)
             return 2
