@@ -784,7 +784,23 @@ class Soak:
         for p in (self.store, self.kafka, self.runs):
             p.start()
         self.store.ready.wait(30)
+        self._await_ingestion()
         return True
+
+    def _await_ingestion(self) -> None:
+        """The load starts when trades reach Kafka: a worker on a busy machine can take
+        minutes to start the ingestion run, and a fault before that measures nothing."""
+        t0, first = time.time(), self._trades_end()
+        while time.time() - t0 < self.args.ready_minutes * 60:
+            time.sleep(5)
+            now = self._trades_end()
+            if first is not None and now is not None and now > first:
+                say(f"trades reach Kafka {time.time() - t0:.0f} s after ingestion was started")
+                return
+            first = first if first is not None else now
+        msg = f"no trade reached Kafka within {self.args.ready_minutes:g} min; the soak goes on"
+        say(msg)
+        self.events.append(msg)
 
     def _patiently(self, what: str, fn: Callable[[], Any]) -> Any:
         """A busy Prefect server answers 500/503 for a while: retry for ``--setup-minutes``."""
@@ -1408,58 +1424,62 @@ class Soak:
         return False
 
     def _stop_long_runs(self) -> str:
-        """Cancel through Prefect (as the platform command does) until nothing is live and no
-        trade arrives; runs the Crashed trigger starts meanwhile are cancelled too. Only if
-        trades still arrive after that are the ingestion processes this soak's workers
-        started ended by pid (SIGTERM), and that is reported."""
-        notes = []
-        t0 = time.time()
+        """Cancel through Prefect (as the platform command does). A run Prefect cannot
+        cancel is this soak's own to end: one with no live process (its worker died before
+        starting it, or the process is gone) is set Cancelled; one whose process runs on
+        (an orphan of a killed worker, which no worker can reach) is SIGTERMed, by pid.
+        Runs the Crashed trigger starts meanwhile are handled the same way. All reported."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled
+
+        notes, t0 = [], time.time()
         for _ in range(3):
             live = self._live_long_runs()
-            if live:
-                plat.cancel(live)
-            if self._quiet(90) and not self._live_long_runs():
+            if not live and self._quiet(30):
                 notes.append(
                     f"ingestion and trading stopped {time.time() - t0:.0f} s after the cancel"
                 )
                 break
-            notes.append(
-                f"after {time.time() - t0:.0f} s: still live {self._live_long_runs()}"
-                " or trades arriving"
-            )
+            if live:
+                plat.cancel(live)
+            with get_client(sync_client=True) as client:
+                for rid in self._live_long_runs():
+                    r = client.read_flow_run(rid)
+                    state = r.state.name if r.state else "?"
+                    pid = int(r.infrastructure_pid) if (r.infrastructure_pid or "").isdigit() else 0
+                    procs = [
+                        p
+                        for p in ([pid, *descendants(pid)] if pid else [])
+                        if self.owned.still_mine(p)
+                    ]
+                    if procs:
+                        for p in procs:
+                            with contextlib.suppress(ProcessLookupError, PermissionError):
+                                os.kill(p, signal.SIGTERM)
+                        notes.append(
+                            f"{r.name} still {state} after the cancel, its process running"
+                            f" on: SIGTERMed {procs}"
+                        )
+                    else:
+                        client.set_flow_run_state(
+                            rid,
+                            Cancelled(message="bench.soak: no process left to cancel"),
+                            force=True,
+                        )
+                        notes.append(
+                            f"{r.name} still {state} after the cancel with no process"
+                            " (its worker was killed): set Cancelled"
+                        )
+            if self._quiet(60) and not self._live_long_runs():
+                notes.append(f"stopped {time.time() - t0:.0f} s after the cancel")
+                break
         else:
-            pids = self._ingest_pids()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGTERM)
-            quiet = self._quiet(60)
-            notes.append(
-                f"ingestion kept publishing after Prefect's cancel; SIGTERMed its processes {pids}"
-                " (this soak's workers started them): trades"
-                f" {'stopped' if quiet else 'STILL arriving'}"
-            )
-        msg = "; ".join(n for n in notes if n)
-        if len(notes) > 1 or "SIGTERM" in msg:
+            notes.append(f"STILL live or publishing {time.time() - t0:.0f} s after the cancel")
+        msg = "; ".join(notes)
+        if len(notes) > 1:
             say(msg)
             self.events.append(msg)
         return msg
-
-    def _ingest_pids(self) -> list[int]:
-        out = []
-        for r in list(self.runs.runs.values()) if self.runs else []:
-            dep = self.runs.states.get(r.id, ("",))[0]
-            if dep != plat.INGEST["simulator"] or not r.infrastructure_pid:
-                continue
-            try:
-                ip = int(r.infrastructure_pid)
-            except ValueError:
-                continue
-            out += [p for p in [ip, *descendants(ip)] if self.owned.still_mine(p)]
-        for pid, (_, what) in list(self.owned.procs.items()):  # orphans: not under a worker now
-            mine = "flow-run process" in what and self.owned.still_mine(pid) and pid not in out
-            if mine and "ingest" in " ".join(self._roles([pid]).values()):
-                out.append(pid)
-        return out
 
     def _final_run(self, name: str, deadline: float, attempts: int) -> tuple[bool, str]:
         """Run a deployment until a run Completes with nothing left (a scheduled run holding
@@ -2206,7 +2226,16 @@ def notes(soak: Soak, runs: dict[str, list[dict[str, Any]]], end: float) -> None
     for e in soak.events:
         print(f"  event: {e}")
     for name, rows in runs.items():
+        limited = [r for r in rows if "concurrency limit" in r["message"]]
+        if limited:
+            late = sum(1 for r in limited if r["before"])
+            print(
+                f"  {name.split('/')[0]}: {len(limited)} runs Cancelled 'Deployment concurrency"
+                f" limit reached' (one at a time, CANCEL_NEW; {late} due before the start)"
+            )
         for r in rows:
+            if r in limited:
+                continue
             if r["final"] != "Completed" and (r["expected"] or 0) <= end:
                 kind = "scheduled" if r["auto"] else "manual"
                 due = CLOCK.stamp(r["expected"]) if r["expected"] else "?"
@@ -2289,6 +2318,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh-s", type=float, default=15.0)
     p.add_argument("--recovery-s", type=float, default=120.0)
     p.add_argument("--sample-every", type=int, default=10, help="freshness: 1 in N trade ids")
+    p.add_argument(
+        "--ready-minutes", type=float, default=5.0, help="wait this long for trades to flow"
+    )
     p.add_argument(
         "--setup-minutes", type=float, default=10.0, help="retry a busy Prefect server this long"
     )
