@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from blocks.connections import (
     BLOCKS,
@@ -19,6 +21,7 @@ __all__ = [
     "MongoConnection",
     "PostgresConnection",
     "VenueFeed",
+    "prefect_api",
     "settings",
 ]
 
@@ -36,3 +39,17 @@ def settings(
         if name:
             env.update(cls.load(name).env())  # type: ignore[attr-defined]
     return config.load(env)
+
+
+@contextmanager
+def prefect_api(s: config.Settings) -> Iterator[None]:
+    """This process, and every Prefect process it starts, talks to ``s``'s Prefect server
+    with its credentials (Prefect reads its settings when imported, hence both the
+    environment for children and temporary settings for this process)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    os.environ.update(s.prefect_env())
+    with temporary_settings(
+        {PREFECT_API_URL: s.prefect_api_url, PREFECT_API_AUTH_STRING: s.prefect_auth or None}
+    ):
+        yield

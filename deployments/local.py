@@ -71,7 +71,7 @@ def sides(
     py = sys.executable
     prefect = str(Path(py).parent / "prefect")
     env = {
-        "PREFECT_API_URL": settings.prefect_api_url,
+        **settings.prefect_env(),
         "TAPELINE_CODE_DIR": str(ROOT),
         "TAPELINE_PUSHGATEWAY_URL": settings.pushgateway_url
         or f"http://127.0.0.1:{PUSHGATEWAY_PORT}",
@@ -115,8 +115,15 @@ def sides(
     out.append(
         Side(
             "exporter",
-            [py, "-m", "tasks.telemetry.exporter", "--host", "127.0.0.1", "--port",
-             str(EXPORTER_PORT)],
+            [
+                py,
+                "-m",
+                "tasks.telemetry.exporter",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(EXPORTER_PORT),
+            ],
             f"http://127.0.0.1:{EXPORTER_PORT}/metrics",
             env,
         )

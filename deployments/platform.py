@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import psycopg2
 import pymongo
 from kafka.admin import OffsetSpec
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from blocks import prefect_api
 from deployments import local
 from deployments import setup as deployment_setup
 from stack.services import services, up
@@ -116,7 +116,7 @@ def where(settings: config.Settings) -> str:
             f"  Prefect UI        {ui}",
             f"  Kafka             {','.join(settings.kafka.bootstrap)}",
             f"  PostgreSQL        {pg.hostname}:{pg.port}{pg.path} (user {pg.username})",
-            f"  MongoDB protocol  {settings.mongo_url} (db {settings.mongo_db})",
+            f"  MongoDB protocol  {config.redact(settings.mongo_url)} (db {settings.mongo_db})",
             f"  simulator         {settings.simulator_url}",
             f"  metrics           ingestion http://127.0.0.1:{settings.metrics_port}/metrics,"
             f" exporter http://127.0.0.1:{local.EXPORTER_PORT}/metrics,"
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = config.load()
     # This process talks to the stack's Prefect server, never a temporary one.
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+    with prefect_api(settings):
         return run_platform(args, settings)
 
 

@@ -20,8 +20,7 @@ from contextlib import suppress
 from pathlib import Path
 from uuid import UUID
 
-from prefect.settings import PREFECT_API_URL, temporary_settings
-
+from blocks import prefect_api
 from blocks.__main__ import main as register_blocks
 from tasks.core import config
 
@@ -184,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         **os.environ,
         "TAPELINE_CODE_DIR": args.code_dir,
         "TAPELINE_SIMULATOR_URL": settings.simulator_url,
-        "PREFECT_API_URL": settings.prefect_api_url,
+        **settings.prefect_env(),
     }
     print(f"work pool {args.pool}: {ensure_pool(env, args.pool)}")
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with prefect_api(settings):
         return _register(env)
 
 

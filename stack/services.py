@@ -516,13 +516,24 @@ class PrefectServer(Service):
         return f"{u.scheme}://{u.hostname}:{u.port} (UI), API {self.settings.prefect_api_url}"
 
     def env(self) -> dict[str, str]:
+        """The server refuses requests without the stack's credentials (basic auth), asks
+        browsers for a CSRF token on every state change, and lets no other web origin call
+        it: a local process or a web page must not read secrets or run code through it."""
+        u = self.url
+        origin = f"{u.scheme}://{u.hostname}:{u.port or 4200}"
         return {
             **os.environ,
+            **self.settings.prefect_env(),
             "PREFECT_HOME": str(self.dir),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": self.settings.prefect_api_url,
             "PREFECT_LOGGING_LEVEL": "WARNING",
-        }
+            "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+            "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin,
+        } | (
+            {"PREFECT_SERVER_API_AUTH_STRING": self.settings.prefect_auth}
+            if self.settings.prefect_auth
+            else {}
+        )
 
     def launch(self) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -544,9 +555,10 @@ class PrefectServer(Service):
             return r.status == 200 and r.read().strip() == b"true"
 
     def version(self) -> str:
-        with urllib.request.urlopen(
-            self.settings.prefect_api_url + "/admin/version", timeout=3
-        ) as r:
+        req = urllib.request.Request(self.settings.prefect_api_url + "/admin/version")
+        token = base64.b64encode(self.settings.prefect_auth.encode()).decode()
+        req.add_header("Authorization", f"Basic {token}")
+        with urllib.request.urlopen(req, timeout=3) as r:
             return f"Prefect server {r.read().decode().strip(chr(34))}"
 
 

@@ -23,7 +23,8 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 # Point Prefect at the local stack's server before anything imports prefect, and keep
 # its results out of the user's home so cached results never leak between sessions.
-os.environ.setdefault("PREFECT_API_URL", SETTINGS.prefect_api_url)
+for _name, _value in SETTINGS.prefect_env().items():  # URL and the server's credentials
+    os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_HOME", str(SETTINGS.home / "prefect-client"))
 _results = tempfile.mkdtemp(prefix="tapeline-results-")
 atexit.register(shutil.rmtree, _results, ignore_errors=True)

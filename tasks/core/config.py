@@ -9,7 +9,8 @@ that is wrong, so a typo fails at start-up rather than as a timeout deep in a fl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+import secrets
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +30,9 @@ DEFAULTS: dict[str, str] = {
     "TAPELINE_MONGO_URL": "mongodb://127.0.0.1:27117/",
     "TAPELINE_MONGO_DB": "tapeline",
     "TAPELINE_METRICS_PORT": "9108",
+    # Where listeners the platform starts bind: loopback unless a container network needs
+    # them reachable (compose sets 0.0.0.0 inside its network; host ports stay loopback).
+    "TAPELINE_LISTEN_HOST": "127.0.0.1",
     "TAPELINE_PUSHGATEWAY_URL": "",
     "TAPELINE_SIMULATOR_URL": "http://127.0.0.1:18765",
     "TAPELINE_SIMULATOR_RATE": "200",
@@ -36,7 +40,12 @@ DEFAULTS: dict[str, str] = {
     "TAPELINE_CACHE": str(Path.home() / ".cache" / "tapeline"),
     "TAPELINE_DRAIN_FAULT": "",
     "PREFECT_API_URL": "http://127.0.0.1:14200/api",
+    # Basic auth of the Prefect API, ``user:password``. Empty: the local stack's own,
+    # generated once per $TAPELINE_HOME (see ``prefect_auth``).
+    "PREFECT_API_AUTH_STRING": "",
 }
+# Variables whose values are secrets: never printed, logged or shown in a repr.
+SECRET_VARS = ("TAPELINE_KAFKA_PASSWORD", "PREFECT_API_AUTH_STRING", "PGPASSWORD")
 
 
 class ConfigError(ValueError):
@@ -49,7 +58,7 @@ class KafkaSettings:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
 
     def client_kwargs(self) -> dict[str, object]:
         """kafka-python keyword arguments shared by producers, consumers and admin."""
@@ -87,9 +96,29 @@ class Settings:
     pushgateway_url: str = ""  # empty: drain runs push no metrics
     simulator_rate: int = 200  # trades/s per symbol of the platform's simulator
     code_dir: Path = PROJECT_ROOT  # where workers find the code (prefect.yaml pull step)
+    prefect_auth: str = field(default="", repr=False)  # ``user:password`` for the API
+    listen_host: str = "127.0.0.1"  # the address metrics endpoints bind
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        """Connection URLs with their passwords masked: a Settings object ends up in
+        tracebacks, task-run inputs and log lines, and must not carry a secret there."""
+        return (
+            f"Settings(home={str(self.home)!r}, kafka={self.kafka!r},"
+            f" pg_dsn={redact(self.pg_dsn)!r}, mongo_url={redact(self.mongo_url)!r},"
+            f" mongo_db={self.mongo_db!r}, prefect_api_url={self.prefect_api_url!r})"
+        )
+
+    __str__ = __repr__
+
+    def prefect_env(self) -> dict[str, str]:
+        """What a Prefect client (CLI, worker, flow-run process) needs to reach the API."""
+        env = {"PREFECT_API_URL": self.prefect_api_url}
+        if self.prefect_auth:
+            env["PREFECT_API_AUTH_STRING"] = self.prefect_auth
+        return env
 
 
 def _get(env: dict[str, str], name: str) -> str:
@@ -112,19 +141,49 @@ def _url(env: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
     raw = _get(env, name)
     parts = urlsplit(raw)
     if parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"{name}={_redact(raw)!r}: expected a {'/'.join(schemes)} URL")
+        raise ConfigError(f"{name}={redact(raw)!r}: expected a {'/'.join(schemes)} URL")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise ConfigError(f"{name}={_redact(raw)!r}: malformed port") from None
+        raise ConfigError(f"{name}={redact(raw)!r}: malformed port") from None
     return raw
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` with the password of its userinfo replaced by ``***`` (for display)."""
     parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+    if parts.password is None:
+        return url
+    user, _, _ = parts.netloc.rpartition("@")[0].partition(":")
+    return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
+def prefect_auth(env: dict[str, str], home: Path) -> str:
+    """``PREFECT_API_AUTH_STRING`` if set; else the local stack's own credentials, made once
+    per ``home`` (random, in ``home/secrets/prefect-auth``, mode 0600) so that the local
+    Prefect server never runs without authentication and no credential is in the repo."""
+    given = _get(env, "PREFECT_API_AUTH_STRING")
+    if not given and env.get("PREFECT_API_KEY"):
+        return ""  # Prefect Cloud: its API key authenticates (an auth string would win)
+    if given:
+        if ":" not in given:
+            raise ConfigError("PREFECT_API_AUTH_STRING: expected user:password")
+        return given
+    path = home / "secrets" / "prefect-auth"
+    with_umask = os.umask(0o077)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x") as f:  # first one wins when several processes start
+                f.write(f"tapeline:{secrets.token_urlsafe(24)}\n")
+        except FileExistsError:
+            pass
+    finally:
+        os.umask(with_umask)
+    value = path.read_text().strip()
+    if ":" not in value:
+        raise ConfigError(f"{path}: expected user:password")
+    return value
 
 
 def _bootstrap(env: dict[str, str]) -> list[str]:
@@ -154,8 +213,9 @@ def load(env: dict[str, str] | None = None) -> Settings:
     pg_dsn = _url(env, "TAPELINE_PG_DSN", ("postgresql", "postgres"))
     if urlsplit(pg_dsn).password is None and "PGPASSWORD" not in env:
         raise ConfigError("TAPELINE_PG_DSN: no password (put it in the URL or PGPASSWORD)")
+    home = Path(_get(env, "TAPELINE_HOME"))
     return Settings(
-        home=Path(_get(env, "TAPELINE_HOME")),
+        home=home,
         kafka=KafkaSettings(
             bootstrap=_bootstrap(env),
             security_protocol=protocol,
@@ -177,6 +237,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         pushgateway_url=_get(env, "TAPELINE_PUSHGATEWAY_URL"),
         simulator_rate=_int(env, "TAPELINE_SIMULATOR_RATE", 1, 1_000_000),
         code_dir=Path(_get(env, "TAPELINE_CODE_DIR")),
+        prefect_auth=prefect_auth(env, home),
+        listen_host=_get(env, "TAPELINE_LISTEN_HOST") or "127.0.0.1",
     )
 
 

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import signal
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Hashable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +35,7 @@ from prometheus_client import Gauge
 from tasks.core import config
 from tasks.core.kafka import admin
 from tasks.core.metrics import CONSUMER_LAG, EXPORTER_ERRORS, FLOW_RUNS_FAILED, FRESHNESS, serve
+from tasks.telemetry.prefect_api import PrefectApi
 
 log = logging.getLogger("tapeline.exporter")
 
@@ -110,7 +108,9 @@ def freshness(conn: Any, now: float, window_s: float) -> dict[tuple[str, str], f
     }
 
 
-def failed_flow_runs(api_url: str, now: datetime, window: timedelta) -> dict[tuple[str, str], int]:
+def failed_flow_runs(
+    api: PrefectApi, now: datetime, window: timedelta
+) -> dict[tuple[str, str], int]:
     """Flow runs that ended Failed or Crashed within ``window``, per (flow name, state)."""
     runs_filter = {
         "state": {"type": {"any_": list(FAILED_STATES)}},
@@ -119,7 +119,7 @@ def failed_flow_runs(api_url: str, now: datetime, window: timedelta) -> dict[tup
     counts: dict[tuple[str, str], int] = {}
     for page in range(MAX_PAGES):
         body = {"flow_runs": runs_filter, "limit": PAGE, "offset": page * PAGE}
-        runs = _post(api_url, "/flow_runs/filter", body)
+        runs = api.post("/flow_runs/filter", body)
         for run in runs:
             key = (run["flow_id"], run["state_type"].lower())
             counts[key] = counts.get(key, 0) + 1
@@ -128,34 +128,13 @@ def failed_flow_runs(api_url: str, now: datetime, window: timedelta) -> dict[tup
     if not counts:
         return {}
     ids = sorted({flow_id for flow_id, _ in counts})
-    flows = _post(api_url, "/flows/filter", {"flows": {"id": {"any_": ids}}, "limit": PAGE})
+    flows = api.post("/flows/filter", {"flows": {"id": {"any_": ids}}, "limit": PAGE})
     names = {f["id"]: f["name"] for f in flows}
     named: dict[tuple[str, str], int] = {}
     for (flow_id, state), n in counts.items():
         key = (names.get(flow_id, flow_id), state)
         named[key] = named.get(key, 0) + n
     return named
-
-
-def _post(api_url: str, path: str, body: dict[str, Any], attempts: int = 5) -> Any:
-    """POST to the Prefect API. A server busy with its database answers 503 (SQLite:
-    "database is locked"): that is retried after a short, growing pause, as Prefect's own
-    client does; anything else is raised."""
-    req = urllib.request.Request(
-        api_url.rstrip("/") + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    for attempt in range(attempts):
-        try:
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as e:
-            if e.code != 503 or attempt + 1 == attempts:
-                raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def publish(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[Hashable]) -> None:
@@ -185,6 +164,7 @@ class Exporter:
         self.freshness_window_s = freshness_window_s
         self.failures_window = failures_window
         self._admin: Any = None
+        self._prefect = PrefectApi(settings.prefect_api_url, settings.prefect_auth)
         self._shown: dict[str, set[Hashable]] = {"lag": set(), "freshness": set(), "flows": set()}
 
     def collect(self) -> dict[str, bool]:
@@ -227,7 +207,7 @@ class Exporter:
 
     def _flow_runs(self) -> None:
         now = datetime.now(UTC)
-        failed = failed_flow_runs(self.settings.prefect_api_url, now, self.failures_window)
+        failed = failed_flow_runs(self._prefect, now, self.failures_window)
         publish(FLOW_RUNS_FAILED, failed, self._shown["flows"])
 
     def close(self) -> None:
@@ -251,7 +231,7 @@ class Exporter:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="metrics port")
-    parser.add_argument("--host", default="0.0.0.0", help="address to serve metrics on")
+    parser.add_argument("--host", help="address to serve metrics on (TAPELINE_LISTEN_HOST)")
     parser.add_argument("--interval", type=float, default=15.0, help="seconds between probes")
     parser.add_argument("--group-prefix", default=GROUP_PREFIX, help="consumer groups to watch")
     parser.add_argument(
@@ -266,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     exporter = Exporter(
         settings, group_prefix=args.group_prefix, freshness_window_s=args.freshness_window
     )
-    serve(args.port, args.host)
+    serve(args.port, args.host or settings.listen_host)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from tasks.core.kafka import admin, consumer, producer
 from tasks.telemetry import exporter
+from tasks.telemetry.prefect_api import PrefectApi
 
 
 def sample(name: str, **labels: str) -> float | None:
@@ -90,32 +90,27 @@ def test_freshness_is_age_of_newest_trade_per_pair(trades_schema) -> None:
     ] == pytest.approx(7200.0, abs=1e-3)
 
 
-_post = exporter._post  # the exporter's own client: it retries a busy server's 503
-
-
-def test_failed_and_crashed_runs_are_counted_per_flow(prefect_server: str) -> None:
+def test_failed_and_crashed_runs_are_counted_per_flow(prefect_server: str, settings) -> None:
+    api = PrefectApi(prefect_server, settings.prefect_auth)  # the exporter's own client
     name = f"test-exporter-{uuid.uuid4().hex[:8]}"
-    flow = _post(prefect_server, "/flows/", {"name": name})
+    flow = api.post("/flows/", {"name": name})
     try:
         for final in ("FAILED", "FAILED", "CRASHED", "COMPLETED"):
-            run = _post(prefect_server, "/flow_runs/", {"flow_id": flow["id"]})
+            run = api.post("/flow_runs/", {"flow_id": flow["id"]})
             for state in ("RUNNING", final):
                 path = f"/flow_runs/{run['id']}/set_state"
-                answer = _post(prefect_server, path, {"state": {"type": state}, "force": True})
+                answer = api.post(path, {"state": {"type": state}, "force": True})
                 assert answer["status"] == "ACCEPT"
         now = datetime.now(UTC)
-        counts = exporter.failed_flow_runs(prefect_server, now, timedelta(hours=1))
+        counts = exporter.failed_flow_runs(api, now, timedelta(hours=1))
         assert counts[(name, "failed")] == 2
         assert counts[(name, "crashed")] == 1
         assert not any(flow_name == name and s == "completed" for flow_name, s in counts)
         # Runs that ended before the window are not counted.
         later = now + timedelta(hours=2)
-        assert (name, "failed") not in exporter.failed_flow_runs(
-            prefect_server, later, timedelta(hours=1)
-        )
+        assert (name, "failed") not in exporter.failed_flow_runs(api, later, timedelta(hours=1))
     finally:
-        req = urllib.request.Request(f"{prefect_server}/flows/{flow['id']}", method="DELETE")
-        urllib.request.urlopen(req, timeout=10).close()
+        api.delete(f"/flows/{flow['id']}")
 
 
 def test_publish_sets_new_series_and_removes_vanished_ones() -> None:
