@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from blocks.connections import BLOCKS, KafkaCluster, MongoConnection, PostgresConnection, VenueFeed
 from tasks.core import config
 
 
 def documents(s: config.Settings) -> list:
+    """A URL's userinfo is percent-encoded and the blocks hold plain values (they encode
+    when they build a URL again): decode here, or a password with ``@ : / % # ?`` breaks."""
     pg = urlsplit(s.pg_dsn)
     mongo = urlsplit(s.mongo_url)
     sim = urlsplit(s.simulator_url)
@@ -35,14 +37,14 @@ def documents(s: config.Settings) -> list:
             host=pg.hostname or "127.0.0.1",
             port=pg.port or 5432,
             database=pg.path.lstrip("/") or "tapeline",
-            user=pg.username or "tapeline",
-            password=pg.password or "",
+            user=unquote(pg.username or "tapeline"),
+            password=unquote(pg.password or ""),
         ),
         MongoConnection(
             hosts=mongo.netloc.rpartition("@")[2],
             database=s.mongo_db,
-            username=mongo.username or "",
-            password=mongo.password or "",
+            username=unquote(mongo.username or ""),
+            password=unquote(mongo.password or ""),
             options=mongo.query,
         ),
         VenueFeed(

@@ -93,7 +93,7 @@ EXPORTER_ERRORS = Counter(
 )
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> None:
+def serve(port: int, addr: str = "127.0.0.1") -> None:
     """Expose this process's metrics over HTTP (port 0: do not serve)."""
     if port:
         start_http_server(port, addr)
