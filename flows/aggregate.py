@@ -33,13 +33,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import Target, iso, target, to_us
+from flows.common import Target, checked, iso, target, to_us
 from tasks.analytics import alerts
 from tasks.analytics import candle_store as store
 from tasks.analytics import candles as cdl
 from tasks.analytics import indicators as ind
 from tasks.analytics.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
-from tasks.core.topics import ALERTS, CANDLES
+from tasks.core import params
+from tasks.core.codec import MAX_CHARS
+from tasks.core.topics import ALERTS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
 
 DEFAULT_INTERVALS = list(cdl.DEFAULT_INTERVALS)
 
@@ -133,6 +135,51 @@ def evaluate_alerts(t: Target, alerts_topic: str) -> dict[str, int]:
     return {"rules": len(rules), "fired": fired, "published": published}
 
 
+# Topics aggregation publishes to: never an input topic, users' transactions or the DLQ.
+NOT_OUTPUTS = frozenset({TRADES, QUOTES, USER_TRANSACTIONS, DLQ})
+
+
+def _check(
+    intervals: list[str] | None,
+    grace_s: float,
+    schema: str,
+    candles_topic: str,
+    sma: int,
+    ewma_span: int,
+    change: int,
+    rolling: int,
+    alerts_topic: str = ALERTS,
+    **_: Any,
+) -> None:
+    """What aggregate and rebuild-candles take (checked by Prefect's validation)."""
+    chosen = list(intervals or DEFAULT_INTERVALS)
+    if not chosen or len(chosen) > 16:
+        raise params.ParameterError(f"parameter intervals={intervals!r}: expected 1-16 intervals")
+    for i in chosen:
+        try:
+            cdl.interval_us(i)
+        except (TypeError, ValueError) as e:
+            raise params.ParameterError(f"parameter intervals: {i!r}: {e}") from None
+    params.number("grace_s", grace_s, 0, 86_400)
+    params.schema(schema)
+    params.topic("candles_topic", candles_topic, NOT_OUTPUTS)
+    params.topic("alerts_topic", alerts_topic, NOT_OUTPUTS)
+    for name, value in (("sma", sma), ("ewma_span", ewma_span), ("change", change)):
+        params.number(name, value, 1, 100_000)
+    params.number("rolling", rolling, 1, 100_000)
+
+
+def _check_rebuild(
+    venue: str, symbols: list[str], start: datetime, end: datetime, **rest: Any
+) -> None:
+    _check(**rest)
+    params.symbols(symbols)
+    if not isinstance(venue, str) or not 0 < len(venue) <= MAX_CHARS["venue"]:
+        raise params.ParameterError(f"parameter venue={venue!r}: expected a stored venue name")
+    params.time_range(to_us(start), to_us(end), time.time_ns() // 1000)
+
+
+@checked(_check)
 @flow(name="aggregate")
 def aggregate(
     intervals: list[str] | None = None,
@@ -167,8 +214,6 @@ def aggregate(
     """
     logger = get_run_logger()
     intervals = intervals or DEFAULT_INTERVALS
-    for i in intervals:
-        cdl.interval_us(i)
     spec = ind.Spec(sma, ewma_span, change, rolling)
     t = target(kafka_block, postgres_block, schema)
     claimed = claim_windows(t, intervals)
@@ -215,6 +260,7 @@ def rebuild_series(
     return _row(key, out, [cdl.window_open(start_us, key.width_us), end_us - key.width_us])
 
 
+@checked(_check_rebuild)
 @flow(name="rebuild-candles")
 def rebuild_candles(
     venue: str,
@@ -257,10 +303,8 @@ def rebuild_candles(
     logger = get_run_logger()
     intervals = intervals or DEFAULT_INTERVALS
     spec = ind.Spec(sma, ewma_span, change, rolling)
-    t = target(kafka_block, postgres_block, schema)
     start_us, end_us = to_us(start), to_us(end)
-    if end_us <= start_us:
-        raise ValueError(f"empty range: {start} .. {end}")
+    t = target(kafka_block, postgres_block, schema)
     now_us = time.time_ns() // 1000
     rows = []
     for interval in intervals:

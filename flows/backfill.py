@@ -42,12 +42,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from flows.aggregate import rebuild_candles
-from flows.common import Target, iso, target, to_us
+from flows.common import Target, checked, iso, target, to_us
 from tasks import venues
 from tasks.analytics import candle_store as store
 from tasks.analytics import candles as cdl
 from tasks.analytics import indicators as ind
-from tasks.core import config
+from tasks.core import config, params
 from tasks.core.kafka import producer as kafka_producer
 from tasks.core.topics import TRADES
 from tasks.drain.loop import drain
@@ -148,6 +148,48 @@ def wait_for_drain(
             time.sleep(1.0)
 
 
+def _check_range(
+    venue: str, symbols: list[str], start: datetime, end: datetime, schema: str, **_: Any
+) -> tuple[int, int]:
+    """What both backfills take: a known venue, canonical symbols, an ordered range in
+    the past, a usable schema."""
+    params.venue(venue, venues.VENUES)
+    params.symbols(symbols)
+    params.schema(schema)
+    return params.time_range(to_us(start), to_us(end), time.time_ns() // 1000)
+
+
+def _check_trades(page_minutes: float, trades_topic: str, **rest: Any) -> None:
+    start_us, end_us = _check_range(**rest)
+    params.number("page_minutes", page_minutes, 1 / 60, 1440)
+    params.topic("trades_topic", trades_topic, params.NOT_PRICES)
+    page_us = int(page_minutes * 60_000_000)
+    per_symbol = -(-(end_us - start_us) // page_us)
+    params.pages(len(rest["symbols"]) * per_symbol, per_symbol)
+
+
+def _check_candles(interval: str, **rest: Any) -> None:
+    start_us, end_us = _check_range(**rest)
+    try:
+        width = cdl.interval_us(interval)
+    except ValueError as e:
+        raise params.ParameterError(f"parameter interval={interval!r}: {e}") from None
+    per_symbol = -(-(end_us - start_us) // (1000 * width))
+    params.pages(len(rest["symbols"]) * per_symbol, per_symbol)
+
+
+def _check_replay(
+    topic: str, from_time: datetime, schema: str, max_seconds: float, batch_size: int, **_: Any
+) -> None:
+    params.topic("topic", topic, params.NOT_PRICES)
+    params.schema(schema)
+    params.number("max_seconds", max_seconds, 1, 7 * 86_400)
+    params.number("batch_size", batch_size, 1, 200_000)
+    if to_us(from_time) > time.time_ns() // 1000:
+        raise params.ParameterError(f"parameter from_time={from_time}: is in the future")
+
+
+@checked(_check_trades)
 @flow(name="backfill-trades", retries=2, retry_delay_seconds=120)
 def backfill_trades(
     venue: str,
@@ -191,11 +233,12 @@ def backfill_trades(
         schema: PostgreSQL schema holding the tables (migrated on start).
     """
     logger = get_run_logger()
+    start_us, end_us = to_us(start), to_us(end)
+    page_us = int(page_minutes * 60_000_000)
     t = target(kafka_block, postgres_block, schema)
     cfg = venues.venue_config(venue, simulator_url)
     client = venues.rest_client(venue, cfg, min_request_interval_s)
-    start_us, end_us = to_us(start), to_us(end)
-    pages = bf.plan_pages(symbols, start_us, end_us, int(page_minutes * 60_000_000))
+    pages = bf.plan_pages(symbols, start_us, end_us, page_us)
     with closing(t.connect()) as conn:
         done = bf.done_pages(conn, cfg.name, bf.TRADES, pages)
     progress = bf.Progress(len(pages), skipped=len(done))
@@ -291,6 +334,7 @@ def backfill_kline_symbol(
     return rows
 
 
+@checked(_check_candles)
 @flow(name="backfill-candles", retries=2, retry_delay_seconds=120)
 def backfill_candles(
     venue: str,
@@ -330,11 +374,11 @@ def backfill_candles(
         schema: PostgreSQL schema holding the tables (migrated on start).
     """
     logger = get_run_logger()
+    start_us, end_us = to_us(start), to_us(end)
+    width = cdl.interval_us(interval)
     cfg = venues.venue_config(venue, simulator_url)
     client = venues.klines_client(venue, cfg, min_request_interval_s)
     t = target(None, postgres_block, schema)
-    width = cdl.interval_us(interval)
-    start_us, end_us = to_us(start), to_us(end)
     pages = bf.plan_pages(symbols, cdl.window_open(start_us, width), end_us, 1000 * width)
     kind = f"klines:{interval}"
     with closing(t.connect()) as conn:
@@ -389,6 +433,7 @@ def replay_drain(
     }
 
 
+@checked(_check_replay)
 @flow(name="replay-topic", retries=2, retry_delay_seconds=120)
 def replay_topic(
     topic: str,
@@ -418,8 +463,8 @@ def replay_topic(
         schema: PostgreSQL schema holding the tables (migrated on start).
     """
     logger = get_run_logger()
-    t = target(kafka_block, postgres_block, schema)
     from_us = to_us(from_time)
+    t = target(kafka_block, postgres_block, schema)
     s = replay.span(t.settings, topic, from_us)
     name = replay.consumer_name(topic, from_us)
     with closing(t.connect()) as conn:

@@ -6,8 +6,11 @@ only its own steps.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -17,6 +20,33 @@ from tasks.core import config
 from tasks.core.kafka import producer as kafka_producer
 from tasks.core.pg import connect
 from tasks.drain.migrate import migrate
+
+F = TypeVar("F")
+
+
+def checked(check: Callable[..., None]) -> Callable[[F], F]:
+    """Run ``check(**parameters)`` (defaults filled in) as part of Prefect's own parameter
+    validation of a flow. That happens before the run is Running and before any line of
+    the flow, so a refused value (``tasks.core.params.ParameterError``) fails the run once
+    with its one-line reason: no side effect, and no flow retry (Prefect retries only runs
+    that failed while Running). Direct calls and worker-started runs go through it alike."""
+
+    def wrap(f: F) -> F:
+        validate = f.validate_parameters  # type: ignore[attr-defined]
+        signature = inspect.signature(f.fn)  # type: ignore[attr-defined]
+
+        def validate_and_check(parameters: dict[str, Any]) -> dict[str, Any]:
+            validated = validate(parameters)
+            bound = signature.bind_partial(**validated)
+            bound.apply_defaults()
+            check(**bound.arguments)
+            return validated
+
+        f.validate_parameters = validate_and_check  # type: ignore[attr-defined]
+        return f
+
+    return wrap
+
 
 # A failed drain or schema step is safe to run again at once (a drain resumes from the
 # offsets stored with the data), so such tasks retry with growing, jittered delays (a

@@ -29,8 +29,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from blocks import settings as block_settings
-from flows.common import RETRIES, migrate_schema
-from tasks.core import config
+from flows.common import RETRIES, checked, migrate_schema
+from tasks.core import config, params
 from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS
 from tasks.drain.contract import Sink
 from tasks.drain.loop import DrainResult, OffsetOutOfLog, drain, record_metrics
@@ -169,6 +169,21 @@ def _ranges(partitions: list[int]) -> str:
     return ",".join(out)
 
 
+def _check_prices(trades_topic: str, quotes_topic: str, schema: str, **rest: Any) -> None:
+    _check(**rest)
+    params.topic("trades_topic", trades_topic, params.NOT_PRICES)
+    params.topic("quotes_topic", quotes_topic, params.NOT_PRICES)
+    params.schema(schema)
+
+
+def _check_transactions(topic: str, database: str | None, **rest: Any) -> None:
+    _check(**rest)
+    params.topic("topic", topic, params.NOT_TRANSACTIONS)
+    if database is not None and not params.IDENT_MONGO.fullmatch(str(database)):
+        raise params.ParameterError(f"parameter database={database!r}: expected [A-Za-z0-9_-]")
+
+
+@checked(_check_prices)
 @flow(name="drain-prices", log_prints=True, retries=1, retry_delay_seconds=30)
 def drain_prices(
     trades_topic: str = TRADES,
@@ -196,6 +211,7 @@ def drain_prices(
     return run_drain("drain-prices", sink, settings, consumer, topics, _options(locals()))
 
 
+@checked(_check_transactions)
 @flow(name="drain-transactions", log_prints=True, retries=1, retry_delay_seconds=30)
 def drain_transactions(
     topic: str = USER_TRANSACTIONS,
@@ -215,6 +231,19 @@ def drain_transactions(
     settings = block_settings(kafka=kafka_block, mongo=mongo_block)
     sink = MongoSink(settings.mongo_url, database or settings.mongo_db)
     return run_drain("drain-transactions", sink, settings, consumer, [topic], _options(locals()))
+
+
+def _check(
+    consumer: str, max_records: int | None, max_seconds: float, batch_size: int, **_: Any
+) -> None:
+    """The drain parameters both flows share."""
+    params.consumer(consumer)
+    if max_records is not None:
+        params.number("max_records", max_records, 1, 10**12)
+    params.number("max_seconds", max_seconds, 1, 86_400)
+    params.number("batch_size", batch_size, 1, 200_000)
+    if isinstance(batch_size, float):
+        raise params.ParameterError(f"parameter batch_size={batch_size!r}: expected an integer")
 
 
 _OPTIONS = ("max_records", "max_seconds", "batch_size", "partitions", "allow_gaps", "reset_log")

@@ -45,8 +45,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.common import migrate_schema
-from tasks.core import config, metrics
+from flows.common import checked, migrate_schema
+from tasks import venues
+from tasks.core import config, metrics, params
 from tasks.core.topics import QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
@@ -92,6 +93,30 @@ def repair_gap(tracker: GapTracker, symbol: str, first: int, last: int | None) -
     return tracker.fill(symbol, first, last)
 
 
+def _check(
+    venue: str,
+    symbols: list[str] | None,
+    trades_topic: str,
+    quotes_topic: str,
+    max_in_flight: int,
+    stall_timeout_s: float,
+    first_message_timeout_s: float,
+    run_seconds: float | None,
+    **_: Any,
+) -> None:
+    params.venue(venue, venues.VENUES)
+    params.topic("trades_topic", trades_topic, params.NOT_PRICES)
+    params.topic("quotes_topic", quotes_topic, params.NOT_PRICES)
+    if symbols is not None:
+        params.symbols(symbols)
+    params.number("max_in_flight", max_in_flight, 1, 1_000_000)
+    params.number("stall_timeout_s", stall_timeout_s, 1, 3600)
+    params.number("first_message_timeout_s", first_message_timeout_s, 1, 3600)
+    if run_seconds is not None:
+        params.number("run_seconds", run_seconds, 0, 366 * 86_400)
+
+
+@checked(_check)
 @flow(name="ingest")
 def ingest(
     venue: str = "binance",
@@ -140,7 +165,8 @@ def ingest(
             if not checks["ok"]:
                 failed = [c["check"] for c in checks["checks"] if not c["ok"]]
                 raise RuntimeError(f"validation failed: {', '.join(failed)}")
-        _serve_metrics(settings.metrics_port if metrics_port is None else metrics_port, logger)
+        port = settings.metrics_port if metrics_port is None else metrics_port
+        _serve_metrics(port, settings.listen_host, logger)
         last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
         logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
 
@@ -221,13 +247,13 @@ def _owner(run_id: str) -> str:
     return f"flow run {flow_run.name or '-'} ({run_id}) on {socket.gethostname()} pid {os.getpid()}"
 
 
-def _serve_metrics(port: int, logger: Any) -> None:
-    """Serve this process's metrics on ``port`` (0: none). A port already taken (another
-    ingestion run on this host) costs this run its endpoint, not its data."""
+def _serve_metrics(port: int, host: str, logger: Any) -> None:
+    """Serve this process's metrics on ``host:port`` (port 0: none). A port already taken
+    (another ingestion run on this host) costs this run its endpoint, not its data."""
     if not port or port in _serving:
         return
     try:
-        metrics.serve(port)
+        metrics.serve(port, host)
     except OSError as e:
         logger.error("metrics port %d unavailable (%s): this run serves no metrics", port, e)
         return

@@ -21,12 +21,14 @@ import time
 import uuid
 from collections import defaultdict
 from decimal import ROUND_DOWN, Decimal
+from typing import Any
 
 import psycopg2
 from prefect import flow, get_run_logger
 
 from blocks import settings as block_settings
-from tasks.core import codec, config
+from flows.common import checked
+from tasks.core import codec, config, params
 from tasks.core.events import UserTransaction, split_symbol
 from tasks.core.kafka import producer
 from tasks.core.topics import USER_TRANSACTIONS
@@ -96,6 +98,24 @@ def next_fill(
     )
 
 
+def _check(
+    users: int,
+    rate_per_s: float,
+    run_seconds: float | None,
+    symbols: list[str] | None,
+    topic: str,
+    **_: Any,
+) -> None:
+    params.number("users", users, 1, 1_000_000)
+    params.number("rate_per_s", rate_per_s, 0.001, 100_000)
+    if run_seconds is not None:
+        params.number("run_seconds", run_seconds, 0, 366 * 86_400)
+    if symbols is not None:
+        params.symbols(symbols)
+    params.topic("topic", topic, params.NOT_TRANSACTIONS)
+
+
+@checked(_check)
 @flow(name="trading-activity", log_prints=True)
 def trading_activity(
     users: int = 50,
