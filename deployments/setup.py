@@ -84,7 +84,10 @@ def _crash_when_quiet(
     ).create()
 
 
-def ensure_silent_run_automation(missing_heartbeat_s: int = 600) -> None:
+SILENT_S = 600  # three of Prefect's heartbeats (every 180 s by default) missed
+
+
+def ensure_silent_run_automation(missing_heartbeat_s: int = SILENT_S) -> None:
     """A self-hosted server marks nothing Crashed on its own: when a running flow run
     sends no heartbeat for ``missing_heartbeat_s``, this marks it Crashed, which fires the
     ingestion deployments' restart trigger (prefect.yaml)."""
@@ -164,6 +167,77 @@ def ensure_stuck_pending_automation(
     return automation.id
 
 
+def end_orphans(
+    names: Iterable[str], pending_s: int = STUCK_PENDING_S, silent_s: int = SILENT_S
+) -> list[str]:
+    """Mark Crashed the runs of these deployments that the automations' own rules call
+    dead but that they never saw die: Pending for over ``pending_s``, or Running (or
+    Cancelling) with no heartbeat for ``silent_s``. The automations react to events; a
+    run whose worker died while the server was down, or before the automations existed
+    (a stack stopped and started again), sends none, and would hold its deployment's
+    concurrency slot for good. Returns one line per run ended."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    now = datetime.now(UTC)
+    lines: list[str] = []
+    with get_client(sync_client=True) as client:
+        ids = [client.read_deployment_by_name(n).id for n in names]
+        if not ids:
+            return lines
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+        )
+        for run in runs:
+            since = run.state.timestamp if run.state and run.state.timestamp else now
+            age = (now - since).total_seconds()
+            if run.state_type == StateType.PENDING:
+                if age < pending_s:
+                    continue
+                why = f"Pending for {age:.0f} s without starting: its worker is gone."
+            else:
+                if age < silent_s or _heartbeat_since(client, run.id, now - timedelta(0, silent_s)):
+                    continue
+                why = f"{run.state_name} with no heartbeat for {silent_s} s: the process is gone."
+            client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+            lines.append(f"ended orphaned run {run.name}: {why}")
+    return lines
+
+
+def _heartbeat_since(client, run_id: UUID, since) -> bool:
+    """Whether the run sent a heartbeat (or any event) since ``since``."""
+    answer = client.request(
+        "POST",
+        "/events/filter",
+        json={
+            "filter": {
+                "occurred": {"since": since.isoformat()},
+                "any_resource": {"id": [f"prefect.flow-run.{run_id}"]},
+                "order": "DESC",
+            },
+            "limit": 1,
+        },
+    )
+    return bool(answer.json().get("events"))
+
+
 def concurrency_limited(names: Iterable[str]) -> list[UUID]:
     """Ids of the named deployments (``flow/deployment``) that have a concurrency limit."""
     from prefect.client.orchestration import get_client
@@ -204,6 +278,8 @@ def _register(env: dict[str, str]) -> int:
     limited = concurrency_limited(names)
     ensure_stuck_pending_automation(limited)
     print(f"automation '{PENDING_AUTOMATION}' in place for {len(limited)} deployments")
+    for line in end_orphans(names):
+        print(line)
     return 0
 
 

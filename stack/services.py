@@ -503,9 +503,13 @@ class Mongo(Service):
 
 
 class PrefectServer(Service):
-    """``prefect server start`` on SQLite with its own PREFECT_HOME."""
+    """``prefect server start`` with its own PREFECT_HOME and its database in the stack's
+    PostgreSQL (database ``prefect``), as in compose. On SQLite a busy server (a soak,
+    the test suite) answered "database is locked" for minutes: runs stayed Pending,
+    proactive triggers were skipped, and every scheduled drain was Cancelled."""
 
     start_timeout = 120.0
+    database = "prefect"
 
     @property
     def url(self):
@@ -514,6 +518,13 @@ class PrefectServer(Service):
     def where(self) -> str:
         u = self.url
         return f"{u.scheme}://{u.hostname}:{u.port} (UI), API {self.settings.prefect_api_url}"
+
+    def database_url(self) -> str:
+        """The server's SQLAlchemy URL: the stack's PostgreSQL, database ``prefect``."""
+        pg = urlsplit(self.settings.pg_dsn)
+        password = pg.password or os.environ.get("PGPASSWORD", "")
+        auth = f"{pg.username or 'tapeline'}:{password}@" if password else f"{pg.username}@"
+        return f"postgresql+asyncpg://{auth}{pg.hostname}:{pg.port or 5432}/{self.database}"
 
     def env(self) -> dict[str, str]:
         """The server refuses requests without the stack's credentials (basic auth), asks
@@ -529,14 +540,35 @@ class PrefectServer(Service):
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
             "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin,
+            "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url(),
         } | (
             {"PREFECT_SERVER_API_AUTH_STRING": self.settings.prefect_auth}
             if self.settings.prefect_auth
             else {}
         )
 
+    def _database(self) -> None:
+        """PostgreSQL up (started if nothing runs it yet; waited on if it is starting),
+        and the server's database created once."""
+        import psycopg2
+
+        pg = Postgres("postgres", self.settings)
+        if not pg.answers():
+            pid = read_pid(pg.pidfile) or pg.start()
+            wait_until(pg.healthy, "postgres", pg.log, pg.start_timeout, pid)
+        conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=5)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            conn.close()
+
     def launch(self) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._database()
         u = self.url
         prefect = Path(sys.executable).parent / "prefect"
         cmd = [

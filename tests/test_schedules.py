@@ -296,3 +296,33 @@ def test_a_flow_retry_runs_again_under_a_deployment_concurrency_limit(sandbox):
     assert "Crashed" not in names, history
     assert names.count("Running") == 2, history
     assert sandbox.active_slots(deployment) == 0
+
+
+def test_runs_orphaned_before_the_automations_existed_are_ended_at_setup(sandbox):
+    """A stack stopped with runs Pending and Running, then started again: no event will
+    ever fire the automations for them. ``end_orphans`` (run by ``deployments.setup``)
+    ends them by the automations' own rules, which frees the slot; live runs are kept."""
+    from prefect.states import Pending, Running
+
+    from deployments.setup import end_orphans
+
+    pending_dep = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
+    running_dep = sandbox.deploy("tests/schedules_flow.py:fail_once", "tapeline-test-fail-once")
+    names = [f"tapeline-test-tick/{sandbox.tag}", f"tapeline-test-fail-once/{sandbox.tag}"]
+    stuck = sandbox.run(pending_dep)
+    silent = sandbox.run(running_dep)
+    sandbox.client.set_flow_run_state(stuck, Pending())
+    sandbox.client.set_flow_run_state(silent, Pending())
+    sandbox.client.set_flow_run_state(silent, Running())
+    assert sandbox.active_slots(pending_dep) == 1 and sandbox.active_slots(running_dep) == 1
+
+    # With the production bounds both are too young to call dead: nothing is ended.
+    assert end_orphans(names) == []
+    assert sandbox.state(stuck).is_pending() and sandbox.state(silent).is_running()
+
+    # Past the bounds (here 0 s), both are ended, their slots free.
+    ended = end_orphans(names, pending_s=0, silent_s=0)
+    assert len(ended) == 2, ended
+    assert sandbox.state(stuck).is_crashed(), sandbox.history(stuck)
+    assert sandbox.state(silent).is_crashed(), sandbox.history(silent)
+    assert sandbox.active_slots(pending_dep) == 0 and sandbox.active_slots(running_dep) == 0
