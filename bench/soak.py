@@ -2353,10 +2353,9 @@ def _interrupt(*_: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = config.load().with_overrides(simulator_rate=args.rate)
-    os.environ["PREFECT_API_URL"] = settings.prefect_api_url  # threads and child processes too
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from blocks import prefect_api
 
-    with temporary_settings({PREFECT_API_URL: settings.prefect_api_url}):
+    with prefect_api(settings):  # this process, its threads and child processes
         soak = Soak(args, settings)
         atexit.register(soak.undo)
         signal.signal(signal.SIGTERM, _interrupt)

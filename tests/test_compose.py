@@ -61,7 +61,7 @@ APP_ENV_NAMES = {
     "PREFECT_API_URL",
     "TAPELINE_METRICS_PORT",
 }
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|PRIVATE_KEY", re.IGNORECASE)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|PRIVATE_KEY|AUTH_STRING", re.IGNORECASE)
 # ${NAME}, ${NAME:?msg}, ${NAME:-default}, $NAME; `$$` is compose's escaped dollar.
 VARIABLE_REF = re.compile(
     r"(?<!\$)(?:\$\$)*\$(?:\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))"
@@ -275,7 +275,9 @@ def test_no_literal_secrets(services: dict[str, dict[str, Any]]) -> None:
     for name, service in services.items():
         for key, value in environment(service).items():
             if SECRET_NAME.search(key):
-                assert REQUIRED_REF.match(value), f"{name}.{key} must be ${{VAR:?...}}"
+                # An auth string is user:password; its password part is the secret.
+                secret = value.split(":", 1)[1] if key.endswith("AUTH_STRING") else value
+                assert REQUIRED_REF.match(secret), f"{name}.{key} must be ${{VAR:?...}}"
         for text in strings(service):
             for password in URL_PASSWORD.findall(text):
                 assert REQUIRED_REF.match(password), f"{name}: literal password in {text!r}"
@@ -338,10 +340,23 @@ def test_app_containers_get_the_fixed_environment(
     assert environment(services["kafka-init"]) == {"TAPELINE_KAFKA_BOOTSTRAP": "kafka:9092"}
     assert environment(services["simulator"]) == {}, "the simulator needs no credentials"
     probe = environment(services["exporter"])
-    assert set(probe) == {"TAPELINE_KAFKA_BOOTSTRAP", "TAPELINE_PG_DSN", "PREFECT_API_URL"}
+    assert set(probe) == {
+        "TAPELINE_KAFKA_BOOTSTRAP",
+        "TAPELINE_PG_DSN",
+        "PREFECT_API_URL",
+        "PREFECT_API_AUTH_STRING",
+        "TAPELINE_LISTEN_HOST",
+    }
     assert probe["TAPELINE_KAFKA_BOOTSTRAP"] == worker["TAPELINE_KAFKA_BOOTSTRAP"]
     assert probe["TAPELINE_PG_DSN"] == worker["TAPELINE_PG_DSN"]
     assert probe["PREFECT_API_URL"] == worker["PREFECT_API_URL"]
+    # Every Prefect client authenticates with the one secret the server requires.
+    server = environment(services["prefect-server"])
+    auth = server["PREFECT_SERVER_API_AUTH_STRING"]
+    assert auth == "tapeline:${PREFECT_API_PASSWORD:?set in .env}"
+    assert server["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    for env in (worker, probe):
+        assert env["PREFECT_API_AUTH_STRING"] == auth
 
 
 def test_kafka_listeners_match_clients_and_ports(services: dict[str, dict[str, Any]]) -> None:
