@@ -102,13 +102,17 @@ def _check(
     stall_timeout_s: float,
     first_message_timeout_s: float,
     run_seconds: float | None,
+    validate_mode: str,
     **_: Any,
 ) -> None:
-    params.venue(venue, venues.VENUES)
+    """Refused before the run starts; in validate_mode 'only' a bad venue or symbol is
+    what the report is for, so those two are left to it."""
+    if validate_mode != "only":
+        params.venue(venue, venues.VENUES)
+        if symbols is not None:
+            params.symbols(symbols)
     params.topic("trades_topic", trades_topic, params.NOT_PRICES)
     params.topic("quotes_topic", quotes_topic, params.NOT_PRICES)
-    if symbols is not None:
-        params.symbols(symbols)
     params.number("max_in_flight", max_in_flight, 1, 1_000_000)
     params.number("stall_timeout_s", stall_timeout_s, 1, 3600)
     params.number("first_message_timeout_s", first_message_timeout_s, 1, 3600)
