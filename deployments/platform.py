@@ -83,7 +83,7 @@ def snapshot(settings: config.Settings) -> dict[str, Any]:
         out["lag"] = sum(consumer_lag(client).values())
     finally:
         client.close()
-    with psycopg2.connect(settings.pg_dsn) as conn, conn.cursor() as cur:
+    with psycopg2.connect(settings.pg_reader_dsn) as conn, conn.cursor() as cur:
         for table in ("trades", "quotes", "candles"):
             try:
                 cur.execute(f"SELECT count(*) FROM {table}")
@@ -206,7 +206,7 @@ def watch(settings: config.Settings, minutes: float | None, every: float) -> Non
 
 def report(settings: config.Settings, since_us: int) -> int:
     """Verify what this run stored; 0 when nothing was lost or doubled."""
-    with psycopg2.connect(settings.pg_dsn) as conn:
+    with psycopg2.connect(settings.pg_reader_dsn) as conn:
         verdict = verify.verify_trades(conn, settings, "binance", TRADES, since_us)
     for c in verdict.symbols:
         print(

@@ -414,7 +414,7 @@ def replay_drain(
 ) -> dict[str, Any]:
     """The price drain under the replay's consumer name, until caught up or out of time."""
     res = drain(
-        PostgresSink(t.settings.pg_dsn, t.schema),
+        PostgresSink(t.settings.pg_writer_dsn, t.schema),
         name,
         [topic],
         dlq_source=f"replay.{topic}",

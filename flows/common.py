@@ -63,7 +63,7 @@ class Target:
     schema: str = "public"
 
     def connect(self):
-        return connect(self.settings.pg_dsn, self.schema)
+        return connect(self.settings.pg_writer_dsn, self.schema)
 
     def producer(self):
         return kafka_producer(self.settings)

@@ -206,7 +206,7 @@ def drain_prices(
     instead of failing; ``reset_log`` accepts a recreated topic, starting it over."""
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     migrate_schema(settings, schema)
-    sink = PostgresSink(settings.pg_dsn, schema)
+    sink = PostgresSink(settings.pg_writer_dsn, schema)
     topics = [trades_topic, quotes_topic]
     return run_drain("drain-prices", sink, settings, consumer, topics, _options(locals()))
 

@@ -160,7 +160,7 @@ def ingest(
 
     run_id = str(flow_run.id or uuid.uuid4())
     migrate_schema(settings, "public")  # creates the leases' table on a new database
-    lease = Lease(settings.pg_dsn, feed_key(p.config.name, trades_topic), _owner(run_id))
+    lease = Lease(settings.pg_writer_dsn, feed_key(p.config.name, trades_topic), _owner(run_id))
     token = acquire_lease(lease)
     fenced: str | None = None
     try:

@@ -45,7 +45,8 @@ def market_prices(settings: config.Settings, fallback: dict[str, str]) -> dict[s
     """``{symbol: (bid, ask)}`` from the newest stored quotes, else the fallback price."""
     prices = {s: (Decimal(p), Decimal(p)) for s, p in fallback.items()}
     try:
-        with psycopg2.connect(settings.pg_dsn, connect_timeout=3) as conn, conn.cursor() as cur:
+        dsn = settings.pg_reader_dsn
+        with psycopg2.connect(dsn, connect_timeout=3) as conn, conn.cursor() as cur:
             cur.execute("SELECT symbol, bid_price, ask_price FROM quotes_latest")
             for symbol, bid, ask in cur.fetchall():
                 if symbol in prices:

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
 from tasks.core import config
@@ -401,9 +401,52 @@ class Postgres(Service):
         try:
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")
-                return cur.fetchone() == (1,)
+                ok = cur.fetchone() == (1,)
+            if ok:
+                self._roles(conn)
+            return ok
         finally:
             conn.close()
+
+    def _roles(self, conn) -> None:
+        """The roles per purpose the settings name (``tasks.core.config``), made once:
+        the writer may read and change rows but not the schema, the reader may only read.
+        Tables the owner creates later are granted by default; each schema's USAGE is
+        granted by the migrations (``tasks.drain.migrate.grant``)."""
+        from psycopg2 import sql
+
+        owner = urlsplit(self.settings.pg_dsn).username or "tapeline"
+        wanted = {
+            config.WRITER_ROLE: (self.settings.pg_writer_dsn, "SELECT, INSERT, UPDATE, DELETE"),
+            config.READER_ROLE: (self.settings.pg_reader_dsn, "SELECT"),
+        }
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for role, (dsn, privileges) in wanted.items():
+                u = urlsplit(dsn)
+                if u.username != role:  # settings point elsewhere: nothing to make here
+                    continue
+                cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+                if cur.fetchone() is not None:
+                    continue
+                password = unquote(u.password or "")
+                cur.execute(
+                    sql.SQL("CREATE ROLE {} LOGIN PASSWORD %s").format(sql.Identifier(role)),
+                    (password,),
+                )
+                cur.execute(
+                    sql.SQL(
+                        "ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT " + privileges
+                        + " ON TABLES TO {}"
+                    ).format(sql.Identifier(owner), sql.Identifier(role))
+                )
+                if role == config.WRITER_ROLE:
+                    cur.execute(
+                        sql.SQL(
+                            "ALTER DEFAULT PRIVILEGES FOR ROLE {} GRANT USAGE, SELECT, UPDATE"
+                            " ON SEQUENCES TO {}"
+                        ).format(sql.Identifier(owner), sql.Identifier(role))
+                    )
 
     def version(self) -> str:
         import psycopg2

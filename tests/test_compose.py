@@ -344,9 +344,14 @@ def test_app_containers_get_the_fixed_environment(
         "TAPELINE_KAFKA_BOOTSTRAP",
         "TAPELINE_PG_DSN",
         "PREFECT_API_URL",
+        "TAPELINE_PG_READER_DSN",
         "PREFECT_API_AUTH_STRING",
         "TAPELINE_LISTEN_HOST",
     }
+    # Flows write rows as the writer and read as the reader; the exporter only reads.
+    assert worker["TAPELINE_PG_WRITER_DSN"].startswith("postgresql://tapeline_writer:")
+    assert worker["TAPELINE_PG_READER_DSN"].startswith("postgresql://grafana_reader:")
+    assert probe["TAPELINE_PG_READER_DSN"] == worker["TAPELINE_PG_READER_DSN"]
     assert probe["TAPELINE_KAFKA_BOOTSTRAP"] == worker["TAPELINE_KAFKA_BOOTSTRAP"]
     assert probe["TAPELINE_PG_DSN"] == worker["TAPELINE_PG_DSN"]
     assert probe["PREFECT_API_URL"] == worker["PREFECT_API_URL"]
@@ -586,6 +591,7 @@ def test_postgres_init_script_runs(cluster_dir: Path) -> None:
                 "POSTGRES_DB": "tapeline",
                 "PREFECT_DB_PASSWORD": "test-prefect",
                 "GRAFANA_PG_PASSWORD": "test-grafana",
+                "PG_WRITER_PASSWORD": "test-writer",
             },
         )
         query = "SELECT extname FROM pg_extension WHERE extname = 'pg_trgm'"
@@ -598,6 +604,14 @@ def test_postgres_init_script_runs(cluster_dir: Path) -> None:
             capture_output=True, text=True, timeout=30, check=False, cwd=cluster_dir,
         )  # fmt: skip
         assert refused.returncode != 0 and "permission denied" in refused.stderr
+        # The writer changes rows, never the schema.
+        writer = [*psql, "-U", "tapeline_writer", "-d", "tapeline", "-c"]
+        run(*writer, "INSERT INTO trades VALUES (1)")
+        dropped = subprocess.run(
+            [*prefix, *writer, "DROP TABLE trades"],
+            capture_output=True, text=True, timeout=30, check=False, cwd=cluster_dir,
+        )  # fmt: skip
+        assert dropped.returncode != 0 and "must be owner" in dropped.stderr
     finally:
         if (data / "postmaster.pid").exists():
             run(*pg_ctl, "-m", "immediate", "-w", "stop")

@@ -27,6 +27,11 @@ DEFAULTS: dict[str, str] = {
     "TAPELINE_TOPIC_REPLICATION": "1",
     "TAPELINE_TOPIC_RETENTION_HOURS": "168",
     "TAPELINE_PG_DSN": "postgresql://tapeline:tapeline@127.0.0.1:15432/tapeline",
+    # Roles per purpose: TAPELINE_PG_DSN (the owner) migrates; flows write as the writer
+    # and dashboards, the exporter and reports read as the reader. Empty: the local
+    # stack's own roles when TAPELINE_PG_DSN is the local default, else TAPELINE_PG_DSN.
+    "TAPELINE_PG_WRITER_DSN": "",
+    "TAPELINE_PG_READER_DSN": "",
     "TAPELINE_MONGO_URL": "mongodb://127.0.0.1:27117/",
     "TAPELINE_MONGO_DB": "tapeline",
     "TAPELINE_METRICS_PORT": "9108",
@@ -87,7 +92,7 @@ class Settings:
     home: Path
     kafka: KafkaSettings
     topics: TopicSettings
-    pg_dsn: str
+    pg_dsn: str  # the owner: migrations
     mongo_url: str
     mongo_db: str
     metrics_port: int
@@ -98,6 +103,13 @@ class Settings:
     code_dir: Path = PROJECT_ROOT  # where workers find the code (prefect.yaml pull step)
     prefect_auth: str = field(default="", repr=False)  # ``user:password`` for the API
     listen_host: str = "127.0.0.1"  # the address metrics endpoints bind
+    pg_writer_dsn: str = ""  # flows' reads and writes: no DDL (empty: pg_dsn)
+    pg_reader_dsn: str = ""  # read-only (empty: pg_dsn)
+
+    def __post_init__(self) -> None:
+        for name in ("pg_writer_dsn", "pg_reader_dsn"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.pg_dsn)
 
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -107,7 +119,8 @@ class Settings:
         tracebacks, task-run inputs and log lines, and must not carry a secret there."""
         return (
             f"Settings(home={str(self.home)!r}, kafka={self.kafka!r},"
-            f" pg_dsn={redact(self.pg_dsn)!r}, mongo_url={redact(self.mongo_url)!r},"
+            f" pg_dsn={redact(self.pg_dsn)!r}, pg_writer_dsn={redact(self.pg_writer_dsn)!r},"
+            f" pg_reader_dsn={redact(self.pg_reader_dsn)!r}, mongo_url={redact(self.mongo_url)!r},"
             f" mongo_db={self.mongo_db!r}, prefect_api_url={self.prefect_api_url!r})"
         )
 
@@ -158,9 +171,46 @@ def redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+def local_secret(home: Path, name: str) -> str:
+    """A random secret of the local stack, made once per ``home`` (``home/secrets/name``,
+    mode 0600; the first process to write it wins) and read back after that."""
+    path = home / "secrets" / name
+    with_umask = os.umask(0o077)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x") as f:
+                f.write(secrets.token_urlsafe(24) + "\n")
+        except FileExistsError:
+            pass
+    finally:
+        os.umask(with_umask)
+    value = path.read_text().strip()
+    if not value:
+        raise ConfigError(f"{path}: empty")
+    return value
+
+
+# The local stack's roles (created by ``stack.services.Postgres``; granted per schema by
+# ``tasks.drain.migrate``).
+WRITER_ROLE, READER_ROLE = "tapeline_writer", "tapeline_reader"
+
+
+def _role_dsn(env: dict[str, str], name: str, role: str, home: Path, owner: str) -> str:
+    """The DSN of one role: given, the local stack's role, or the owner's."""
+    given = _get(env, name)
+    if given:
+        return _url(env, name, ("postgresql", "postgres"))
+    if _get(env, "TAPELINE_PG_DSN") != DEFAULTS["TAPELINE_PG_DSN"]:
+        return owner  # a database set up elsewhere: one role unless told otherwise
+    parts = urlsplit(owner)
+    netloc = f"{role}:{local_secret(home, f'pg-{role}')}@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
 def prefect_auth(env: dict[str, str], home: Path) -> str:
     """``PREFECT_API_AUTH_STRING`` if set; else the local stack's own credentials, made once
-    per ``home`` (random, in ``home/secrets/prefect-auth``, mode 0600) so that the local
+    per ``home`` (``local_secret``: ``home/secrets/prefect-api``) so that the local
     Prefect server never runs without authentication and no credential is in the repo."""
     given = _get(env, "PREFECT_API_AUTH_STRING")
     if not given and env.get("PREFECT_API_KEY"):
@@ -169,21 +219,7 @@ def prefect_auth(env: dict[str, str], home: Path) -> str:
         if ":" not in given:
             raise ConfigError("PREFECT_API_AUTH_STRING: expected user:password")
         return given
-    path = home / "secrets" / "prefect-auth"
-    with_umask = os.umask(0o077)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path, "x") as f:  # first one wins when several processes start
-                f.write(f"tapeline:{secrets.token_urlsafe(24)}\n")
-        except FileExistsError:
-            pass
-    finally:
-        os.umask(with_umask)
-    value = path.read_text().strip()
-    if ":" not in value:
-        raise ConfigError(f"{path}: expected user:password")
-    return value
+    return f"tapeline:{local_secret(home, 'prefect-api')}"
 
 
 def _bootstrap(env: dict[str, str]) -> list[str]:
@@ -239,6 +275,8 @@ def load(env: dict[str, str] | None = None) -> Settings:
         code_dir=Path(_get(env, "TAPELINE_CODE_DIR")),
         prefect_auth=prefect_auth(env, home),
         listen_host=_get(env, "TAPELINE_LISTEN_HOST") or "127.0.0.1",
+        pg_writer_dsn=_role_dsn(env, "TAPELINE_PG_WRITER_DSN", WRITER_ROLE, home, pg_dsn),
+        pg_reader_dsn=_role_dsn(env, "TAPELINE_PG_READER_DSN", READER_ROLE, home, pg_dsn),
     )
 
 

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from psycopg2 import sql
+
 from tasks.core import config
 from tasks.core.pg import connect
 
@@ -81,9 +83,50 @@ def migrate(dsn: str, schema: str = "public", folder: Path = MIGRATIONS) -> list
                     (m.version, m.name, m.checksum),
                 )
                 applied.append(m.name)
+            grant(cur, schema, force=bool(applied))
             return applied
     finally:
         conn.close()
+
+
+# Roles that work in every migrated schema, with what they may do there (the local stack
+# makes the first two, compose the writer and Grafana's reader; absent ones are skipped).
+GRANTEES: dict[str, str] = {
+    config.WRITER_ROLE: "SELECT, INSERT, UPDATE, DELETE",
+    config.READER_ROLE: "SELECT",
+    "grafana_reader": "SELECT",
+}
+
+
+def grant(cur, schema: str, force: bool = False) -> list[str]:
+    """Give each existing grantee role USAGE on ``schema`` and its rights on the tables
+    there (and the writer the sequences), when it lacks them or ``force`` (tables were
+    just created). The owner keeps DDL to itself. Returns the roles granted to."""
+    cur.execute(
+        "SELECT rolname, has_schema_privilege(rolname, %s, 'USAGE') FROM pg_roles"
+        " WHERE rolname = ANY(%s)",
+        (schema, list(GRANTEES)),
+    )
+    done = []
+    for role, has_usage in cur.fetchall():
+        if has_usage and not force:
+            continue
+        who = sql.Identifier(role)
+        where = sql.Identifier(schema)
+        cur.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(where, who))
+        cur.execute(
+            sql.SQL("GRANT " + GRANTEES[role] + " ON ALL TABLES IN SCHEMA {} TO {}").format(
+                where, who
+            )
+        )
+        if role == config.WRITER_ROLE:
+            cur.execute(
+                sql.SQL("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
+                    where, who
+                )
+            )
+        done.append(role)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,7 @@ class Exporter:
     def _freshness(self) -> None:
         import psycopg2
 
-        conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=5)
+        conn = psycopg2.connect(self.settings.pg_reader_dsn, connect_timeout=5)
         try:
             conn.set_session(readonly=True, autocommit=True)
             with conn.cursor() as cur:

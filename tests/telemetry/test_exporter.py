@@ -137,8 +137,10 @@ def test_an_unreachable_source_is_counted_and_the_others_still_run(kafka, new_to
     c.commit({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)})
     c.close()
     port = closed_port()
+    nowhere = f"postgresql://u:p@127.0.0.1:{port}/x"
     broken = kafka.with_overrides(
-        pg_dsn=f"postgresql://u:p@127.0.0.1:{port}/x",
+        pg_dsn=nowhere,
+        pg_reader_dsn=nowhere,
         prefect_api_url=f"http://127.0.0.1:{port}/api",
     )
     before = {
