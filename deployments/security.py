@@ -11,7 +11,8 @@
   parameters, task-run inputs, artifacts or logs kept by Prefect, or on a metrics page;
 - parameters: every flow refuses each class of bad parameter with one line, before it
   opens anything;
-- privileges: not built yet (PostgreSQL roles per purpose): reported, never passed.
+- privileges: the PostgreSQL writer role (what flows store rows as) cannot change the
+  schema, the reader cannot write, and they are not the owner.
 
 Exit status 0 when every built check passes, 1 otherwise. Nothing here prints a secret:
 a finding names the place and the kind of secret, never its value.
@@ -325,6 +326,57 @@ def parameter_rows() -> Iterator[Row]:
         yield Row("parameters", what, False, "accepted")
 
 
+# ---- privileges -------------------------------------------------------------------------
+
+REFUSED = (
+    ("writer", "DROP TABLE trades"),
+    ("writer", "TRUNCATE trades"),
+    ("writer", "CREATE TABLE security_sweep (x int)"),
+    ("writer", "ALTER TABLE trades ADD COLUMN security_sweep int"),
+    ("reader", "DELETE FROM ingest_leases WHERE feed = 'security-sweep: none'"),
+    ("reader", "UPDATE kafka_offsets SET next_offset = next_offset WHERE false"),
+)
+ALLOWED = (
+    ("writer", "SELECT count(*) FROM trades"),
+    ("writer", "DELETE FROM ingest_leases WHERE feed = 'security-sweep: none'"),
+    ("reader", "SELECT count(*) FROM trades"),
+)
+
+
+def _try(dsn: str, statement: str) -> str:
+    """'ok', 'refused' (insufficient privilege) or the error's class name; always rolled
+    back, so an allowed statement changes nothing."""
+    import psycopg2
+    from psycopg2 import errors
+
+    conn = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+        return "ok"
+    except errors.InsufficientPrivilege:
+        return "refused"
+    except psycopg2.Error as e:
+        return type(e).__name__
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def privilege_rows(s: config.Settings) -> Iterator[Row]:
+    dsns = {"writer": s.pg_writer_dsn, "reader": s.pg_reader_dsn}
+    owner = urlsplit(s.pg_dsn).username
+    for role, dsn in dsns.items():
+        user = urlsplit(dsn).username
+        yield Row("privileges", f"{role} is not the owner", user != owner, f"user {user}")
+    for role, statement in ALLOWED:
+        got = _try(dsns[role], statement)
+        yield Row("privileges", f"{role} may: {statement[:40]}", got == "ok", got)
+    for role, statement in REFUSED:
+        got = _try(dsns[role], statement)
+        yield Row("privileges", f"{role} may not: {statement[:40]}", got == "refused", got)
+
+
 # ---- report -----------------------------------------------------------------------------
 
 
@@ -339,7 +391,7 @@ def sweep(s: config.Settings, areas: tuple[str, ...]) -> list[Row]:
     if "parameters" in areas:
         rows += parameter_rows()
     if "privileges" in areas:
-        rows.append(Row("privileges", "PostgreSQL roles per purpose", None, "not built yet"))
+        rows += privilege_rows(s)
     return rows
 
 
