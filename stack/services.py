@@ -534,6 +534,13 @@ class PrefectServer(Service):
             "PREFECT_API_URL": self.settings.prefect_api_url,
             "PREFECT_LOGGING_LEVEL": "WARNING",
             "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url(),
+            # Deployment concurrency slots are held under leases; in memory (the default)
+            # a server restart forgets them and the slots stay taken for good (seen in the
+            # soak: every scheduled drain Cancelled after the server was restarted). On
+            # disk they survive, and an expired one is reclaimed.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+                "prefect.server.concurrency.lease_storage.filesystem"
+            ),
         }
 
     def _database(self) -> None:
