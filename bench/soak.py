@@ -365,6 +365,22 @@ class StoreProbe(Probe):
         return self.ticks[-1] if self.ticks else None
 
 
+class Reaper(Probe):
+    """The platform command's backstop for orphaned scheduled runs (``plat.reap``), on its
+    schedule; what it ends is printed and listed with the events."""
+
+    every = plat.REAP_EVERY_S
+
+    def __init__(self, events: list[str]):
+        super().__init__("reaper")
+        self.events = events
+
+    def tick(self) -> None:
+        for line in plat.reap():
+            say(line)
+            self.events.append(line)
+
+
 class KafkaProbe(Probe):
     """Offered load (log end offsets) and each drain's lag against its stored offsets."""
 
@@ -637,6 +653,7 @@ class Soak:
         self.store: StoreProbe | None = None
         self.kafka: KafkaProbe | None = None
         self.runs: RunProbe | None = None
+        self.reaper: Reaper | None = None
 
     # -- side processes ---------------------------------------------------------------
     def side(self, name: str) -> local.Side | None:
@@ -781,7 +798,8 @@ class Soak:
         self.store = StoreProbe(s, self.symbols, self.since_us, self.args.sample_every)
         self.kafka = KafkaProbe(s)
         self.runs = RunProbe(self)
-        for p in (self.store, self.kafka, self.runs):
+        self.reaper = Reaper(self.events)
+        for p in (self.store, self.kafka, self.runs, self.reaper):
             p.start()
         self.store.ready.wait(30)
         self._await_ingestion()
@@ -1278,7 +1296,7 @@ class Soak:
             say(f"winding down failed: {type(e).__name__}: {e}")
             self.events.append(f"winding down failed: {type(e).__name__}: {e}")
         finally:
-            for p in (self.store, self.kafka, self.runs):
+            for p in (self.store, self.kafka, self.runs, self.reaper):
                 if p is not None:
                     p.stop()
             for side in reversed(self.sides):
@@ -2257,7 +2275,7 @@ def notes(soak: Soak, runs: dict[str, list[dict[str, Any]]], end: float) -> None
         print(f"  cancel: {soak.final['cancel']}")
     for name, text in soak.final.get("drains", {}).items():
         print(f"  final {name}: {text}")
-    for p in (soak.store, soak.kafka, soak.runs):
+    for p in (soak.store, soak.kafka, soak.runs, soak.reaper):
         if p is not None and p.errors:
             print(f"  {p.name} errors (gaps in its series): {dict(p.errors)}")
 
@@ -2370,7 +2388,7 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         if not ok:
             soak.undo()
-            for p in (soak.store, soak.kafka, soak.runs):
+            for p in (soak.store, soak.kafka, soak.runs, soak.reaper):
                 if p is not None:
                     p.stop()
             for side in reversed(soak.sides):

@@ -179,15 +179,36 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
                 side.down(settings.home)
 
 
+REAP_EVERY_S = 60.0
+
+
+def reap() -> list[str]:
+    """End the scheduled deployments' runs a dead worker left behind, by the automations'
+    own rules (``deployments.setup.end_orphans``). The automations do it first; this is
+    the backstop for what they cannot see: a firing whose action failed while the Prefect
+    server's database was restarting (seen in the soak: the run stayed Submitting and its
+    one-at-a-time slot was held until this ran)."""
+    try:
+        return deployment_setup.end_orphans([*DRAINS, AGGREGATE])
+    except Exception as e:  # the server may be down right now; the next round retries
+        return [f"orphan check skipped: {type(e).__name__}: {e}"]
+
+
 def watch(settings: config.Settings, minutes: float | None, every: float) -> None:
-    """Print a summary line every ``every`` s until the deadline, Ctrl-C or SIGTERM."""
+    """Print a summary line every ``every`` s until the deadline, Ctrl-C or SIGTERM, and
+    end orphaned scheduled runs every ``REAP_EVERY_S``."""
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     deadline = time.monotonic() + minutes * 60 if minutes else None
+    next_reap = time.monotonic() + REAP_EVERY_S
     try:
         while not stop["now"] and (deadline is None or time.monotonic() < deadline):
             time.sleep(every)
             stamp = time.strftime("%H:%M:%S")
+            if time.monotonic() >= next_reap:
+                next_reap = time.monotonic() + REAP_EVERY_S
+                for line in reap():
+                    print(f"[{stamp}] {line}", flush=True)
             try:
                 s = snapshot(settings)
             except Exception as e:  # a summary line is informative; the run goes on

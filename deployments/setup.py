@@ -218,6 +218,45 @@ def end_orphans(
                 why = f"{run.state_name} with no heartbeat for {silent_s} s: the process is gone."
             client.set_flow_run_state(run.id, Crashed(message=why), force=True)
             lines.append(f"ended orphaned run {run.name}: {why}")
+        lines += _free_leaked_slots(client, names)
+    return lines
+
+
+def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
+    """Give back deployment concurrency slots that no live run holds. A slot is held under
+    a lease; a lease the server forgot (in-memory lease storage across a server restart)
+    is never released, not even when its run ends, and the one-at-a-time deployment
+    Cancels every later run for good. Slots are counted before the runs, so a run that
+    takes a slot in between is counted as live, never freed."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    lines = []
+    for name in names:
+        deployment = client.read_deployment_by_name(name)
+        limit = deployment.global_concurrency_limit
+        if limit is None or not limit.active_slots:
+            continue
+        live = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+        )
+        leaked = limit.active_slots - len(live)
+        if leaked > 0:
+            client.release_concurrency_slots([limit.name], leaked, occupancy_seconds=1)
+            lines.append(f"freed {leaked} concurrency slot(s) of {name} that no live run held")
     return lines
 
 

@@ -584,6 +584,13 @@ class PrefectServer(Service):
             "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
             "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin,
             "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url(),
+            # Deployment concurrency slots are held under leases; in memory (the default)
+            # a server restart forgets them and the slots stay taken for good (seen in the
+            # soak: every scheduled drain Cancelled after the server was restarted). On
+            # disk they survive, and an expired one is reclaimed.
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+                "prefect.server.concurrency.lease_storage.filesystem"
+            ),
         } | (
             {"PREFECT_SERVER_API_AUTH_STRING": self.settings.prefect_auth}
             if self.settings.prefect_auth

@@ -112,7 +112,8 @@ class Sandbox:
                 collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
             ),
         )
-        self.deployments.append(deployment_id)
+        if deployment_id not in self.deployments:  # the same flow and name is an upsert
+            self.deployments.append(deployment_id)
         return deployment_id
 
     def start_worker(self, queue: str) -> subprocess.Popen:
@@ -326,3 +327,27 @@ def test_runs_orphaned_before_the_automations_existed_are_ended_at_setup(sandbox
     assert sandbox.state(stuck).is_crashed(), sandbox.history(stuck)
     assert sandbox.state(silent).is_crashed(), sandbox.history(silent)
     assert sandbox.active_slots(pending_dep) == 0 and sandbox.active_slots(running_dep) == 0
+
+
+def test_a_slot_no_live_run_holds_is_given_back(sandbox):
+    """A deployment slot taken under a lease the server forgot (in-memory leases across a
+    server restart) is never released by its run; ``end_orphans`` gives it back, and a
+    slot a live run holds is kept."""
+    from prefect.states import Pending
+
+    from deployments.setup import end_orphans
+
+    deployment = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
+    name = f"tapeline-test-tick/{sandbox.tag}"
+    limit = sandbox.client.read_deployment(deployment).global_concurrency_limit
+    sandbox.client.increment_concurrency_slots([limit.name], slots=1, mode="concurrency")
+    assert sandbox.active_slots(deployment) == 1  # held by no run: leaked
+
+    assert end_orphans([name]) == [f"freed 1 concurrency slot(s) of {name} that no live run held"]
+    assert sandbox.active_slots(deployment) == 0
+
+    live = sandbox.run(deployment)
+    sandbox.client.set_flow_run_state(live, Pending())
+    assert sandbox.active_slots(deployment) == 1
+    assert end_orphans([name]) == []  # a young Pending run holds it: kept
+    assert sandbox.active_slots(deployment) == 1
