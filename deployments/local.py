@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from deployments import setup
 from stack.process import read_pid, spawn, stop, wait_until
 from tasks.core import config
 
@@ -146,6 +147,9 @@ def sides(
                 **env,
                 "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
                 "PREFECT_WORKER_WEBSERVER_PORT": "8080",
+                # Flow-run processes inherit it: a heartbeat every 30 s (Prefect's least),
+                # so a run whose process died is called silent in minutes, not 10.
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(setup.HEARTBEAT_S),
             },
         )
     )

@@ -189,7 +189,7 @@ def reap() -> list[str]:
     server's database was restarting (seen in the soak: the run stayed Submitting and its
     one-at-a-time slot was held until this ran)."""
     try:
-        return deployment_setup.end_orphans([*DRAINS, AGGREGATE])
+        return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
     except Exception as e:  # the server may be down right now; the next round retries
         return [f"orphan check skipped: {type(e).__name__}: {e}"]
 

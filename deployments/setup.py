@@ -84,7 +84,12 @@ def _crash_when_quiet(
     ).create()
 
 
-SILENT_S = 600  # three of Prefect's heartbeats (every 180 s by default) missed
+# Flow runs started by the platform's workers send a heartbeat every HEARTBEAT_S (Prefect's
+# least; its default is 180); a run is silent after SILENT_S without one: five missed, so a
+# busy process or a slow server is not called dead, and a dead one frees its deployment's
+# slot in under three minutes (the silent-run automation, or ``end_orphans``).
+HEARTBEAT_S = 30
+SILENT_S = 150
 
 
 def ensure_silent_run_automation(missing_heartbeat_s: int = SILENT_S) -> None:
@@ -168,14 +173,20 @@ def ensure_stuck_pending_automation(
 
 
 def end_orphans(
-    names: Iterable[str], pending_s: int = STUCK_PENDING_S, silent_s: int = SILENT_S
+    names: Iterable[str],
+    pending_s: int = STUCK_PENDING_S,
+    silent_s: int = SILENT_S,
+    *,
+    local_pids: bool = False,
 ) -> list[str]:
     """Mark Crashed the runs of these deployments that the automations' own rules call
     dead but that they never saw die: Pending for over ``pending_s``, or Running (or
     Cancelling) with no heartbeat for ``silent_s``. The automations react to events; a
     run whose worker died while the server was down, or before the automations existed
     (a stack stopped and started again), sends none, and would hold its deployment's
-    concurrency slot for good. Returns one line per run ended."""
+    concurrency slot for good. ``local_pids``: the runs' workers are on this host (the
+    platform command's own worker), so a Running run whose process is gone is ended at
+    once. Returns one line per run ended."""
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
@@ -212,6 +223,8 @@ def end_orphans(
                 if age < pending_s:
                     continue
                 why = f"Pending for {age:.0f} s without starting: its worker is gone."
+            elif local_pids and _process_gone(run.infrastructure_pid):
+                why = f"{run.state_name} but its process {run.infrastructure_pid} is gone."
             else:
                 if age < silent_s or _heartbeat_since(client, run.id, now - timedelta(0, silent_s)):
                     continue
@@ -258,6 +271,18 @@ def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
             client.release_concurrency_slots([limit.name], leaked, occupancy_seconds=1)
             lines.append(f"freed {leaked} concurrency slot(s) of {name} that no live run held")
     return lines
+
+
+def _process_gone(pid: str | None) -> bool:
+    """Whether a process worker's flow-run process (``infrastructure_pid``) is gone from
+    this host: no such pid, or one reused by something that is not a Prefect flow run."""
+    if not pid or not pid.isdigit():
+        return False  # not started yet, or not a local process: the other rules apply
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"prefect" not in cmdline
 
 
 def _heartbeat_since(client, run_id: UUID, since) -> bool:

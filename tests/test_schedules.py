@@ -351,3 +351,34 @@ def test_a_slot_no_live_run_holds_is_given_back(sandbox):
     assert sandbox.active_slots(deployment) == 1
     assert end_orphans([name]) == []  # a young Pending run holds it: kept
     assert sandbox.active_slots(deployment) == 1
+
+
+def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
+    """The platform command's worker runs on its own host: a Running run whose flow-run
+    process no longer exists is ended on the next check, not after the silent window;
+    one whose process lives is kept."""
+    from prefect.states import Pending, Running
+
+    from deployments.setup import end_orphans
+
+    deployment = sandbox.deploy("tests/schedules_flow.py:fail_once", "tapeline-test-fail-once")
+    name = f"tapeline-test-fail-once/{sandbox.tag}"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = sandbox.run(deployment)
+    sandbox.client.set_flow_run_state(run, Pending())
+    sandbox.client.set_flow_run_state(run, Running())
+    standin = subprocess.Popen(  # a live flow-run process, as far as its command line says
+        [sys.executable, "-c", "import time; time.sleep(300)", "prefect.engine stand-in"]
+    )
+    try:
+        sandbox.client.update_flow_run(run, infrastructure_pid=str(standin.pid))
+        assert end_orphans([name], local_pids=True) == []
+    finally:
+        standin.kill()
+        standin.wait()
+    sandbox.client.update_flow_run(run, infrastructure_pid=str(gone.pid))
+    ended = end_orphans([name], local_pids=True)
+    assert ended == [f"ended orphaned run {sandbox.client.read_flow_run(run).name}: Running"
+                     f" but its process {gone.pid} is gone."]  # fmt: skip
+    assert sandbox.state(run).is_crashed() and sandbox.active_slots(deployment) == 0
