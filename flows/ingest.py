@@ -53,7 +53,7 @@ from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
 from tasks.ingest.lease import Keeper, Lease, LeaseLost, Unreachable, feed_key
 from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
-from tasks.ingest.publish import Topics
+from tasks.ingest.publish import ProducerDied, Topics
 from tasks.ingest.validate import check
 from tasks.ingest.validate import validate as run_checks
 from tasks.venues.connection import ConnectionPolicy
@@ -228,6 +228,10 @@ def ingest(
         lease.close()
     if fenced is not None:
         raise LeaseLost(f"{fenced} (published until then: {report['acked']} acked)")
+    if isinstance(ingestion.publisher.fatal, ProducerDied):
+        # Infrastructure, not data: end the run Crashed, which the deployment's trigger
+        # restarts with a new process and producer (the lease is released above).
+        raise SystemExit(f"ingestion stopped: {ingestion.publisher.fatal}")
     if report["shard_errors"] or report["producer_error"]:
         raise RuntimeError(
             f"ingestion stopped: shards {report['shard_errors']}, "

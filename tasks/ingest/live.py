@@ -281,6 +281,7 @@ class Ingestion:
         return (
             all(t.is_alive() for t in self._threads)
             and not self.errors
+            and self.publisher.check_sender()
             and self.publisher.fatal is None
             and self.publisher.fence_reason() is None
         )

@@ -79,6 +79,10 @@ class Fenced(Closed):
     """The feed's lease is lost or expiring: this run must not send anything more."""
 
 
+class ProducerDied(RuntimeError):
+    """The producer's network thread is gone: this process can publish nothing more."""
+
+
 class LatencyWindow:
     """The last ``size`` event-to-ack latencies (microseconds) for exact percentiles in
     the progress line and the benchmark; one array store per ack."""
@@ -163,6 +167,16 @@ class Publisher:
     def flush(self, timeout: float | None = None) -> None:
         """Send everything queued and wait until each message is acked or has failed."""
         self.producer.flush(timeout=timeout)
+
+    def check_sender(self) -> bool:
+        """False (and ``fatal`` set) once kafka-python's network thread has died: nothing
+        would be acknowledged again, and readers would wait for room for good (seen after
+        the worker that started the run was killed: the run lived on, silent)."""
+        sender = getattr(self.producer, "_sender", None)
+        if self.fatal is None and not self.closed and sender is not None and not sender.is_alive():
+            self.fatal = ProducerDied("the Kafka producer's network thread died")
+            self.stop_waiting()
+        return self.fatal is None or not isinstance(self.fatal, ProducerDied)
 
     def stop_waiting(self) -> None:
         """Make readers blocked on a full lane raise ``Closed``."""
@@ -267,7 +281,7 @@ class Lane:
             self._waiting = True
             try:
                 while self.out - self.resolved >= self.cap:
-                    if self.publisher.closed:
+                    if self.publisher.closed or not self.publisher.check_sender():
                         raise Closed("publisher closed while waiting for Kafka")
                     self.room.wait(0.05)
                     self.room.clear()

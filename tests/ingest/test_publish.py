@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 from kafka.admin import NewTopic
@@ -84,3 +85,27 @@ def test_a_fatal_producer_error_stops_the_run(kafka, prefect_server):
     finally:
         client.delete_topics([refusing])
         client.close()
+
+
+def test_a_dead_producer_thread_unblocks_readers_and_is_fatal(kafka, new_topic):
+    """kafka-python's network thread gone (it died with its worker's pipes once): a lane
+    waiting for room raises instead of waiting for good, and the publisher says why."""
+    from tasks.core.events import Trade
+    from tasks.ingest.publish import Closed, ProducerDied
+
+    topic = new_topic(1)
+    pub = Publisher(producer(kafka, **PRODUCER_TUNING), "binance", Topics(topic), 4)
+    lane = pub.lane("dead")
+    assert pub.check_sender()
+    pub.producer._sender.force_close()  # the thread ends, as when it dies
+    pub.producer._sender.join(10)
+    trades = [
+        Trade("binance", "BTC-USDT", "BTCUSDT", i, Decimal("1.5"), Decimal("2"), "buy",
+              1_700_000_000_000_000 + i,
+              1_700_000_000_000_000 + i)
+        for i in range(1, 10)
+    ]  # fmt: skip
+    with pytest.raises(Closed):
+        for t in trades:  # more than the in-flight bound: the fifth waits for room
+            lane.publish(t)
+    assert isinstance(pub.fatal, ProducerDied) and not pub.check_sender()
