@@ -399,6 +399,7 @@ class Postgres(Service):
             conn.close()
             conn = psycopg2.connect(self.settings.pg_dsn, connect_timeout=3)
         try:
+            conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute("SELECT 1")
                 ok = cur.fetchone() == (1,)
@@ -420,7 +421,6 @@ class Postgres(Service):
             config.WRITER_ROLE: (self.settings.pg_writer_dsn, "SELECT, INSERT, UPDATE, DELETE"),
             config.READER_ROLE: (self.settings.pg_reader_dsn, "SELECT"),
         }
-        conn.autocommit = True
         with conn.cursor() as cur:
             for role, (dsn, privileges) in wanted.items():
                 u = urlsplit(dsn)
