@@ -105,6 +105,11 @@ class Service:
         (self.settings.home / "run").mkdir(parents=True, exist_ok=True)
         if self.answers():
             return None
+        running = read_pid(self.pidfile)
+        if running is not None:
+            # Ours, alive, not answering (starting, or stopped by a signal): wait on it
+            # rather than launch a second instance that would overwrite its pid file.
+            return running
         self.install()
         return self.launch()
 

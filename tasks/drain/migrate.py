@@ -102,14 +102,17 @@ def grant(cur, schema: str, force: bool = False) -> list[str]:
     """Give each existing grantee role USAGE on ``schema`` and its rights on the tables
     there (and the writer the sequences), when it lacks them or ``force`` (tables were
     just created). The owner keeps DDL to itself. Returns the roles granted to."""
+    # Every migrated schema has schema_migrations: a role that may read it has been
+    # granted here before (USAGE alone says nothing: PUBLIC has it on ``public``).
     cur.execute(
-        "SELECT rolname, has_schema_privilege(rolname, %s, 'USAGE') FROM pg_roles"
-        " WHERE rolname = ANY(%s)",
-        (schema, list(GRANTEES)),
+        "SELECT rolname, has_schema_privilege(rolname, %s, 'USAGE')"
+        " AND has_table_privilege(rolname, format('%%I.schema_migrations', %s::text), 'SELECT')"
+        " FROM pg_roles WHERE rolname = ANY(%s)",
+        (schema, schema, list(GRANTEES)),
     )
     done = []
-    for role, has_usage in cur.fetchall():
-        if has_usage and not force:
+    for role, granted in cur.fetchall():
+        if granted and not force:
             continue
         who = sql.Identifier(role)
         where = sql.Identifier(schema)
