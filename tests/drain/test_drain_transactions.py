@@ -106,7 +106,8 @@ def test_two_drains_on_disjoint_partitions_give_exact_balances(kafka, mongo_db, 
     def run(partitions: str) -> None:
         results.append(
             drain_transactions_now(
-                kafka, mongo_db.name, consumer, topic, batch_size=60, partitions=partitions
+                kafka, mongo_db.name, consumer, topic, batch_size=60, partitions=partitions,
+                max_seconds=300,  # a liveness bound: each stops once caught up
             )
         )
 
@@ -114,7 +115,7 @@ def test_two_drains_on_disjoint_partitions_give_exact_balances(kafka, mongo_db, 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(40)
+        t.join(360)
     assert [r.stopped for r in results] == ["caught up"] * 2, [
         (r.records, r.seconds) for r in results
     ]
