@@ -61,6 +61,9 @@ def private_kafka(settings, kafka):  # the shared Kafka proves the jars are inst
     env = {
         **os.environ,
         "TAPELINE_HOME": str(home),
+        # The shared PostgreSQL's roles: their local passwords live with the session's home.
+        "TAPELINE_PG_WRITER_DSN": settings.pg_writer_dsn,
+        "TAPELINE_PG_READER_DSN": settings.pg_reader_dsn,
         "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{KAFKA_PORT}",
         "TAPELINE_TOPIC_PARTITIONS": "3",
     }
