@@ -157,20 +157,28 @@ def _listening() -> dict[int, tuple[str, int]]:
     return out
 
 
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` holds (an fd closed while we look is skipped)."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
 def listeners(home: Path) -> list[tuple[str, int, str, int]]:
     """(address, port, role, pid) of every listening socket the stack's processes hold."""
     sockets = _listening()
-    found = []
-    for pid, role in stack_pids(home).items():
-        for fd in Path(f"/proc/{pid}/fd").glob("*"):
-            try:
-                target = fd.readlink().as_posix()
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inode = int(target[8:-1])
-                if inode in sockets:
-                    found.append((*sockets[inode], role, pid))
+    found = [
+        (*sockets[inode], role, pid)
+        for pid, role in stack_pids(home).items()
+        for inode in socket_inodes(pid)
+        if inode in sockets
+    ]
     return sorted(set(found))
 
 

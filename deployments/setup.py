@@ -190,13 +190,6 @@ def end_orphans(
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
@@ -206,16 +199,7 @@ def end_orphans(
         ids = [client.read_deployment_by_name(n).id for n in names]
         if not ids:
             return lines
-        runs = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(
-                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-                    )
-                )
-            ),
-        )
+        runs = _live_runs(client, ids)
         for run in runs:
             since = run.state.timestamp if run.state and run.state.timestamp else now
             age = (now - since).total_seconds()
@@ -235,12 +219,8 @@ def end_orphans(
     return lines
 
 
-def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
-    """Give back deployment concurrency slots that no live run holds. A slot is held under
-    a lease; a lease the server forgot (in-memory lease storage across a server restart)
-    is never released, not even when its run ends, and the one-at-a-time deployment
-    Cancels every later run for good. Slots are counted before the runs, so a run that
-    takes a slot in between is counted as live, never freed."""
+def _live_runs(client, deployment_ids: list[UUID]) -> list:
+    """The deployments' runs that may hold a slot: Pending, Running or Cancelling."""
     from prefect.client.schemas.filters import (
         DeploymentFilter,
         DeploymentFilterId,
@@ -250,22 +230,28 @@ def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
     )
     from prefect.client.schemas.objects import StateType
 
+    live = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=deployment_ids)),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))
+        ),
+    )
+
+
+def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
+    """Give back deployment concurrency slots that no live run holds. A slot is held under
+    a lease; a lease the server forgot (in-memory lease storage across a server restart)
+    is never released, not even when its run ends, and the one-at-a-time deployment
+    Cancels every later run for good. Slots are counted before the runs, so a run that
+    takes a slot in between is counted as live, never freed."""
     lines = []
     for name in names:
         deployment = client.read_deployment_by_name(name)
         limit = deployment.global_concurrency_limit
         if limit is None or not limit.active_slots:
             continue
-        live = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(
-                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-                    )
-                )
-            ),
-        )
+        live = _live_runs(client, [deployment.id])
         leaked = limit.active_slots - len(live)
         if leaked > 0:
             client.release_concurrency_slots([limit.name], leaked, occupancy_seconds=1)

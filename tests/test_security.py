@@ -49,7 +49,7 @@ def test_the_exporter_binds_loopback_by_default(kafka, postgres, prefect_server)
         bound: list[str] = []
         while time.monotonic() < deadline and not bound:
             sockets = security._listening()
-            inodes = _socket_inodes(proc.pid)
+            inodes = security.socket_inodes(proc.pid)
             bound = [a for i, (a, port) in sockets.items() if i in inodes and port == 19987]
             time.sleep(0.5)
         assert bound, "waited 60 s for the exporter to listen on :19987"
@@ -57,19 +57,6 @@ def test_the_exporter_binds_loopback_by_default(kafka, postgres, prefect_server)
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def _socket_inodes(pid: int) -> set[int]:
-    """Inodes of the sockets ``pid`` holds (an fd closed while we look is skipped)."""
-    found = set()
-    for fd in Path(f"/proc/{pid}/fd").glob("*"):
-        try:
-            target = fd.readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found.add(int(target[8:-1]))
-    return found
 
 
 def test_settings_never_show_a_password():
