@@ -13,6 +13,7 @@ command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || need+=(golang-go)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v prometheus-pushgateway >/dev/null || need+=(prometheus-pushgateway)
+command -v node >/dev/null || need+=(nodejs)  # runs the compose MongoDB init script in a test
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "bootstrap: please install: ${need[*]} (needs root)" >&2

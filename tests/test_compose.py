@@ -10,6 +10,7 @@ find) is checked here on the parsed files. Where the real tools exist on the mac
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -615,3 +616,43 @@ def test_postgres_init_script_runs(cluster_dir: Path) -> None:
     finally:
         if (data / "postmaster.pid").exists():
             run(*pg_ctl, "-m", "immediate", "-w", "stop")
+
+
+def test_applications_use_mongodb_as_a_non_root_user(services: dict[str, dict[str, Any]]) -> None:
+    """The compose init script creates `tapeline` with readWrite on its database alone;
+    the worker connects as it, never as the root user. The script runs in node with the
+    two objects it uses standing in for mongosh's."""
+    mongo = environment(services["mongo"])
+    url = environment(services["worker"])["TAPELINE_MONGO_URL"]  # ${...:?...} holds a "?"
+    assert url.startswith("mongodb://tapeline:"), url
+    assert mongo["MONGO_INITDB_ROOT_USERNAME"] != "tapeline"
+    assert url.endswith("@mongo:27017/tapeline?authSource=tapeline"), url
+    assert ("./compose/mongo", "/docker-entrypoint-initdb.d", "ro") in bind_mounts(
+        services["mongo"]
+    )
+    harness = """
+    const made = [];
+    const app = {getUser: () => null, createUser: (u) => made.push(u)};
+    globalThis.db = {getSiblingDB: (name) => { if (name !== "tapeline") throw name; return app; }};
+    process.env.MONGO_PASSWORD = "p@ss:w/rd%";
+    require(process.argv[1]);
+    console.log(JSON.stringify(made));
+    """
+    script = ROOT / "compose" / "mongo" / "10-app-user.js"
+    node = shutil.which("node")
+    assert node, "node is needed (scripts/bootstrap.sh installs nodejs)"
+    out = subprocess.run(
+        [node, "-e", harness, str(script)], capture_output=True, text=True, timeout=30, check=True
+    )
+    only_its_database = [{"role": "readWrite", "db": "tapeline"}]
+    assert json.loads(out.stdout) == [
+        {"user": "tapeline", "pwd": "p@ss:w/rd%", "roles": only_its_database}
+    ]
+
+
+def test_kafka_ui_asks_for_a_login(services: dict[str, dict[str, Any]]) -> None:
+    env = environment(services["kafka-ui"])
+    assert env["AUTH_TYPE"] == "LOGIN_FORM"
+    assert REQUIRED_REF.match(env["SPRING_SECURITY_USER_PASSWORD"])
+    # the healthcheck's path is on kafka-ui's list of pages open without a login
+    assert "/actuator/health" in " ".join(services["kafka-ui"]["healthcheck"]["test"])
