@@ -1509,7 +1509,8 @@ class Soak:
                 out.append("no time left")
                 break
             try:
-                fr = plat.run_deployment(name, wait_s=min(300, left))
+                final = plat.FINAL_DRAIN if name in CONSUMERS else {}
+                fr = plat.run_deployment(name, wait_s=min(300, left), **final)
                 st = fr.state
                 out.append(
                     f"{fr.name} {st.name if st else '?'}"

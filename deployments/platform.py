@@ -42,6 +42,9 @@ INGEST = {"simulator": "ingest/simulator-feed", "live": "ingest/binance-live"}
 TRADING = "trading-activity/simulator"
 DRAINS = ("drain-prices/every-minute", "drain-transactions/every-minute")
 AGGREGATE = "aggregate/every-minute"
+# A last drain after the load stopped: reads until caught up, then ends (the scheduled runs
+# follow the topics until the next one takes over).
+FINAL_DRAIN = {"follow": False}
 
 
 def run_deployment(name: str, wait_s: float = 0, **parameters: Any):
@@ -170,7 +173,8 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         print("stopping ingestion and trading, draining what is left ...")
         cancel([ingest.id, trading.id])
         for name in (*DRAINS, AGGREGATE):
-            state = run_deployment(name, wait_s=300).state
+            final = FINAL_DRAIN if name in DRAINS else {}
+            state = run_deployment(name, wait_s=300, **final).state
             print(f"  {name}: {state.name if state else '?'}")
         return report(settings, since_us)
     finally:

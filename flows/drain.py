@@ -1,10 +1,12 @@
 """Drains: Kafka into PostgreSQL price history and MongoDB wallets, once in effect.
 
-``drain_prices`` (every minute, one run at a time) — runbook of one run:
+``drain_prices`` (every minute; each run follows the topics until the next one takes over)
+— runbook of one run:
 
 1. Apply pending PostgreSQL migrations.
 2. Drain ``market.trades.raw`` and ``market.book_ticker.raw`` in batches until caught
-   up or a record/time budget is spent (``tasks.drain.loop``; the exactly-once mechanism
+   up (following: until the next run takes over) or a record/time budget is spent
+   (``tasks.drain.loop``; the exactly-once mechanism
    is written down in ``tasks/drain/contract.py`` and ``tasks/drain/postgres.py``). Bad
    records go to the DLQ.
 3. Record the drain metrics (pushed to the Pushgateway when one is configured), publish
@@ -196,6 +198,7 @@ def drain_prices(
     partitions: str | None = None,
     allow_gaps: bool = False,
     reset_log: bool = False,
+    follow: bool = False,
     kafka_block: str | None = None,
     postgres_block: str | None = None,
 ) -> dict[str, Any]:
@@ -203,7 +206,9 @@ def drain_prices(
 
     ``partitions`` ("0-2,5"; default all) splits the work between deployments;
     ``allow_gaps`` skips (and counts) records deleted from Kafka before they were stored
-    instead of failing; ``reset_log`` accepts a recreated topic, starting it over."""
+    instead of failing; ``reset_log`` accepts a recreated topic, starting it over;
+    ``follow`` (the schedule's) keeps reading after catching up until ``max_seconds`` or
+    until the next scheduled run takes over, so the topics are read while it starts."""
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     migrate_schema(settings, schema)
     sink = PostgresSink(settings.pg_writer_dsn, schema)
@@ -223,6 +228,7 @@ def drain_transactions(
     partitions: str | None = None,
     allow_gaps: bool = False,
     reset_log: bool = False,
+    follow: bool = False,
     kafka_block: str | None = None,
     mongo_block: str | None = None,
 ) -> dict[str, Any]:
@@ -246,7 +252,9 @@ def _check(
         raise params.ParameterError(f"parameter batch_size={batch_size!r}: expected an integer")
 
 
-_OPTIONS = ("max_records", "max_seconds", "batch_size", "partitions", "allow_gaps", "reset_log")
+_OPTIONS = (
+    "max_records", "max_seconds", "batch_size", "partitions", "allow_gaps", "reset_log", "follow",
+)  # fmt: skip
 
 
 def _options(params: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,9 @@ database, not Kafka, knows what is done. Hence:
   rewrite without them does not make whole; the loop
   dead-letters them (acknowledged before any offset passes them) and writes the rest, so
   one poison record never stops its partition;
+- a following run (``follow``: reads until a newer run takes over, the scheduled drains'
+  handover) records its generation with ``take_over``; an older run that sees a newer
+  ``generation`` finishes its write and stops. Only liveness rides on it;
 - the stored offsets of a topic belong to one log (cluster id and topic id): ``claim_log``
   records it, so offsets of a recreated topic or another cluster are never applied to
   the new one silently.
@@ -102,6 +105,17 @@ class Sink(Protocol):
         id) and return the log recorded before (None: none yet). A different log recorded
         before is kept, unless ``reset``: then the stored offsets of ``topic`` are forgotten
         (an operator's decision after a topic was recreated) and ``log`` is recorded."""
+        ...
+
+    def take_over(self, consumer: str) -> int:
+        """Make the caller ``consumer``'s newest following run: returns its generation, one
+        more than any before. Liveness only: the older run stops when it sees a newer
+        generation; exactly-once never depends on it."""
+        ...
+
+    def generation(self, consumer: str) -> int:
+        """The newest following run's generation (0: none yet); a lost connection raises
+        at once (the caller asks again later)."""
         ...
 
     def write(

@@ -27,6 +27,16 @@ Poison records: a record the codec rejects, or one the store refuses as data
 are stored) while the rest of its batch is written; nothing retries forever on the same
 data.
 
+Following (the scheduled drains): a run given ``follow`` does not stop when caught up but
+keeps reading until its time budget ends or a newer run takes over. Each scheduled run
+starts while the one before is still reading, records a newer generation in the sink once
+its consumer is positioned (``take_over``), and the older run, checking every second,
+finishes its in-flight write and stops ("handed over"). Start-up (a process, imports,
+connections: 10-30 s on a loaded machine) thus never leaves the topics unread, and a
+scheduler outage shorter than the budget leaves the newest run reading. The newer run's
+first write may find offsets the older one moved meanwhile: it is fenced and re-reads
+them, as any overlap is.
+
 Throughput: decoding batch N+1 overlaps writing batch N (one writer thread, so writes
 stay in order); at most two batches are in memory.
 """
@@ -86,6 +96,9 @@ class DrainResult:
         for (topic, _), n in self.lag.items():
             out[topic] += n
         return dict(out)
+
+
+HANDOVER_CHECK_S = 1.0  # how often a following run looks for a newer one
 
 
 class OffsetOutOfLog(Exception):
@@ -328,6 +341,12 @@ class _Run:
             out[key] = max(0, ends[tp] - pos)
         return out
 
+    def idle(self) -> None:
+        """Nothing to read and nothing in flight: the wait for a stored batch starts over
+        (``longest_wait_s`` counts only time in which records waited)."""
+        if self._inflight is None:
+            self._last_write = time.monotonic()
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         if self._producer is not None:
@@ -350,20 +369,27 @@ def drain(
     max_seconds: float = 50.0,
     batch_size: int = 20_000,
     poll_ms: int = 1_000,
+    follow: bool = False,
 ) -> DrainResult:
     """Drain ``topics`` (``partitions`` of them: all by default) into ``sink`` until caught
     up or a budget is spent. ``allow_gaps``: skip, and count, records deleted from the
     log before they were drained, instead of failing; ``reset_log``: accept a recreated
-    topic (or another cluster), forgetting the offsets stored for the old one."""
+    topic (or another cluster), forgetting the offsets stored for the old one;
+    ``follow``: keep reading after catching up, until the time budget ends or a newer
+    following run of ``consumer`` takes over (module docstring)."""
     settings = settings or config.load()
     t0 = time.monotonic()
     run = _Run(sink, consumer, topics, settings, dlq_source, batch_size)
     res = run.result
     try:
         run.assign(parse_partitions(partitions), allow_gaps, reset_log)
+        handover = _Handover(sink, consumer) if follow else None
         while True:
             if time.monotonic() - t0 >= max_seconds:
                 res.stopped = "time budget"
+                break
+            if handover is not None and handover.superseded():
+                res.stopped = "handed over"
                 break
             read = sum(res.records.values())
             if max_records is not None and read >= max_records:
@@ -373,11 +399,12 @@ def drain(
             polled = run.poll(limit, poll_ms)
             if not polled:
                 run.settle()
+                run.idle()
                 if run.resync:
                     run.resync = False
                     run._position(list(run.ends), allow_gaps)
                     continue
-                if run.caught_up():
+                if not follow and run.caught_up():
                     res.stopped = "caught up"
                     break
                 continue
@@ -406,6 +433,30 @@ def drain(
         res.seconds = time.monotonic() - t0
         run.close()
     return res
+
+
+class _Handover:
+    """A following run's generation, and whether a newer run has taken over since."""
+
+    def __init__(self, sink: Sink, consumer: str):
+        self.sink, self.consumer = sink, consumer
+        self.mine = sink.take_over(consumer)
+        self._checked = time.monotonic()
+        log.info("%s: following as generation %d", consumer, self.mine)
+
+    def superseded(self) -> bool:
+        if time.monotonic() - self._checked < HANDOVER_CHECK_S:
+            return False
+        self._checked = time.monotonic()
+        try:
+            newest = self.sink.generation(self.consumer)
+        except Exception as e:  # the store is away: the writes say so; ask again later
+            log.warning("%s: could not read the newest generation: %s", self.consumer, e)
+            return False
+        if newest > self.mine:
+            log.info("%s: generation %d took over from %d", self.consumer, newest, self.mine)
+            return True
+        return False
 
 
 def record_metrics(flow_name: str, result: DrainResult) -> None:

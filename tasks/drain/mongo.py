@@ -142,6 +142,21 @@ class MongoSink:
         docs = self._retrying(lambda: list(self.db.kafka_offsets.find({"consumer": consumer})))
         return {(d["topic"], d["partition"]): d["next"] for d in docs if d["topic"] in wanted}
 
+    def take_over(self, consumer: str) -> int:
+        doc = self._retrying(
+            lambda: self.db.drain_followers.find_one_and_update(
+                {"_id": consumer},
+                {"$inc": {"generation": 1}},
+                upsert=True,
+                return_document=pymongo.ReturnDocument.AFTER,
+            )
+        )
+        return int(doc["generation"])
+
+    def generation(self, consumer: str) -> int:
+        doc = self.db.drain_followers.find_one({"_id": consumer})
+        return int(doc["generation"]) if doc else 0
+
     def claim_log(self, consumer: str, topic: str, log: str, *, reset: bool = False) -> str | None:
         def claim() -> str | None:
             key = f"{consumer}|{topic}"

@@ -172,6 +172,7 @@ class PostgresSink:
     def __init__(self, dsn: str, schema: str = "public", *, retry_seconds: float = 60.0):
         self.dsn, self.schema, self.retry_seconds = dsn, schema, retry_seconds
         self._conn: Any = None
+        self._side_conn: Any = None  # reads on the main thread
 
     def open_batch(self) -> PriceBatch:
         return PriceBatch()
@@ -186,31 +187,56 @@ class PostgresSink:
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._side_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._side_conn = None
 
     def stored_offsets(self, consumer: str, topics: Iterable[str]) -> dict[TopicPartition, int]:
-        """Committed offsets, read on a connection of its own: the writer's may be mid-batch."""
-        topics = list(topics)
+        """Committed offsets, read on the side connection: the writer's may be mid-batch."""
+        rows = self._side(
+            "SELECT topic, partition, next_offset FROM kafka_offsets"
+            " WHERE consumer = %s AND topic = ANY(%s)",
+            (consumer, list(topics)),
+        )
+        return {(t, p): o for t, p, o in rows}
+
+    def take_over(self, consumer: str) -> int:
+        (gen,) = self._side(
+            "INSERT INTO drain_followers (consumer, generation) VALUES (%s, 1)"
+            " ON CONFLICT (consumer) DO UPDATE"
+            " SET generation = drain_followers.generation + 1, taken_at = now()"
+            " RETURNING generation",
+            (consumer,),
+        )[0]
+        return gen
+
+    def generation(self, consumer: str) -> int:
+        rows = self._side(
+            "SELECT generation FROM drain_followers WHERE consumer = %s", (consumer,), retry=False
+        )
+        return rows[0][0] if rows else 0
+
+    def _side(self, query: str, args: tuple, *, retry: bool = True) -> list[tuple]:
+        """One autocommitted statement on the main thread's own connection (the writer
+        thread holds the other); lost connections are retried until the deadline, or not
+        at all (``retry=False``: the caller asks again later)."""
         deadline = time.monotonic() + self.retry_seconds
         while True:
             try:
-                conn = connect(self.dsn, self.schema)
-                try:
-                    with conn, conn.cursor() as cur:
-                        cur.execute(
-                            "SELECT topic, partition, next_offset FROM kafka_offsets"
-                            " WHERE consumer = %s AND topic = ANY(%s)",
-                            (consumer, topics),
-                        )
-                        return {(t, p): o for t, p, o in cur.fetchall()}
-                finally:
-                    conn.close()
-            except psycopg2.OperationalError as e:
-                if time.monotonic() > deadline:
+                if self._side_conn is None or self._side_conn.closed:
+                    self._side_conn = connect(self.dsn, self.schema)
+                    self._side_conn.autocommit = True
+                with self._side_conn.cursor() as cur:
+                    cur.execute(query, args)
+                    return cur.fetchall()
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                if self._side_conn is not None:
+                    self._side_conn.close()
+                self._side_conn = None
+                if not retry or time.monotonic() > deadline:
                     raise
-                log.warning("postgres sink: reading offsets failed, retrying: %s", e)
+                log.warning("postgres sink: reading failed, retrying: %s", str(e).strip()[:80])
                 time.sleep(0.5)
 
     def claim_log(self, consumer: str, topic: str, log: str, *, reset: bool = False) -> str | None:
