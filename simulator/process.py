@@ -8,6 +8,8 @@ methods mirror ``Simulator``'s: ``report``, ``set_faults``, ``inject``.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -16,6 +18,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from simulator.server import CONTROL_HEADER, CONTROL_TOKEN_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,9 +31,11 @@ class SimulatorProcess:
         argv = list(args)
         if "--port" not in argv:
             argv += ["--port", "0"]
+        self.control_token = secrets.token_urlsafe(24)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "simulator", *argv],
             cwd=ROOT,
+            env={**os.environ, CONTROL_TOKEN_ENV: self.control_token},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -61,8 +67,9 @@ class SimulatorProcess:
     def get(self, path: str, **params: Any) -> Any:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = f"{self.http_url}{path}" + (f"?{query}" if query else "")
+        request = urllib.request.Request(url, headers={CONTROL_HEADER: self.control_token})
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{path}: {e.code} {e.read().decode()[:500]}") from None

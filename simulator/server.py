@@ -17,7 +17,13 @@ Kraken's at ``/0/public/Trades``) and the control plane under ``/_sim``:
                      [&retry_after=1]
 
 (The websockets HTTP parser accepts only GET, so the control plane is GET with query
-parameters.) Use it in-process with ``Simulator(...).start()`` / ``.stop()`` (a
+parameters.) The endpoints that change the simulator (``faults``, ``inject``) answer only
+a request carrying header ``X-Sim-Control`` equal to the process's control token
+(``TAPELINE_SIM_CONTROL_TOKEN``; a random one when unset): a link or a page in a browser
+cannot set a header on a plain GET, and a cross-origin request that could would need a
+preflight, which this server never answers. ``simulator.process`` sends it.
+
+Use it in-process with ``Simulator(...).start()`` / ``.stop()`` (a
 background thread), from asyncio with ``await Simulator(...).run()``, or as a process
 with ``python -m simulator`` (see ``simulator.process``).
 """
@@ -27,9 +33,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
+import hmac
 import http
 import json
 import logging
+import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +103,10 @@ class SimConfig:
                 raise ValueError(f"unknown venue {venue!r}; known: {VENUES}")
 
 
+CONTROL_HEADER = "X-Sim-Control"
+CONTROL_TOKEN_ENV = "TAPELINE_SIM_CONTROL_TOKEN"
+_READ_ONLY = frozenset({"health", "report"})
+
 class Simulator:
     """A local exchange speaking Binance, Coinbase Advanced Trade and Kraken v2."""
 
@@ -118,6 +131,7 @@ class Simulator:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.control_token = os.environ.get(CONTROL_TOKEN_ENV) or secrets.token_urlsafe(24)
         self._started = 0.0
 
     # ---- addresses ------------------------------------------------------------------------
@@ -316,7 +330,13 @@ class Simulator:
                 status, body, headers = self.rest.handle(path, query, now_ms())
                 return _json(status, body, headers)
             if path.startswith("/_sim/"):
-                return _json(200, self._control(path[len("/_sim/") :], query))
+                what = path[len("/_sim/") :]
+                if what not in _READ_ONLY and not hmac.compare_digest(
+                    request.headers.get(CONTROL_HEADER, ""), self.control_token
+                ):
+                    return _json(403, {"error": f"/_sim/{what} changes the simulator: send"
+                                       f" header {CONTROL_HEADER} with its control token"})
+                return _json(200, self._control(what, query))
         except ValueError as e:
             return _json(400, {"error": str(e)})
         return _json(404, {"error": f"nothing at {path}"})

@@ -49,7 +49,7 @@ def _kill(kafka: Kafka) -> None:
     pid = read_pid(kafka.pidfile)
     if pid is not None:
         os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
     kafka.pidfile.unlink(missing_ok=True)

@@ -81,7 +81,7 @@ class Prometheus:
                 ],
                 stdout=out, stderr=out,
             )  # fmt: skip
-        wait_for("Prometheus to be ready", self._ready, 20)
+        wait_for("Prometheus to be ready", self._ready, 60)
 
     def _ready(self) -> bool:
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
@@ -142,7 +142,7 @@ def store_trades(settings, topic: str, conn, start: dict[int, int]) -> dict[int,
         for tp in tps:
             c.seek(tp, start.get(tp.partition, 0))
         rows = []
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # liveness: reading back what was just published
         while any(c.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
             for tp, records in c.poll(timeout_ms=500).items():
                 for r in records:
@@ -251,7 +251,7 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
                 result = prometheus.query("sum by (venue) (rate(vendor_fetch_success_total[5s]))")
                 return result.get((("venue", "binance"),), 0.0)
 
-            rate = wait_for("an ingestion rate", ingest_rate, 45)
+            rate = wait_for("an ingestion rate", ingest_rate, 120)
             # Trade frames at RATE/s plus quotes; far from zero and from absurd.
             assert RATE / 4 < rate < RATE * 10, rate
             up = prometheus.query("up")
@@ -262,7 +262,7 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
                 result = prometheus.query(f'sum(tapeline_consumer_lag{{group="{group}"}})')
                 return next(iter(result.values()), 0.0)
 
-            seen_lag = wait_for("consumer lag", lag, 20)
+            seen_lag = wait_for("consumer lag", lag, 60)
             c = consumer(None, kafka)
             ends = c.end_offsets([TopicPartition(trades, p) for p in range(3)])
             c.close()
@@ -278,9 +278,10 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
                 result = prometheus.query("tapeline_freshness_seconds")
                 return {dict(k)["symbol"]: v for k, v in result.items()} if result else None
 
-            ages = wait_for("freshness", fresh, 20)
+            ages = wait_for("freshness", fresh, 60)
             assert set(ages) == set(SYMBOLS)
-            assert all(0 <= age < time.time() - stored_at + 10 for age in ages.values()), ages
+            # 60 s: scrape and rule intervals on a loaded machine
+            assert all(0 <= age < time.time() - stored_at + 60 for age in ages.values()), ages
 
             # Every dashboard query runs on the real server.
             for path in DASHBOARD_FILES:
@@ -305,8 +306,8 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
 
                 return check
 
-            pending = wait_for("TapelineVenueSilent pending", alert_state("pending", "firing"), 15)
-            firing = wait_for("TapelineVenueSilent firing", alert_state("firing"), 10)
+            pending = wait_for("TapelineVenueSilent pending", alert_state("pending", "firing"), 60)
+            firing = wait_for("TapelineVenueSilent firing", alert_state("firing"), 60)
             assert pending and firing[0]["labels"]["severity"] == "critical"
             assert "No messages from binance" in firing[0]["annotations"]["summary"]
         finally:

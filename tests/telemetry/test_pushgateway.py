@@ -51,7 +51,7 @@ def gateway(tmp_path_factory) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # liveness: start-up on a loaded machine
         while True:
             try:
                 urllib.request.urlopen(f"{url}/-/ready", timeout=1).close()
