@@ -90,6 +90,7 @@ from deployments import platform as plat
 from deployments import setup as deployment_setup
 from stack.process import alive, read_pid
 from stack.services import services, up
+from tasks import venues
 from tasks.core import codec, config, dlq
 from tasks.core.events import Quote, UserTransaction
 from tasks.core.kafka import consumer, producer
@@ -114,7 +115,7 @@ FAULT_SECONDS = {
 ALIASES = {"worker": ("worker-pending", "worker-running"), "all": FAULT_ORDER, "none": ()}
 SIDE_NAMES = ("simulator", "pushgateway", "exporter", "worker")
 SIDE_PORTS = {"simulator": 18765, "pushgateway": 9091, "exporter": 9110, "worker": 8080}
-VENUE = "binance"
+VENUE = venues.simulated("binance")  # what the simulator feed's trades are stored as
 POISON_VENUE = "soak-poison"
 CONSUMERS = {
     "drain-prices/every-minute": ("tapeline-drain-prices", (TRADES, QUOTES)),

@@ -29,6 +29,7 @@ from blocks import prefect_api
 from deployments import local
 from deployments import setup as deployment_setup
 from stack.services import services, up
+from tasks import venues
 from tasks.core import config
 from tasks.core.kafka import admin
 from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
@@ -154,7 +155,8 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         return 2
     since_us = time.time_ns() // 1000
     # A new simulator continues each symbol's ids after what Kafka already holds.
-    last = last_trade_ids(settings, TRADES, "binance", symbols)
+    venue = stored_venue(settings, args.live)
+    last = last_trade_ids(settings, TRADES, venue, symbols)
     sides = local.sides(
         settings, symbols, simulate=not args.live, start_ids={s: i + 1 for s, i in last.items()}
     )
@@ -176,7 +178,7 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
             final = FINAL_DRAIN if name in DRAINS else {}
             state = run_deployment(name, wait_s=300, **final).state
             print(f"  {name}: {state.name if state else '?'}")
-        return report(settings, since_us)
+        return report(settings, venue, since_us)
     finally:
         if not args.keep:
             for side in reversed(sides):
@@ -229,10 +231,16 @@ def watch(settings: config.Settings, minutes: float | None, every: float) -> Non
         pass
 
 
-def report(settings: config.Settings, since_us: int) -> int:
+def stored_venue(settings: config.Settings, live: bool) -> str:
+    """The venue name this run's trades carry: ``binance``, or ``binance-sim`` from the
+    simulator (never stored as the real venue)."""
+    return venues.venue_config("binance", None if live else settings.simulator_url).name
+
+
+def report(settings: config.Settings, venue: str, since_us: int) -> int:
     """Verify what this run stored; 0 when nothing was lost or doubled."""
     with psycopg2.connect(settings.pg_reader_dsn) as conn:
-        verdict = verify.verify_trades(conn, settings, "binance", TRADES, since_us)
+        verdict = verify.verify_trades(conn, settings, venue, TRADES, since_us)
     for c in verdict.symbols:
         print(
             f"  {c.symbol}: {c.stored} trades stored, ids {c.first_id}..{c.last_id},"

@@ -167,21 +167,68 @@ class Kafka(Service):
         )
         stamp.write_text(pom.read_text())
 
+    @property
+    def scram(self) -> str | None:
+        """The SCRAM mechanism clients use (``TAPELINE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT``
+        with ``TAPELINE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512``), else None: plaintext."""
+        k = self.settings.kafka
+        if k.security_protocol == "SASL_PLAINTEXT" and k.sasl_mechanism.startswith("SCRAM-"):
+            return k.sasl_mechanism
+        return None
+
+    def _listener_lines(self, host: str, port: int) -> list[str]:
+        """The client listener: plaintext, or SASL/SCRAM whose one user (the clients'
+        ``TAPELINE_KAFKA_USERNAME``) is created when the storage is formatted
+        (``_scram_user``). The controller listener stays plaintext on loopback."""
+        mechanism = self.scram
+        if mechanism is None:
+            return [
+                f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{port + 1}",
+                f"advertised.listeners=PLAINTEXT://{host}:{port}",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            ]
+        k = self.settings.kafka
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required"
+            f' username="{_jaas_quote(k.username)}" password="{_jaas_quote(k.password)}";'
+        )
+        listener = f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config"
+        return [
+            f"listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{host}:{port + 1}",
+            f"advertised.listeners=SASL_PLAINTEXT://{host}:{port}",
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            f"sasl.enabled.mechanisms={mechanism}",
+            f"sasl.mechanism.inter.broker.protocol={mechanism}",
+            f"{listener}={_properties_escape(jaas)}",
+        ]
+
+    def _scram_user(self) -> list[str]:
+        """The storage tool's arguments that create the clients' SCRAM user."""
+        if self.scram is None:
+            return []
+        k = self.settings.kafka
+        if any(c in k.password for c in ',]"'):
+            raise config.ConfigError(
+                'TAPELINE_KAFKA_PASSWORD: the local broker\'s SCRAM user cannot have , ] or "'
+            )
+        return ["--add-scram", f'{self.scram}=[name={k.username},password="{k.password}"]']
+
     def _write_config(self) -> Path:
         host, port = self.host_port
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         props = self.dir / "server.properties"
+        props.touch(mode=0o600)  # it may hold the SCRAM user's password
+        props.chmod(0o600)
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.voters=1@{host}:{port + 1}",
-                    f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{port + 1}",
-                    f"advertised.listeners=PLAINTEXT://{host}:{port}",
+                    *self._listener_lines(host, port),
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                     f"log.dirs={data}",
                     f"num.partitions={self.settings.topics.partitions}",
                     "offsets.topic.replication.factor=1",
@@ -225,7 +272,10 @@ class Kafka(Service):
         if not (self.dir / "data" / "meta.properties").exists():
             cid = _cluster_id()
             _run(
-                self._java("kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props)),
+                self._java(
+                    "kafka.tools.StorageTool",
+                    *("format", "-t", cid, "-c", str(props), *self._scram_user()),
+                ),
                 "formatting Kafka storage",
                 self.log,
             )
@@ -249,6 +299,16 @@ class Kafka(Service):
             client.close()
         banner = re.findall(r"Kafka version: (\S+)", self.log.read_text(errors="replace"))
         return f"Apache Kafka {banner[-1] if banner else '?'} (metadata.version level {level})"
+
+
+def _jaas_quote(value: str) -> str:
+    """A value inside a JAAS option's double quotes."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _properties_escape(value: str) -> str:
+    """A value as a Java properties file reads it back (backslashes are escapes there)."""
+    return value.replace("\\", "\\\\")
 
 
 def kafka_round_trip(settings: config.Settings, topic: str = "_tapeline.health") -> bool:

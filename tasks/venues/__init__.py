@@ -40,8 +40,19 @@ def venue(name: str, config: VenueConfig | None = None) -> Venue:
     return s.adapter(config or s.config)
 
 
+SIMULATED_SUFFIX = "-sim"
+
+
+def simulated(name: str) -> str:
+    """The venue name that simulated data of ``name`` carries (``binance-sim``): stored,
+    published and labelled apart from the real venue's, so simulated trades can never take
+    the place of real ones with the same ids (the first writer of an id wins)."""
+    return f"{name}{SIMULATED_SUFFIX}"
+
+
 def venue_config(name: str, simulator_url: str | None = None) -> VenueConfig:
-    """The venue's own endpoints, or the local simulator's (same protocol, other URLs)."""
+    """The venue's own endpoints, or the local simulator's: same protocol, other URLs, and
+    events named ``simulated(name)``."""
     s = spec(name)
     if not simulator_url:
         return s.config
@@ -50,7 +61,8 @@ def venue_config(name: str, simulator_url: str | None = None) -> VenueConfig:
         raise ValueError(f"simulator URL must be http(s)://host:port, got {simulator_url!r}")
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
     ws = urlunsplit((ws_scheme, parts.netloc, s.simulator_ws_path, "", ""))
-    return replace(s.config, ws_url=ws, rest_url=f"{parts.scheme}://{parts.netloc}")
+    rest = f"{parts.scheme}://{parts.netloc}"
+    return replace(s.config, name=simulated(s.config.name), ws_url=ws, rest_url=rest)
 
 
 def rest_client(

@@ -1,0 +1,106 @@
+"""The local stack's Kafka with SASL/SCRAM: clients with the password work end to end
+(produce, consume, a drain into PostgreSQL), clients without it are refused, and the
+password is in no log of the broker.
+
+Uses a private broker on other ports in its own TAPELINE_HOME (as tests/test_stack.py
+does); it is killed and purged afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError
+
+from stack.process import alive, read_pid
+from stack.services import Kafka, up
+from tasks.core import config
+from tasks.core.kafka import admin, producer
+from tests.drain.support import drain_prices_now, pg_schema, publish, trades
+
+KAFKA_PORT = 29292
+# Reserved characters of URLs, properties files and JAAS; SCRAM's own (, ] ") are refused.
+PASSWORD = f"s@sl:pa/ss%{uuid.uuid4().hex[:6]}#?\\end"
+
+
+@pytest.fixture
+def scram_kafka(settings, kafka):  # the shared Kafka proves the jars are installed
+    home = settings.home / f"test-sasl-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "TAPELINE_HOME": str(home),
+        "TAPELINE_PG_WRITER_DSN": settings.pg_writer_dsn,
+        "TAPELINE_PG_READER_DSN": settings.pg_reader_dsn,
+        "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{KAFKA_PORT}",
+        "TAPELINE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "TAPELINE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "TAPELINE_KAFKA_USERNAME": "tapeline",
+        "TAPELINE_KAFKA_PASSWORD": PASSWORD,
+    }
+    s = config.load(env)
+    broker = Kafka("kafka", s)
+    try:
+        up([broker])  # healthy() is a produce and read-back with the SCRAM user
+        yield s, broker
+    finally:
+        pid = read_pid(broker.pidfile)
+        if pid is not None:
+            os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _refused(s: config.Settings) -> str:
+    """What a client with these settings gets: the error it raised (it must raise)."""
+    try:
+        client = admin(s, request_timeout_ms=10_000)
+        try:
+            client.list_topics()
+        finally:
+            client.close()
+    except KafkaError as e:
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"a client with {s.kafka!r} was let in")
+
+
+def test_scram_clients_work_and_others_are_refused(scram_kafka, postgres, tmp_path):
+    s, broker = scram_kafka
+    props = (broker.dir / "server.properties").read_text()
+    assert "listeners=SASL_PLAINTEXT://127.0.0.1" in props
+    assert "PLAINTEXT://127.0.0.1:29292" not in props.replace("SASL_PLAINTEXT", "")
+    assert oct((broker.dir / "server.properties").stat().st_mode & 0o777) == "0o600"
+
+    topic = f"test.sasl.{uuid.uuid4().hex[:8]}"
+    client = admin(s)
+    client.create_topics([NewTopic(topic, 2, 1)])
+    client.close()
+    items = trades(300)
+    publish(s, topic, items)
+    with pg_schema(postgres.pg_dsn) as schema:
+        res = drain_prices_now(s, schema, f"test-sasl-{uuid.uuid4().hex[:6]}", [topic])
+    assert res.stopped == "caught up" and res.written.rows["trades"] == len(items), res
+
+    wrong = replace(s, kafka=replace(s.kafka, password=PASSWORD + "x"))
+    assert "Authentication" in _refused(wrong) or "auth" in _refused(wrong).lower()
+    plain = replace(s, kafka=replace(s.kafka, security_protocol="PLAINTEXT", sasl_mechanism=""))
+    _refused(plain)
+    p = producer(wrong, max_block_ms=5000)
+    try:
+        with pytest.raises(KafkaError):
+            p.send(topic, b"x").get(timeout=30)
+    finally:
+        p.close(timeout=5)
+
+    logs = [f for f in broker.dir.parent.rglob("*") if f.is_file() and f.suffix in (".log", ".out")]
+    assert logs, "the broker wrote no log"
+    for f in logs:
+        assert PASSWORD not in f.read_text(errors="replace"), f"the password is in {f}"
