@@ -118,8 +118,8 @@ SIDE_PORTS = {"simulator": 18765, "pushgateway": 9091, "exporter": 9110, "worker
 VENUE = venues.simulated("binance")  # what the simulator feed's trades are stored as
 POISON_VENUE = "soak-poison"
 CONSUMERS = {
-    "drain-prices/every-minute": ("tapeline-drain-prices", (TRADES, QUOTES)),
-    "drain-transactions/every-minute": ("tapeline-drain-transactions", (USER_TRANSACTIONS,)),
+    "drain-prices/continuous": ("tapeline-drain-prices", (TRADES, QUOTES)),
+    "drain-transactions/continuous": ("tapeline-drain-transactions", (USER_TRANSACTIONS,)),
 }
 DRAIN_SOURCES = {
     TRADES: "drain.prices",
@@ -430,13 +430,13 @@ class KafkaProbe(Probe):
             ):
                 cur.execute(
                     "SELECT topic, partition, next_offset FROM kafka_offsets WHERE consumer = %s",
-                    (CONSUMERS["drain-prices/every-minute"][0],),
+                    (CONSUMERS["drain-prices/continuous"][0],),
                 )
                 stored.update({(tp, p): o for tp, p, o in cur.fetchall()})
             conn.close()
-            lag["drain-prices/every-minute"] = self._lag(ends, stored, (TRADES, QUOTES))
+            lag["drain-prices/continuous"] = self._lag(ends, stored, (TRADES, QUOTES))
         except psycopg2.errors.UndefinedTable:
-            lag["drain-prices/every-minute"] = self._lag(ends, {}, (TRADES, QUOTES))
+            lag["drain-prices/continuous"] = self._lag(ends, {}, (TRADES, QUOTES))
         except psycopg2.Error:
             pass
         try:
@@ -445,10 +445,10 @@ class KafkaProbe(Probe):
                     self.settings.mongo_url, serverSelectionTimeoutMS=3000
                 )
             docs = self.mongo[self.settings.mongo_db].kafka_offsets.find(
-                {"consumer": CONSUMERS["drain-transactions/every-minute"][0]}
+                {"consumer": CONSUMERS["drain-transactions/continuous"][0]}
             )
             mstored = {(d["topic"], d["partition"]): d["next"] for d in docs}
-            lag["drain-transactions/every-minute"] = self._lag(ends, mstored, (USER_TRANSACTIONS,))
+            lag["drain-transactions/continuous"] = self._lag(ends, mstored, (USER_TRANSACTIONS,))
         except pymongo.errors.PyMongoError:
             pass
         self.lag.append((t, lag))
@@ -1021,7 +1021,7 @@ class Soak:
 
         drains = [self.deployment_ids[d] for d in CONSUMERS]
         if want == "RUNNING":  # mid-batch: the price drain, which has the big batches
-            drains = [self.deployment_ids["drain-prices/every-minute"]]
+            drains = [self.deployment_ids["drain-prices/continuous"]]
         say(f"FAULT {f.name}: waiting for a drain run in state {want} to SIGKILL the worker")
         target, deadline = None, time.time() + self.args.fault_wait
         waiting_since = time.time()

@@ -41,7 +41,7 @@ from tasks.telemetry.exporter import consumer_lag
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 INGEST = {"simulator": "ingest/simulator-feed", "live": "ingest/binance-live"}
 TRADING = "trading-activity/simulator"
-DRAINS = ("drain-prices/every-minute", "drain-transactions/every-minute")
+DRAINS = ("drain-prices/continuous", "drain-transactions/continuous")
 AGGREGATE = "aggregate/every-minute"
 # A last drain after the load stopped: reads until caught up, then ends (the scheduled runs
 # follow the topics until the next one takes over).
@@ -169,7 +169,7 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         trading = run_deployment(TRADING)
         print(
             f"started ingestion run {ingest.name} and trading run {trading.name};"
-            " drains and aggregation run every minute"
+            " the drains follow the topics, the aggregation runs every minute"
         )
         watch(settings, args.minutes, args.every)
         print("stopping ingestion and trading, draining what is left ...")

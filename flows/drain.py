@@ -1,6 +1,6 @@
 """Drains: Kafka into PostgreSQL price history and MongoDB wallets, once in effect.
 
-``drain_prices`` (every minute; each run follows the topics until the next one takes over)
+``drain_prices`` (continuous: each scheduled run follows the topics until the next one takes over)
 — runbook of one run:
 
 1. Apply pending PostgreSQL migrations.

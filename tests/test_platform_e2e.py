@@ -82,7 +82,7 @@ def test_main_command_runs_the_platform_without_loss(kafka, postgres, mongo, pre
         with get_client(sync_client=True) as client:
             ingest = [r for r in _runs(client, "ingest/simulator-feed") if r.created >= started]
             assert ingest and all(r.state.is_cancelled() for r in ingest), ingest
-            for name in ("drain-prices/every-minute", "drain-transactions/every-minute"):
+            for name in ("drain-prices/continuous", "drain-transactions/continuous"):
                 done = [r for r in _runs(client, name) if r.created >= started]
                 assert any(r.state.is_completed() for r in done), name
                 artifacts = client.read_artifacts(
