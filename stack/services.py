@@ -29,10 +29,15 @@ STACK_DIR = Path(__file__).resolve().parent
 CACHE = config.cache_dir()
 
 
-def _run(cmd: list[str], what: str, log: Path, **kw) -> None:
+def _run(cmd: list[str], what: str, log: Path, *, hide: tuple[str, ...] = (), **kw) -> None:
+    """Run ``cmd``, its output and the command line into ``log``; the strings in ``hide``
+    (passwords on the command line) show as ``***`` there."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    shown = " ".join(cmd)
+    for secret in filter(None, hide):
+        shown = shown.replace(secret, "***")
     with open(log, "ab") as out:
-        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.write(f"\n$ {shown}\n".encode())
         out.flush()
         res = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kw)
     if res.returncode != 0:
@@ -278,6 +283,7 @@ class Kafka(Service):
                 ),
                 "formatting Kafka storage",
                 self.log,
+                hide=(self.settings.kafka.password,),
             )
         cmd = self._java("kafka.Kafka", str(props), heap="1g")
         cmd[1:1] = ["-Xms256m", "-XX:+UseG1GC"]

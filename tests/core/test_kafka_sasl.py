@@ -72,7 +72,7 @@ def _refused(s: config.Settings) -> str:
     raise AssertionError(f"a client with {s.kafka!r} was let in")
 
 
-def test_scram_clients_work_and_others_are_refused(scram_kafka, postgres, tmp_path):
+def test_scram_clients_work_and_others_are_refused(scram_kafka, postgres, caplog):
     s, broker = scram_kafka
     props = (broker.dir / "server.properties").read_text()
     assert "listeners=SASL_PLAINTEXT://127.0.0.1" in props
@@ -89,16 +89,16 @@ def test_scram_clients_work_and_others_are_refused(scram_kafka, postgres, tmp_pa
         res = drain_prices_now(s, schema, f"test-sasl-{uuid.uuid4().hex[:6]}", [topic])
     assert res.stopped == "caught up" and res.written.rows["trades"] == len(items), res
 
+    # kafka-python logs the broker's answer and gives up bootstrapping with a timeout
     wrong = replace(s, kafka=replace(s.kafka, password=PASSWORD + "x"))
-    assert "Authentication" in _refused(wrong) or "auth" in _refused(wrong).lower()
+    caplog.clear()
+    _refused(wrong)
+    assert "SaslAuthenticationFailedError" in caplog.text, caplog.text[-2000:]
+    assert PASSWORD not in caplog.text
     plain = replace(s, kafka=replace(s.kafka, security_protocol="PLAINTEXT", sasl_mechanism=""))
     _refused(plain)
-    p = producer(wrong, max_block_ms=5000)
-    try:
-        with pytest.raises(KafkaError):
-            p.send(topic, b"x").get(timeout=30)
-    finally:
-        p.close(timeout=5)
+    with pytest.raises(KafkaError):  # the producer cannot even bootstrap
+        producer(wrong, max_block_ms=5000).send(topic, b"x").get(timeout=30)
 
     logs = [f for f in broker.dir.parent.rglob("*") if f.is_file() and f.suffix in (".log", ".out")]
     assert logs, "the broker wrote no log"
