@@ -1364,6 +1364,7 @@ class Soak:
                 text += " | " + self._drain_in_process(name)
             drains[name] = text
         self.final["drains"] = drains
+        plat.cancel(plat.following_runs())  # as the main command does at its end
 
     def _drain_in_process(self, name: str) -> str:
         """The deployment could not drain (its runs kept being Cancelled or failing): drain

@@ -178,11 +178,22 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
             final = FINAL_DRAIN if name in DRAINS else {}
             state = run_deployment(name, wait_s=300, **final).state
             print(f"  {name}: {state.name if state else '?'}")
+        if not args.keep:  # the following drains would read on for minutes after we exit
+            cancel(following_runs())
         return report(settings, venue, since_us)
     finally:
         if not args.keep:
             for side in reversed(sides):
                 side.down(settings.home)
+
+
+def following_runs() -> list:
+    """Ids of the drains' runs still live (the scheduled ones follow their topics)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        ids = [client.read_deployment_by_name(name).id for name in DRAINS]
+        return [r.id for r in deployment_setup.live_runs(client, ids)]
 
 
 REAP_EVERY_S = 60.0

@@ -199,7 +199,7 @@ def end_orphans(
         ids = [client.read_deployment_by_name(n).id for n in names]
         if not ids:
             return lines
-        runs = _live_runs(client, ids)
+        runs = live_runs(client, ids)
         for run in runs:
             since = run.state.timestamp if run.state and run.state.timestamp else now
             age = (now - since).total_seconds()
@@ -219,7 +219,7 @@ def end_orphans(
     return lines
 
 
-def _live_runs(client, deployment_ids: list[UUID]) -> list:
+def live_runs(client, deployment_ids: list[UUID]) -> list:
     """The deployments' runs that may hold a slot: Pending, Running or Cancelling."""
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -251,7 +251,7 @@ def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
         limit = deployment.global_concurrency_limit
         if limit is None or not limit.active_slots:
             continue
-        live = _live_runs(client, [deployment.id])
+        live = live_runs(client, [deployment.id])
         leaked = limit.active_slots - len(live)
         if leaked > 0:
             client.release_concurrency_slots([limit.name], leaked, occupancy_seconds=1)
