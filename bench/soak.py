@@ -794,6 +794,7 @@ class Soak:
         trading = self._patiently(
             "starting trading activity", lambda: plat.run_deployment(plat.TRADING)
         )
+        self._patiently("starting the drains", plat.start_drains)
         self.long_runs = [ingest.id, trading.id]
         say(f"started ingestion run {ingest.name} and trading run {trading.name}")
         self.store = StoreProbe(s, self.symbols, self.since_us, self.args.sample_every)

@@ -167,6 +167,7 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         print("Tapeline is running:\n" + where(settings))
         ingest = run_deployment(INGEST["live" if args.live else "simulator"], symbols=symbols)
         trading = run_deployment(TRADING)
+        start_drains()
         print(
             f"started ingestion run {ingest.name} and trading run {trading.name};"
             " the drains follow the topics, the aggregation runs every minute"
@@ -185,6 +186,13 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         if not args.keep:
             for side in reversed(sides):
                 side.down(settings.home)
+
+
+def start_drains() -> None:
+    """Start a following run of each drain now, rather than at its next schedule (up to 5
+    minutes away); the scheduled runs take over from these."""
+    for name in DRAINS:
+        run_deployment(name)
 
 
 def following_runs() -> list:

@@ -30,7 +30,7 @@ from tasks.drain.postgres import PostgresSink
 from tasks.venues import venue_config
 from tasks.venues.binance import BinanceRest
 from tests.analytics.support import private_schema
-from tests.ingest.support import read_topic
+from tests.ingest.support import SIM_VENUE, read_topic
 
 SYMBOLS = ["TBFA-USDT", "TBFB-USDT", "TBFC-USDT", "TBFD-USDT"]
 S = 1_000_000
@@ -182,8 +182,8 @@ def test_backfill_killed_halfway_resumes_without_refetching(
 def done_pages(conn, symbols: list[str]) -> int:
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT count(*) FROM backfill_pages WHERE venue = 'binance' AND symbol = ANY(%s)",
-            (symbols,),
+            "SELECT count(*) FROM backfill_pages WHERE venue = %s AND symbol = ANY(%s)",
+            (SIM_VENUE, symbols),
         )
         return cur.fetchone()[0]
 
@@ -206,7 +206,7 @@ def test_backfill_fills_a_minute_gap_free_and_a_rerun_changes_nothing(
         assert sorted(sent[symbol]) == ids  # every trade once, through Kafka and the drain
         assert_whole_range(sim, symbol, ids, minute, minute + MINUTE)
         # the candle from our trades equals the venue's own kline of that minute
-        (ours,) = candles_after(conn, SeriesKey("binance", symbol, "1m"), -1)
+        (ours,) = candles_after(conn, SeriesKey(SIM_VENUE, symbol, "1m"), -1)
         (kline,) = rest(sim).klines(symbol, "1m", minute, minute + MINUTE)
         assert [getattr(ours, f) for f in CANDLE_FIELDS] == [
             getattr(kline, f) for f in CANDLE_FIELDS
@@ -240,7 +240,7 @@ def test_backfill_candles_stores_venue_klines(prefect_server, conn, schema, sim)
     )
     assert (summary["fetched"], summary["candles_changed"]) == (2, 2)
     for symbol in symbols:
-        (venue,) = candles_after(conn, SeriesKey("binance", symbol, "1m"), -1)
+        (venue,) = candles_after(conn, SeriesKey(SIM_VENUE, symbol, "1m"), -1)
         trades = list(rest(sim).trades_by_time(symbol, minute, minute + MINUTE))
         (ours,) = cdl.candles(trades, "1m")
         assert venue.source == "venue"

@@ -14,6 +14,10 @@ from tasks.core import codec, config, dlq
 from tasks.core.events import Trade
 from tasks.core.kafka import consumer
 from tasks.core.topics import DLQ
+from tasks.venues import simulated
+
+# What trades ingested from the simulator's Binance protocol are named (never `binance`).
+SIM_VENUE = simulated("binance")
 
 
 def read_topic(settings: config.Settings, topic: str, start: dict[int, int] | None = None):
@@ -48,7 +52,7 @@ def end_offsets(settings: config.Settings, topic: str) -> dict[int, int]:
 
 
 def trade_ids(
-    settings: config.Settings, topic: str, venue: str = "binance"
+    settings: config.Settings, topic: str, venue: str = SIM_VENUE
 ) -> dict[str, list[int]]:
     """Trade ids per symbol in partition order; asserts a symbol never spans partitions
     and that every key is its trade's symbol."""

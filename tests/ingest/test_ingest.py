@@ -19,7 +19,9 @@ from simulator.process import ROOT, SimulatorProcess
 from tasks.core import codec
 from tasks.core.events import Quote
 from tasks.core.topics import DLQ
+from tasks.venues import simulated
 from tests.ingest.support import (
+    SIM_VENUE,
     assert_contiguous,
     dead_letters,
     end_offsets,
@@ -119,7 +121,7 @@ def test_faults_leave_every_trade_once_in_id_order(kafka, prefect_server, new_to
     assert Counter(d["raw"].decode() for d in letters) == Counter(expected)
     assert report["bad_frames"] == report["dead_letters"] == len(expected)
     assert all(d["source"] == "ingest.binance" and d["reason"] for d in letters)
-    assert {d["context"]["venue"] for d in letters} == {"binance"}
+    assert {d["context"]["venue"] for d in letters} == {SIM_VENUE}
 
     quotes_seen = [
         codec.decode(r.value) for recs in read_topic(kafka, quotes).values() for r in recs
@@ -162,7 +164,7 @@ def test_sigkill_then_restart_repairs_the_downtime(kafka, prefect_server, new_to
             [*cmd, "--seconds", "5"], cwd=ROOT, capture_output=True, text=True, timeout=360
         )
         assert second.returncode == 0, second.stderr[-3000:]
-        assert "waiting for lease binance:" in second.stderr, second.stderr[-3000:]
+        assert f"waiting for lease {SIM_VENUE}:" in second.stderr, second.stderr[-3000:]
         final = sim.report()
 
     report = last_json_line(second.stdout)
@@ -264,7 +266,7 @@ def test_other_venues_flow_through_the_same_machinery(kafka, prefect_server, new
         )  # fmt: skip
     assert len(report["shards"]) == 2 and report["sent"] == report["acked"] > 300
     assert report["gaps_found"] == 0 and report["dead_letters"] == report["bad_frames"] > 0
-    ids = trade_ids(kafka, trades, venue=venue)
+    ids = trade_ids(kafka, trades, venue=simulated(venue))
     assert sorted(ids) == symbols and all(len(v) > 100 for v in ids.values())
     quoted = {
         codec.decode(r.value).symbol for recs in read_topic(kafka, quotes).values() for r in recs

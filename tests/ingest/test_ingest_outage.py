@@ -27,6 +27,7 @@ from tasks.core import config
 from tasks.core.kafka import admin
 from tasks.core.topics import ensure_topics
 from tests.ingest.support import (
+    SIM_VENUE,
     assert_contiguous,
     end_offsets,
     first_sent,
@@ -108,7 +109,7 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
 ):
     env, s, broker = private_kafka
     port = _free_port()
-    gauge = 'tapeline_inflight_messages{venue="binance"}'
+    gauge = f'tapeline_inflight_messages{{venue="{SIM_VENUE}"}}'
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "1000") as sim:
         proc = subprocess.Popen(
             [
@@ -165,11 +166,12 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
         final = sim.report()
 
     assert max(inflight) == MAX_IN_FLIGHT, inflight  # the bound was reached and held
-    shard = '{shard="0",venue="binance"}'
+    shard = f'{{shard="0",venue="{SIM_VENUE}"}}'
     for name in ("vendor_fetch_success_total", "kafka_publish_success_total"):
         assert exported[name + shard] > 10_000, name
     assert exported.get("kafka_publish_failure_total" + shard, 0) == 0
-    assert exported['tapeline_event_to_ack_seconds_count{channel="trades",venue="binance"}'] > 0
+    acks = f'tapeline_event_to_ack_seconds_count{{channel="trades",venue="{SIM_VENUE}"}}'
+    assert exported[acks] > 0
     assert (max(rss) - rss_before) / 1024 < 40, (rss_before, rss)
     assert "stopped: " in err, err[-3000:]
     report = last_json_line(err.split("stopped: ", 1)[1].splitlines()[0])

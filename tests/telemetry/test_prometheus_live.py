@@ -39,6 +39,7 @@ from simulator.process import SimulatorProcess
 from tasks.core import codec
 from tasks.core.events import Trade
 from tasks.core.kafka import consumer
+from tests.ingest.support import SIM_VENUE
 from tests.telemetry.test_monitoring import DASHBOARD_FILES, all_panels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,7 +250,7 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
             def ingest_rate() -> float:
                 running()
                 result = prometheus.query("sum by (venue) (rate(vendor_fetch_success_total[5s]))")
-                return result.get((("venue", "binance"),), 0.0)
+                return result.get((("venue", SIM_VENUE),), 0.0)
 
             rate = wait_for("an ingestion rate", ingest_rate, 120)
             # Trade frames at RATE/s plus quotes; far from zero and from absurd.
@@ -301,7 +302,7 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
                     return [
                         a
                         for a in prometheus.alerts("TapelineVenueSilent")
-                        if a["labels"]["venue"] == "binance" and a["state"] in states
+                        if a["labels"]["venue"] == SIM_VENUE and a["state"] in states
                     ]
 
                 return check
@@ -309,7 +310,7 @@ def test_prometheus_sees_the_pipeline_and_fires_on_a_stall(
             pending = wait_for("TapelineVenueSilent pending", alert_state("pending", "firing"), 60)
             firing = wait_for("TapelineVenueSilent firing", alert_state("firing"), 60)
             assert pending and firing[0]["labels"]["severity"] == "critical"
-            assert "No messages from binance" in firing[0]["annotations"]["summary"]
+            assert f"No messages from {SIM_VENUE}" in firing[0]["annotations"]["summary"]
         finally:
             if prometheus is not None:
                 prometheus.stop()
