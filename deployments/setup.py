@@ -297,6 +297,31 @@ def concurrency_limited(names: Iterable[str]) -> list[UUID]:
     return [d.id for d in found if d.global_concurrency_limit is not None]
 
 
+# Deployments an earlier version registered that prefect.yaml no longer has: `deploy`
+# never deletes, and their schedules would go on creating runs beside their successors.
+RETIRED = (
+    "drain-prices/every-minute",  # now drain-prices/continuous
+    "drain-transactions/every-minute",  # now drain-transactions/continuous
+)
+
+
+def retire(names: Iterable[str]) -> list[str]:
+    """Delete these deployments where they exist (their runs' history stays)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    gone = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            client.delete_deployment(deployment.id)
+            gone.append(name)
+    return gone
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.setup", description=__doc__)
     parser.add_argument("--pool", default=POOL)
@@ -323,6 +348,8 @@ def _register(env: dict[str, str]) -> int:
     names = [ln.split("'")[1] for ln in deployed.stdout.splitlines() if "Deployment '" in ln]
     for name in names:
         print(f"deployed {name}")
+    for name in retire(RETIRED):
+        print(f"removed {name} (replaced; see RETIRED)")
     ensure_silent_run_automation()
     print(f"automation '{SILENT_AUTOMATION}' in place")
     limited = concurrency_limited(names)

@@ -120,7 +120,7 @@ def test_faults_leave_every_trade_once_in_id_order(kafka, prefect_server, new_to
     assert len(expected) >= 10
     assert Counter(d["raw"].decode() for d in letters) == Counter(expected)
     assert report["bad_frames"] == report["dead_letters"] == len(expected)
-    assert all(d["source"] == "ingest.binance" and d["reason"] for d in letters)
+    assert all(d["source"] == f"ingest.{SIM_VENUE}" and d["reason"] for d in letters)
     assert {d["context"]["venue"] for d in letters} == {SIM_VENUE}
 
     quotes_seen = [

@@ -40,7 +40,13 @@ from tasks.ingest.lease import (
     feed_key,
 )
 from tasks.ingest.publish import PRODUCER_TUNING, Fenced, Publisher, Topics
-from tests.ingest.support import assert_contiguous, end_offsets, last_json_line, trade_ids
+from tests.ingest.support import (
+    SIM_VENUE,
+    assert_contiguous,
+    end_offsets,
+    last_json_line,
+    trade_ids,
+)
 
 FEED = "binance:test.trades"
 # Short leases for the class's own tests: ttl 3 s, renew every 0.5 s, stop 1 s before expiry.
@@ -371,7 +377,7 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
     kafka, postgres, prefect_server, new_topic, tmp_path, public_lease_rows
 ):
     trades = new_topic(3)
-    feed = feed_key("binance", trades)
+    feed = feed_key(SIM_VENUE, trades)
     public_lease_rows.append(feed)
     logs = [tmp_path / "run-1", tmp_path / "run-2"]
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "200") as sim:
@@ -448,7 +454,7 @@ def test_a_run_whose_lease_is_taken_stops_publishing(
     kafka, postgres, prefect_server, new_topic, tmp_path, public_lease_rows
 ):
     trades = new_topic(3)
-    feed = feed_key("binance", trades)
+    feed = feed_key(SIM_VENUE, trades)
     public_lease_rows.append(feed)
     log = tmp_path / "run"
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "200") as sim:
