@@ -8,10 +8,6 @@ does); it is killed and purged afterwards.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import time
 import uuid
 from dataclasses import replace
 
@@ -19,10 +15,9 @@ import pytest
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError
 
-from stack.process import alive, read_pid
-from stack.services import Kafka, up
 from tasks.core import config
 from tasks.core.kafka import admin, producer
+from tests.broker import private_broker
 from tests.drain.support import drain_prices_now, pg_schema, publish, trades
 
 KAFKA_PORT = 29292
@@ -32,31 +27,14 @@ PASSWORD = f"s@sl:pa/ss%{uuid.uuid4().hex[:6]}#?\\end"
 
 @pytest.fixture
 def scram_kafka(settings, kafka):  # the shared Kafka proves the jars are installed
-    home = settings.home / f"test-sasl-{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "TAPELINE_HOME": str(home),
-        "TAPELINE_PG_WRITER_DSN": settings.pg_writer_dsn,
-        "TAPELINE_PG_READER_DSN": settings.pg_reader_dsn,
-        "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{KAFKA_PORT}",
+    scram = {
         "TAPELINE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
         "TAPELINE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
         "TAPELINE_KAFKA_USERNAME": "tapeline",
         "TAPELINE_KAFKA_PASSWORD": PASSWORD,
     }
-    s = config.load(env)
-    broker = Kafka("kafka", s)
-    try:
-        up([broker])  # healthy() is a produce and read-back with the SCRAM user
+    with private_broker(settings, KAFKA_PORT, **scram) as (_, s, broker):
         yield s, broker
-    finally:
-        pid = read_pid(broker.pidfile)
-        if pid is not None:
-            os.killpg(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 60
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _refused(s: config.Settings) -> str:

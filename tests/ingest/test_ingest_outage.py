@@ -8,8 +8,6 @@ does), so stopping it disturbs nobody; it is killed and purged afterwards.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,11 +19,11 @@ import pytest
 from kafka.admin import NewTopic
 
 from simulator.process import ROOT, SimulatorProcess
-from stack.process import alive, read_pid
-from stack.services import Kafka, up
+from stack.services import up
 from tasks.core import config
 from tasks.core.kafka import admin
 from tasks.core.topics import ensure_topics
+from tests.broker import kill, private_broker
 from tests.ingest.support import (
     SIM_VENUE,
     assert_contiguous,
@@ -45,42 +43,15 @@ OUTAGE_S = 20
 TRADES = f"test.outage.{uuid.uuid4().hex[:10]}"
 
 
-def _kill(kafka: Kafka) -> None:
-    """SIGKILL the broker's process group: an outage, not a polite shutdown."""
-    pid = read_pid(kafka.pidfile)
-    if pid is not None:
-        os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    kafka.pidfile.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def private_kafka(settings, kafka):  # the shared Kafka proves the jars are installed
-    home = settings.home / f"test-ingest-{uuid.uuid4().hex[:8]}"
-    env = {
-        **os.environ,
-        "TAPELINE_HOME": str(home),
-        # The shared PostgreSQL's roles: their local passwords live with the session's home.
-        "TAPELINE_PG_WRITER_DSN": settings.pg_writer_dsn,
-        "TAPELINE_PG_READER_DSN": settings.pg_reader_dsn,
-        "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{KAFKA_PORT}",
-        "TAPELINE_TOPIC_PARTITIONS": "3",
-    }
-    s = config.load(env)
-    broker = Kafka("kafka", s)
-    try:
-        up([broker])
+    with private_broker(settings, KAFKA_PORT, TAPELINE_TOPIC_PARTITIONS="3") as (env, s, broker):
         ensure_topics(s)
         client = admin(s)
         client.create_topics([NewTopic(TRADES, 3, 1)])
         client.wait_for_topics([TRADES])
         client.close()
         yield env, s, broker
-    finally:
-        _kill(broker)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -147,7 +118,7 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
                 time.sleep(0.3)
             rss_before = _rss_kb(proc.pid)
 
-            _kill(broker)
+            kill(broker)
             down_at = time.monotonic()
             inflight, rss = [], []
             while time.monotonic() - down_at < OUTAGE_S:
