@@ -1357,6 +1357,7 @@ class Soak:
     def _wind_down(self) -> None:
         say("stopping ingestion and trading, draining what is left ...")
         self.final["cancel"] = self._stop_long_runs()
+        plat.cancel(plat.following_runs())  # as the main command does: they hold the slots
         deadline = time.time() + self.args.final_minutes * 60
         drains: dict[str, str] = {}
         for name in (*CONSUMERS, plat.AGGREGATE):
@@ -1365,7 +1366,6 @@ class Soak:
                 text += " | " + self._drain_in_process(name)
             drains[name] = text
         self.final["drains"] = drains
-        plat.cancel(plat.following_runs())  # as the main command does at its end
 
     def _drain_in_process(self, name: str) -> str:
         """The deployment could not drain (its runs kept being Cancelled or failing): drain

@@ -14,6 +14,7 @@ long runs, drain what is left, verify nothing was lost or doubled.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -55,7 +56,9 @@ def run_deployment(name: str, wait_s: float = 0, **parameters: Any):
 
 
 def cancel(run_ids: list) -> None:
-    """Ask the worker to cancel long runs and wait until they have stopped cleanly."""
+    """Ask the worker to cancel long runs and wait until they have stopped cleanly. A run
+    whose worker died (its process lives on, in a session of its own) is never cancelled
+    by the new worker: after 60 s its local process gets SIGTERM (``_terminate``)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
@@ -65,10 +68,21 @@ def cancel(run_ids: list) -> None:
                 client.set_flow_run_state(rid, Cancelling(), force=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            states = [client.read_flow_run(rid).state for rid in run_ids]
-            if all(s is not None and s.is_final() for s in states):
+            runs = [client.read_flow_run(rid) for rid in run_ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
                 return
             time.sleep(1)
+        for r in runs:
+            if r.state is None or not r.state.is_final():
+                _terminate(r.infrastructure_pid)
+
+
+def _terminate(pid: str | None) -> None:
+    """SIGTERM a flow-run process of this machine (Prefect's process worker records the pid;
+    anything else under that pid is left alone)."""
+    if pid and pid.isdigit() and not deployment_setup.process_gone(pid):
+        with suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
 
 
 def snapshot(settings: config.Settings) -> dict[str, Any]:
@@ -175,12 +189,13 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         watch(settings, args.minutes, args.every)
         print("stopping ingestion and trading, draining what is left ...")
         cancel([ingest.id, trading.id])
+        # The following drains would read on for minutes after we exit, and hold the slots
+        # the last drains need: they stop first, the last drains read until caught up.
+        cancel(following_runs())
         for name in (*DRAINS, AGGREGATE):
             final = FINAL_DRAIN if name in DRAINS else {}
             state = run_deployment(name, wait_s=300, **final).state
             print(f"  {name}: {state.name if state else '?'}")
-        if not args.keep:  # the following drains would read on for minutes after we exit
-            cancel(following_runs())
         return report(settings, venue, since_us)
     finally:
         if not args.keep:

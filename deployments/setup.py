@@ -207,7 +207,7 @@ def end_orphans(
                 if age < pending_s:
                     continue
                 why = f"Pending for {age:.0f} s without starting: its worker is gone."
-            elif local_pids and _process_gone(run.infrastructure_pid):
+            elif local_pids and process_gone(run.infrastructure_pid):
                 why = f"{run.state_name} but its process {run.infrastructure_pid} is gone."
             else:
                 if age < silent_s or _heartbeat_since(client, run.id, now - timedelta(0, silent_s)):
@@ -259,7 +259,7 @@ def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
     return lines
 
 
-def _process_gone(pid: str | None) -> bool:
+def process_gone(pid: str | None) -> bool:
     """Whether a process worker's flow-run process (``infrastructure_pid``) is gone from
     this host: no such pid, or one reused by something that is not a Prefect flow run."""
     if not pid or not pid.isdigit():
