@@ -187,10 +187,17 @@ class PostgresSink:
         return self._conn
 
     def close(self) -> None:
-        for conn in (self._conn, self._side_conn):
-            if conn is not None:
-                conn.close()
-        self._conn = self._side_conn = None
+        self._drop_writer()
+        if self._side_conn is not None:
+            self._side_conn.close()
+        self._side_conn = None
+
+    def _drop_writer(self) -> None:
+        """Forget the writer's connection only: the main thread may be reading on the
+        side connection at this moment."""
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
     def stored_offsets(self, consumer: str, topics: Iterable[str]) -> dict[TopicPartition, int]:
         """Committed offsets, read on the side connection: the writer's may be mid-batch."""
@@ -341,7 +348,7 @@ class PostgresSink:
                     except psycopg2.Error as during:  # lost mid-probe: the write is retried
                         if not isinstance(during, psycopg2.OperationalError):
                             raise
-                        self.close()
+                        self._drop_writer()
                         why = f"connection while isolating: {str(during).strip()[:80]}"
                     else:
                         raise  # refused, but by no record alone: fail loudly
@@ -349,7 +356,7 @@ class PostgresSink:
                     why = e.pgcode
                 elif isinstance(e, psycopg2.OperationalError | psycopg2.InterfaceError):
                     why = f"connection: {str(e).strip()[:80]}"  # lost or refused: reconnect
-                    self.close()
+                    self._drop_writer()
                 else:
                     raise
             delay = min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)

@@ -115,6 +115,31 @@ def test_the_sink_isolates_rows_postgres_refuses_and_writes_nothing(postgres, sc
         sink.close()
 
 
+def test_a_lost_writer_connection_leaves_the_side_connection_alone(postgres, schema):
+    """The writer thread reconnects after its connection is lost; the main thread's side
+    connection (offsets, the handover generation) may be mid-read then, so it stays open."""
+    sink = prices_sink(postgres, schema)
+    try:
+        batch = PriceBatch()
+        assert batch.add("t", 0, [_Rec(i, encode(t)) for i, t in enumerate(trades(10))]) == []
+        sink.write("sink-test", batch, {("t", 0): (None, 10)})
+        assert sink.take_over("sink-test") == 1
+        side = sink._side_conn
+        with contextlib.closing(connect(postgres.pg_dsn, schema)) as conn:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_terminate_backend(%s)", (sink._conn.get_backend_pid(),))
+                assert cur.fetchone() == (True,), "could not end the writer's backend"
+        batch = PriceBatch()
+        more = trades(10, start_id=11)
+        assert batch.add("t", 0, [_Rec(10 + i, encode(t)) for i, t in enumerate(more)]) == []
+        assert sink.write("sink-test", batch, {("t", 0): (10, 20)}).rows == {"trades": 10}
+        assert sink._side_conn is side and not side.closed, "the side connection was closed"
+        assert sink.generation("sink-test") == 1
+    finally:
+        sink.close()
+
+
 def test_a_record_the_database_refuses_goes_to_the_dlq_and_the_rest_lands(
     kafka, postgres, schema, new_topic
 ):
