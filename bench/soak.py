@@ -41,12 +41,11 @@ Measurements (how each is taken is printed with the results):
 - fault window: from the fault's start until it has recovered; recovery = from the fault's
   end (process restarted, broker resumed, poison acknowledged) until a poll sees trades
   stored after that end and the newest stored trade less than ``--fresh-s`` old.
-- consumer lag: every 5 s, log end offsets minus the offsets the drains stored with their
+- consumer lag: every 2 s, log end offsets minus the offsets the drains stored with their
   data (PostgreSQL/MongoDB ``kafka_offsets``), per drain.
-- drain idle with lag: each run's summary artifact (``longest_wait_s``: the longest stretch
-  in the run without a stored batch while records waited), plus schedule minutes in which
-  no run of a drain was Running at all; and the scheduled runs Cancelled, Crashed, Failed,
-  stuck Pending (> 30 s) or never started.
+- drain idle with lag: from the offsets stored with the data, polled every 2 s: the
+  stretches in which records waited and the stored offsets did not move; and the
+  scheduled runs Cancelled, Crashed, Failed, stuck Pending (> 30 s) or never started.
 - end state (after the run stops, the long runs are cancelled and every drain ran once
   more): each trade id once, no holes per symbol (``tasks.telemetry.verify``), every quote
   received stored, wallets equal to the fold of the stored transactions, and the drains'
@@ -385,7 +384,7 @@ class Reaper(Probe):
 class KafkaProbe(Probe):
     """Offered load (log end offsets) and each drain's lag against its stored offsets."""
 
-    every = 5.0
+    every = 2.0
 
     def __init__(self, settings: config.Settings):
         super().__init__("kafka-probe")
@@ -396,6 +395,8 @@ class KafkaProbe(Probe):
         self.starts: dict[TopicPartition, int] = {}
         self.ends: list[tuple[float, dict[str, int]]] = []  # (time, topic -> sum of ends)
         self.lag: list[tuple[float, dict[str, int]]] = []  # (time, deployment -> lag)
+        # (time, deployment -> sum of the offsets stored with the data): idle = no change
+        self.stored: list[tuple[float, dict[str, int]]] = []
 
     def on_error(self, e: Exception) -> None:
         if isinstance(e, (psycopg2.Error, pymongo.errors.PyMongoError)):
@@ -423,6 +424,7 @@ class KafkaProbe(Probe):
         )
         stored: dict[tuple[str, int], int] = {}
         lag: dict[str, int] = {}
+        done: dict[str, int] = {}
         try:
             with (
                 psycopg2.connect(self.settings.pg_dsn, connect_timeout=2) as conn,
@@ -435,6 +437,7 @@ class KafkaProbe(Probe):
                 stored.update({(tp, p): o for tp, p, o in cur.fetchall()})
             conn.close()
             lag["drain-prices/continuous"] = self._lag(ends, stored, (TRADES, QUOTES))
+            done["drain-prices/continuous"] = self._done(stored, (TRADES, QUOTES))
         except psycopg2.errors.UndefinedTable:
             lag["drain-prices/continuous"] = self._lag(ends, {}, (TRADES, QUOTES))
         except psycopg2.Error:
@@ -449,9 +452,18 @@ class KafkaProbe(Probe):
             )
             mstored = {(d["topic"], d["partition"]): d["next"] for d in docs}
             lag["drain-transactions/continuous"] = self._lag(ends, mstored, (USER_TRANSACTIONS,))
+            done["drain-transactions/continuous"] = self._done(mstored, (USER_TRANSACTIONS,))
         except pymongo.errors.PyMongoError:
             pass
         self.lag.append((t, lag))
+        self.stored.append((t, done))
+
+    def _done(self, stored, topics) -> int:
+        return sum(
+            stored.get((tp.topic, tp.partition), self.starts.get(tp, 0))
+            for topic in topics
+            for tp in self.parts[topic]
+        )
 
     def _lag(self, ends, stored, topics) -> int:
         total = 0
@@ -1768,73 +1780,48 @@ def drain_runs(soak: Soak, t_from: float, t_to: float) -> dict[str, list[dict[st
     return out
 
 
-def idle_slots(
-    soak: Soak, runs: dict[str, list[dict[str, Any]]], wins, end: float
-) -> dict[str, dict[str, Any]]:
-    """Per drain: for each schedule minute [m, m+60) of the load in which its lag was > 0,
-    idle = seconds from m until a run of that drain was writing (Running start +
-    ``first_write_s`` from the run's summary; a run with nothing to read counts from its
-    Running start; a run without a summary (crashed) never wrote), at most 60. Plus stalls
-    inside runs: ``longest_wait_s`` when it came after the first write. The schedule's own
-    start-up (worker, process, imports) is part of it: that is the drain's latency."""
-    lag_pts = soak.kafka.lag if soak.kafka else []
+def idle_stretches(soak: Soak, wins, end: float) -> dict[str, dict[str, Any]]:
+    """Per drain, from the stored offsets themselves (the probe reads them every
+    ``KafkaProbe.every`` s): an idle stretch runs from the first poll that saw records
+    waiting (lag > 0) to the last poll that still saw the same stored offsets with records
+    waiting. Whatever the cause (a run starting up, stalled, handing over, killed, or no run
+    at all), the drain stored nothing for at least that long while records waited. Polls
+    that failed (the database down) neither start nor end a stretch."""
+    kp = soak.kafka
+    lags = dict(kp.lag) if kp else {}
     out: dict[str, dict[str, Any]] = {}
     for name in CONSUMERS:
-        rows = runs.get(name, [])
-        spans = []  # (running start, writing from (or None), running end)
-        stalls, stalls_out, viol = 0.0, 0.0, []
-        for r in rows:
-            a, b = r["running"]
-            if a is None:
-                continue
-            fw, wait = r.get("first_write_s"), r.get("longest_wait_s")
-            if "longest_wait_s" not in r:
-                t_fw = None
-            elif fw is None:
-                t_fw = a if not r.get("records") else None
+        pts = [
+            (t, done[name], lags.get(t, {}).get(name))
+            for t, done in (kp.stored if kp else [])
+            if t <= end and name in done
+        ]
+        stretches: list[tuple[float, float]] = []
+        since = last = None
+        prev = None
+        for t, done, lag in pts:
+            if prev is not None and done == prev and lag:
+                last = t
             else:
-                t_fw = a + fw
-            spans.append((a, t_fw, b))
-            if fw is not None and wait is not None and wait > fw + 0.5:
-                stalls += wait
-                if not any(x <= b and a <= y for x, y, _ in wins):  # the run met no fault
-                    stalls_out += wait
-                    if wait > 10:
-                        viol.append(
-                            f"{name.split('/')[0]} {r['name']} stalled {wait:.0f} s in run"
-                            f" at {CLOCK.stamp(a)}"
-                        )
-        slots, total, outside, per = 0, stalls, stalls_out, []
-        worst = (0.0, "-")
-        m = math.ceil(soak.t_start / 60) * 60
-        while m + 60 <= end:
-            lag = [
-                lg.get(name) for t, lg in lag_pts if m <= t < m + 60 and lg.get(name) is not None
-            ]
-            if lag and max(lag) > 0:
-                slots += 1
-                best = 60.0
-                for a, t_fw, b in spans:
-                    if t_fw is not None and a < m + 60 and b > m:
-                        best = min(best, max(0.0, t_fw - m))
-                total += best
-                per.append(best)
-                if best > worst[0]:
-                    worst = (best, CLOCK.stamp(m))
-                if not any(x <= m + 60 and m <= y for x, y, _ in wins):
-                    outside += best
-                    if best > 10:
-                        viol.append(
-                            f"{name.split('/')[0]} minute {CLOCK.stamp(m)} idle {best:.0f} s"
-                        )
-            m += 60
+                if since is not None and last is not None and last > since:
+                    stretches.append((since, last))
+                since, last = (t, t) if lag else (None, None)
+            prev = done
+        if since is not None and last is not None and last > since:
+            stretches.append((since, last))
+        outside = [(a, b) for a, b in stretches if not any(x <= b and a <= y for x, y, _ in wins)]
+        viol = [
+            f"{name.split('/')[0]} idle {b - a:.0f} s from {CLOCK.stamp(a)}"
+            for a, b in outside
+            if b - a > 10
+        ]
+        worst = max(stretches, key=lambda ab: ab[1] - ab[0], default=None)
+        worst_out = max((b - a for a, b in outside), default=0.0)
         out[name] = {
-            "total": total,
-            "outside": outside,
-            "slots": slots,
-            "median": pct(per, 50),
+            "total": sum(b - a for a, b in stretches),
+            "outside": sum(b - a for a, b in outside),
             "worst": worst,
-            "stalls": stalls,
+            "worst_out": worst_out,
             "violations": viol,
         }
     return out
@@ -2040,8 +2027,8 @@ def report(soak: Soak) -> None:
             "error": traceback.format_exc(),
         }
 
-    # drain idle while lag > 0, per drain and schedule minute (see idle_slots)
-    idle = idle_slots(soak, runs, wins, end)
+    # drain idle while lag > 0, from the stored offsets (see idle_stretches)
+    idle = idle_stretches(soak, wins, end)
     counts: dict[str, Counter[str]] = {}
     stuck: list[str] = []
     for name, rows in runs.items():
@@ -2130,23 +2117,24 @@ def report(soak: Soak) -> None:
             f"  as before ({fmt_s(f.baseline_s, 0)}) {since(f.baseline):>8}"
         )
     add(
-        "consumer lag (log end - offsets stored with the data, every 5 s): max "
+        "consumer lag (log end - offsets stored with the data, every 2 s): max "
         + ", ".join(f"{d.split('/')[0]} {n} at {CLOCK.stamp(t)}" for d, (n, t) in lag_max.items())
     )
     add(
-        "drain idle with lag: per drain and schedule minute m with lag > 0, seconds from m"
-        " until a run of it was writing (Running + first_write_s; 60 if none), plus stalls"
-        " inside runs (longest_wait_s after the first write)"
+        f"drain idle with lag: stretches in which polls every {KafkaProbe.every:g} s saw records"
+        " waiting and the offsets stored with the data unchanged (a lower bound, by at most"
+        " one poll interval)"
     )
     add(
         f"  total {idle_total:.0f} s, outside fault windows {idle_out:.0f} s;"
-        f" drain-minutes idle > 10 s outside fault windows: {len(violations)}"
+        f" stretches > 10 s outside fault windows: {len(violations)}"
     )
     for name, d in idle.items():
+        w = d["worst"]
         add(
-            f"  {name:34} idle {d['total']:5.0f} s in {d['slots']} minutes (median"
-            f" {fmt_s(d['median'])}, worst {fmt_s(d['worst'][0])} at {d['worst'][1]}),"
-            f" stalls in runs {d['stalls']:.0f} s"
+            f"  {name:34} idle {d['total']:5.0f} s, outside fault windows {d['outside']:.0f} s"
+            f" (longest {d['worst_out']:.0f} s); longest of all"
+            + (f" {w[1] - w[0]:.0f} s from {CLOCK.stamp(w[0])}" if w else " -")
         )
     for name in runs:
         c = counts.get(name, Counter())
@@ -2209,7 +2197,7 @@ def report(soak: Soak) -> None:
     more = " ..." if len(violations) > 6 else ""
     add(
         f"  {verdict(idle_ok)} no drain idle > 10 s with lag outside fault windows:"
-        f" {len(violations)} drain-minutes"
+        f" {len(violations)} stretches"
         + (f" ({'; '.join(violations[:6])}{more})" if violations else "")
     )
     problems = final.get("problems")
