@@ -20,7 +20,7 @@ from tasks.core import config
 def documents(s: config.Settings) -> list:
     """A URL's userinfo is percent-encoded and the blocks hold plain values (they encode
     when they build a URL again): decode here, or a password with ``@ : / % # ?`` breaks."""
-    pg = urlsplit(s.pg_dsn)
+    pg = urlsplit(s.pg_writer_dsn)  # flows' role: the owner's password stays out of Prefect
     mongo = urlsplit(s.mongo_url)
     sim = urlsplit(s.simulator_url)
     return [
@@ -37,7 +37,7 @@ def documents(s: config.Settings) -> list:
             host=pg.hostname or "127.0.0.1",
             port=pg.port or 5432,
             database=pg.path.lstrip("/") or "tapeline",
-            user=unquote(pg.username or "tapeline"),
+            user=unquote(pg.username or "tapeline_writer"),
             password=unquote(pg.password or ""),
         ),
         MongoConnection(

@@ -45,7 +45,10 @@ class KafkaCluster(Block):
 
 
 class PostgresConnection(Block):
-    """The PostgreSQL (or CockroachDB) database holding price history."""
+    """The PostgreSQL (or CockroachDB) database holding price history, and the role flows
+    use there: the writer (rows only, no DDL; ``python -m blocks register`` saves it). A
+    flow given this block does everything as that role, so credentials of two databases
+    never mix; migrations are the owner's (``python -m tasks.drain.migrate``)."""
 
     _block_type_name = "Tapeline PostgreSQL"
     _block_type_slug = "tapeline-postgres"
@@ -53,7 +56,7 @@ class PostgresConnection(Block):
     host: str = "127.0.0.1"
     port: int = 15432
     database: str = "tapeline"
-    user: str = "tapeline"
+    user: str = "tapeline_writer"
     password: SecretStr = SecretStr("")
     sslmode: str = Field(default="prefer", description="libpq sslmode.")
 
@@ -63,7 +66,11 @@ class PostgresConnection(Block):
             f"postgresql://{quote(self.user, safe='')}:{pw}@{self.host}:{self.port}/"
             f"{self.database}?sslmode={self.sslmode}"
         )
-        return {"TAPELINE_PG_DSN": dsn}
+        return {
+            "TAPELINE_PG_DSN": dsn,
+            "TAPELINE_PG_WRITER_DSN": dsn,
+            "TAPELINE_PG_READER_DSN": dsn,
+        }
 
 
 class MongoConnection(Block):

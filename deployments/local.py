@@ -71,6 +71,13 @@ def sides(
     continue the stored history (a restarted ingestion then has nothing to repair)."""
     py = sys.executable
     prefect = str(Path(py).parent / "prefect")
+    # What runs beside the stack gets the PostgreSQL roles it works as, never the owner:
+    # flow runs (through the worker) write as the writer, the exporter reads as the reader.
+    roles = {
+        "TAPELINE_PG_DSN": settings.pg_writer_dsn,
+        "TAPELINE_PG_WRITER_DSN": settings.pg_writer_dsn,
+        "TAPELINE_PG_READER_DSN": settings.pg_reader_dsn,
+    }
     env = {
         **settings.prefect_env(),
         "TAPELINE_CODE_DIR": str(ROOT),
@@ -126,7 +133,7 @@ def sides(
                 str(EXPORTER_PORT),
             ],
             f"http://127.0.0.1:{EXPORTER_PORT}/metrics",
-            env,
+            {**env, **roles, "TAPELINE_PG_DSN": settings.pg_reader_dsn},
         )
     )
     out.append(
@@ -145,6 +152,7 @@ def sides(
             "http://127.0.0.1:8080/health",
             {
                 **env,
+                **roles,
                 "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
                 "PREFECT_WORKER_WEBSERVER_PORT": "8080",
                 # Flow-run processes inherit it: a heartbeat every 30 s (Prefect's least),

@@ -211,6 +211,10 @@ def secrets_in_effect(s: config.Settings) -> dict[str, str]:
     pg = urlsplit(s.pg_dsn)
     if pg.password:
         found["PostgreSQL password"] = unquote(pg.password)
+    for role, dsn in (("writer", s.pg_writer_dsn), ("reader", s.pg_reader_dsn)):
+        password = urlsplit(dsn).password
+        if password and dsn != s.pg_dsn:
+            found[f"PostgreSQL {role} password"] = unquote(password)
     mongo = urlsplit(s.mongo_url)
     if mongo.password:
         found["MongoDB password"] = unquote(mongo.password)
@@ -374,12 +378,43 @@ def _try(dsn: str, statement: str) -> str:
         conn.close()
 
 
+OWNERLESS = ("worker", "exporter")  # side processes (and the flow runs they start)
+
+
+def _environ(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""  # gone, or not ours to read
+
+
+def owner_holders(s: config.Settings) -> tuple[list[str], int]:
+    """The worker's, the exporter's and their flow runs' processes whose environment holds
+    the PostgreSQL owner's password (they work as the writer and the reader), and how many
+    such processes were looked at."""
+    password = unquote(urlsplit(s.pg_dsn).password or "")
+    procs = {p: n for p, n in stack_pids(s.home).items() if n in OWNERLESS}
+    holders = [
+        f"{name} pid {pid}"
+        for pid, name in sorted(procs.items())
+        if password and any(f in _environ(pid) for f in _forms(password))
+    ]
+    return holders, len(procs)
+
+
 def privilege_rows(s: config.Settings) -> Iterator[Row]:
     dsns = {"writer": s.pg_writer_dsn, "reader": s.pg_reader_dsn}
     owner = urlsplit(s.pg_dsn).username
     for role, dsn in dsns.items():
         user = urlsplit(dsn).username
         yield Row("privileges", f"{role} is not the owner", user != owner, f"user {user}")
+    holders, looked = owner_holders(s)
+    yield Row(
+        "privileges",
+        "worker, flow runs, exporter: no owner password",
+        None if not looked else not holders,
+        ", ".join(holders) if holders else f"{looked} processes' environments",
+    )
     for role, statement in ALLOWED:
         got = _try(dsns[role], statement)
         yield Row("privileges", f"{role} may: {statement[:40]}", got == "ok", got)

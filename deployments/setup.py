@@ -1,7 +1,12 @@
 """Register everything a Prefect environment needs to run Tapeline's deployments.
 
-    python -m deployments.setup            # local stack: pool, blocks, deployments, automations
+    python -m deployments.setup            # local stack: schema, pool, blocks, deployments,
+                                           # automations
     TAPELINE_CODE_DIR=/app python -m deployments.setup    # what the compose worker runs
+
+The schema's migrations are applied here when the settings hold the owner (the local
+stack); the compose worker holds only the writer, and compose's ``migrate`` service has
+applied them before it starts. Flow runs never need DDL rights.
 
 Idempotent: the work pool is created only when missing, blocks and deployments are
 overwritten with the current settings, the automations are replaced. The deployments
@@ -23,6 +28,7 @@ from uuid import UUID
 from blocks import prefect_api
 from blocks.__main__ import main as register_blocks
 from tasks.core import config
+from tasks.drain.migrate import migrate
 
 POOL = "tapeline"
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         "TAPELINE_SIMULATOR_URL": settings.simulator_url,
         **settings.prefect_env(),
     }
+    if settings.pg_dsn != settings.pg_writer_dsn:  # the owner is ours: bring the schema up
+        applied = migrate(settings.pg_dsn, "public")
+        print(f"postgres schema public: up to date ({len(applied)} migrations applied now)")
     print(f"work pool {args.pool}: {ensure_pool(env, args.pool)}")
     with prefect_api(settings):
         return _register(env)

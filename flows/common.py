@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import psycopg2.errors
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -19,7 +20,7 @@ from blocks import settings as block_settings
 from tasks.core import config
 from tasks.core.kafka import producer as kafka_producer
 from tasks.core.pg import connect
-from tasks.drain.migrate import migrate
+from tasks.drain.migrate import MigrationError, migrate, pending
 
 F = TypeVar("F")
 
@@ -76,10 +77,33 @@ def target(kafka_block: str | None, postgres_block: str | None, schema: str) -> 
     return t
 
 
-@task(name="migrate-schema", cache_policy=NO_CACHE, **RETRIES)
+def _not_a_migration_refusal(task, task_run, state) -> bool:
+    """Retry lost connections, not a refusal: retrying cannot grant a role rights."""
+    return not isinstance(state.result(raise_on_failure=False), MigrationError)
+
+
+@task(
+    name="migrate-schema",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_not_a_migration_refusal,
+    **RETRIES,
+)
 def migrate_schema(settings: config.Settings, schema: str) -> list[str]:
-    """Apply pending PostgreSQL migrations (idempotent; see ``tasks.drain.migrate``)."""
-    applied = migrate(settings.pg_dsn, schema)
+    """Check the schema is at this code's migrations (as the writer, no lock taken); apply
+    the missing ones only when they are missing, which needs the owner (see
+    ``tasks.drain.migrate``). A worker holding only the writer's credentials never needs
+    more while the main command or compose's ``migrate`` service has run them."""
+    todo = pending(settings.pg_writer_dsn, schema)
+    if not todo:
+        return []
+    try:
+        applied = migrate(settings.pg_dsn, schema)
+    except psycopg2.errors.InsufficientPrivilege:
+        raise MigrationError(
+            f"schema {schema!r} lacks migrations {', '.join(todo)} and this run's PostgreSQL"
+            f" role may not apply them: run `python -m tasks.drain.migrate --schema {schema}`"
+            " with the owner's TAPELINE_PG_DSN"
+        ) from None
     if applied:
         get_run_logger().info("applied migrations: %s", ", ".join(applied))
     return applied

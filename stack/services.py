@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
 from tasks.core import config
@@ -405,7 +405,7 @@ class Postgres(Service):
         u = self.url
         if not (data / "PG_VERSION").exists():
             pwfile = self.dir / ".pw"
-            pwfile.write_text(u.password or os.environ.get("PGPASSWORD", ""))
+            pwfile.write_text(unquote(u.password or "") or os.environ.get("PGPASSWORD", ""))
             self._chown(pwfile)
             pwfile.chmod(0o600)
             try:
@@ -636,7 +636,8 @@ class PrefectServer(Service):
     def database_url(self) -> str:
         """The server's SQLAlchemy URL: the stack's PostgreSQL, database ``prefect``."""
         pg = urlsplit(self.settings.pg_dsn)
-        password = pg.password or os.environ.get("PGPASSWORD", "")
+        # still percent-encoded from the DSN, as this URL needs it
+        password = pg.password or quote(os.environ.get("PGPASSWORD", ""), safe="")
         auth = f"{pg.username or 'tapeline'}:{password}@" if password else f"{pg.username}@"
         return f"postgresql+asyncpg://{auth}{pg.hostname}:{pg.port or 5432}/{self.database}"
 

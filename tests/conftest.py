@@ -72,7 +72,14 @@ def kafka(settings) -> config.Settings:
 
 @pytest.fixture(scope="session")
 def postgres(settings) -> config.Settings:
+    """PostgreSQL with the ``public`` schema migrated, as ``deployments.setup`` leaves it
+    (flow runs hold only the writer: they check the schema, the owner migrates)."""
     _need("postgres")
+    if "public-schema" not in _started:
+        from tasks.drain.migrate import migrate
+
+        migrate(settings.pg_dsn, "public")
+        _started["public-schema"] = "ok"
     return settings
 
 

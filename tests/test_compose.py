@@ -33,6 +33,7 @@ POSTGRES_INIT = ROOT / "compose" / "postgres" / "10-prefect-and-grafana.sh"
 EXPECTED_SERVICES = {
     "kafka",
     "kafka-init",
+    "migrate",
     "postgres",
     "mongo",
     "prefect-server",
@@ -174,7 +175,7 @@ def test_every_service_says_how_it_restarts(services: dict[str, dict[str, Any]])
     for name, service in services.items():
         assert service.get("restart") in {"no", "unless-stopped", "always"}, name
     one_shots = {name for name, service in services.items() if is_one_shot(service)}
-    assert one_shots == {"kafka-init"}
+    assert one_shots == {"kafka-init", "migrate"}
 
 
 def test_images_are_pinned(services: dict[str, dict[str, Any]]) -> None:
@@ -202,7 +203,7 @@ def test_app_image_is_pinned_and_unprivileged() -> None:
 
 def test_app_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
     app = {name: s for name, s in services.items() if "build" in s}
-    assert set(app) == {"worker", "simulator", "kafka-init", "exporter"}
+    assert set(app) == {"worker", "simulator", "kafka-init", "migrate", "exporter"}
     assert {s["image"] for s in app.values()} == {"tapeline/app:dev"}
 
 
@@ -261,6 +262,7 @@ def test_services_start_after_what_they_use(services: dict[str, dict[str, Any]])
         "prefect-server",
         "kafka",
         "kafka-init",
+        "migrate",
         "postgres",
         "mongo",
         "simulator",
@@ -354,7 +356,16 @@ def test_app_containers_get_the_fixed_environment(
     assert worker["TAPELINE_PG_READER_DSN"].startswith("postgresql://grafana_reader:")
     assert probe["TAPELINE_PG_READER_DSN"] == worker["TAPELINE_PG_READER_DSN"]
     assert probe["TAPELINE_KAFKA_BOOTSTRAP"] == worker["TAPELINE_KAFKA_BOOTSTRAP"]
-    assert probe["TAPELINE_PG_DSN"] == worker["TAPELINE_PG_DSN"]
+    # Only the one-shot migrate service holds the owner's password.
+    owner = "${POSTGRES_PASSWORD"
+    holders = [n for n, svc in services.items() if owner in json.dumps(svc.get("environment"))]
+    assert sorted(holders) == ["migrate", "postgres"]
+    assert worker["TAPELINE_PG_DSN"] == worker["TAPELINE_PG_WRITER_DSN"]
+    assert probe["TAPELINE_PG_DSN"] == probe["TAPELINE_PG_READER_DSN"]
+    assert services["worker"]["depends_on"]["migrate"] == {
+        "condition": "service_completed_successfully"
+    }
+    assert services["migrate"]["command"] == ["python", "-m", "tasks.drain.migrate"]
     assert probe["PREFECT_API_URL"] == worker["PREFECT_API_URL"]
     # Every Prefect client authenticates with the one secret the server requires.
     server = environment(services["prefect-server"])

@@ -158,6 +158,81 @@ def test_each_postgres_role_does_only_its_part(postgres, settings):
     migrate(settings.pg_dsn, "public")  # grants the roles their part in the schema
     assert settings.pg_writer_dsn != settings.pg_dsn, "the local stack's roles expected"
     rows = list(security.privilege_rows(settings))
-    failed = [f"{r.check}: {r.detail}" for r in rows if not r.ok]
+    failed = [f"{r.check}: {r.detail}" for r in rows if r.ok is False]
     assert not failed, failed
-    assert len(rows) == 2 + len(security.ALLOWED) + len(security.REFUSED)
+    assert len(rows) == 3 + len(security.ALLOWED) + len(security.REFUSED)
+
+
+def test_the_local_stack_secrets_hold_every_reserved_character(tmp_path):
+    """Every password the local stack makes (owner, writer, reader, Prefect) is random and
+    holds @ : / % # ?, so each run of the stack proves such passwords work end to end; a
+    data folder made before the owner's password was random keeps its old one."""
+    s = config.load({"TAPELINE_HOME": str(tmp_path)})
+    found = security.secrets_in_effect(s)
+    assert set(found) == {
+        "Prefect API password",
+        "PostgreSQL password",
+        "PostgreSQL writer password",
+        "PostgreSQL reader password",
+    }
+    assert len(set(found.values())) == 4, "one password per purpose"
+    for kind, value in found.items():
+        assert set(config.RESERVED) <= set(value), kind
+        assert not security._weak(kind, value, s), kind
+        assert value not in repr(s), kind
+    assert security.secrets_in_effect(config.load({"TAPELINE_HOME": str(tmp_path)})) == found
+    legacy = tmp_path / "old"
+    (legacy / "postgres" / "data").mkdir(parents=True)
+    (legacy / "postgres" / "data" / "PG_VERSION").write_text("16\n")
+    old = config.load({"TAPELINE_HOME": str(legacy)})
+    assert old.pg_dsn == "postgresql://tapeline:tapeline@127.0.0.1:15432/tapeline"
+    assert security._weak("PostgreSQL password", "tapeline", old), "the sweep calls it weak"
+
+
+def test_processes_beside_the_stack_get_no_owner_password(settings):
+    """The worker (and so every flow run it starts) works as the writer, the exporter as
+    the reader: neither is given the owner's password."""
+    from deployments import local
+
+    assert settings.pg_writer_dsn != settings.pg_dsn, "the local stack's roles expected"
+    password = security.secrets_in_effect(settings)["PostgreSQL password"]
+    sides = {side.name: side for side in local.sides(settings, ["BTC-USDT"], simulate=True)}
+    assert sides["worker"].env["TAPELINE_PG_DSN"] == settings.pg_writer_dsn
+    assert sides["exporter"].env["TAPELINE_PG_DSN"] == settings.pg_reader_dsn
+    for side in sides.values():
+        shown = " ".join([*side.cmd, *side.env.values()])
+        assert not any(f in shown for f in security._forms(password)), side.name
+    # what a process started with each environment resolves to: its role, never the owner
+    home = {"TAPELINE_HOME": str(settings.home)}
+    worker = config.load({**sides["worker"].env, **home})
+    assert worker.pg_dsn == worker.pg_writer_dsn == settings.pg_writer_dsn
+    assert worker.pg_reader_dsn == settings.pg_reader_dsn
+    assert config.load({**sides["exporter"].env, **home}).pg_dsn == settings.pg_reader_dsn
+
+
+def test_a_run_holding_only_the_writer_checks_the_schema_and_never_migrates(postgres, settings):
+    """A flow run on the worker holds the writer alone: on a migrated schema its schema
+    step only reads; on a schema that lacks migrations it fails at once with the command
+    that fixes it (as the owner), and changes nothing."""
+    import psycopg2
+    import pytest
+
+    from flows.common import migrate_schema
+    from tasks.drain.migrate import MigrationError, migrate
+
+    writer_only = settings.with_overrides(pg_dsn=settings.pg_writer_dsn)
+    schema = f"sec_{int(time.time() * 1000) % 10**9}"
+    owner = psycopg2.connect(settings.pg_dsn)
+    owner.autocommit = True
+    try:
+        with pytest.raises(MigrationError, match=rf"--schema {schema}`"):
+            migrate_schema.fn(writer_only, schema)
+        with owner.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+            assert cur.fetchone() is None, "the refused step created the schema"
+        assert migrate(settings.pg_dsn, schema), "the owner applies every migration"
+        assert migrate_schema.fn(writer_only, schema) == []
+    finally:
+        with owner.cursor() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        owner.close()

@@ -12,7 +12,7 @@ import os
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,10 +26,12 @@ DEFAULTS: dict[str, str] = {
     "TAPELINE_TOPIC_PARTITIONS": "6",
     "TAPELINE_TOPIC_REPLICATION": "1",
     "TAPELINE_TOPIC_RETENTION_HOURS": "168",
-    "TAPELINE_PG_DSN": "postgresql://tapeline:tapeline@127.0.0.1:15432/tapeline",
+    # The owner: migrations. Empty: the local stack's owner ``tapeline`` on 127.0.0.1:15432,
+    # with a password made once in $TAPELINE_HOME/secrets/pg-owner (``local_secret``).
+    "TAPELINE_PG_DSN": "",
     # Roles per purpose: TAPELINE_PG_DSN (the owner) migrates; flows write as the writer
     # and dashboards, the exporter and reports read as the reader. Empty: the local
-    # stack's own roles when TAPELINE_PG_DSN is the local default, else TAPELINE_PG_DSN.
+    # stack's own roles when TAPELINE_PG_DSN is empty too, else TAPELINE_PG_DSN.
     "TAPELINE_PG_WRITER_DSN": "",
     "TAPELINE_PG_READER_DSN": "",
     "TAPELINE_MONGO_URL": "mongodb://127.0.0.1:27117/",
@@ -171,6 +173,19 @@ def redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{parts.netloc.rpartition('@')[2]}").geturl()
 
 
+RESERVED = "@:/%#?"
+
+
+def new_secret() -> str:
+    """32 random URL-safe characters with each URL-reserved one (``@ : / % # ?``) at a
+    random place: every local stack proves that such passwords work end to end (URLs,
+    blocks, basic auth), not only the tests that choose one."""
+    chars = list(secrets.token_urlsafe(24))
+    for c in RESERVED:
+        chars.insert(secrets.randbelow(len(chars) + 1), c)
+    return "".join(chars)
+
+
 def local_secret(home: Path, name: str) -> str:
     """A random secret of the local stack, made once per ``home`` (``home/secrets/name``,
     mode 0600; the first process to write it wins) and read back after that."""
@@ -180,7 +195,7 @@ def local_secret(home: Path, name: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(path, "x") as f:
-                f.write(secrets.token_urlsafe(24) + "\n")
+                f.write(new_secret() + "\n")
         except FileExistsError:
             pass
     finally:
@@ -201,11 +216,28 @@ def _role_dsn(env: dict[str, str], name: str, role: str, home: Path, owner: str)
     given = _get(env, name)
     if given:
         return _url(env, name, ("postgresql", "postgres"))
-    if _get(env, "TAPELINE_PG_DSN") != DEFAULTS["TAPELINE_PG_DSN"]:
+    if _get(env, "TAPELINE_PG_DSN"):
         return owner  # a database set up elsewhere: one role unless told otherwise
-    parts = urlsplit(owner)
-    netloc = f"{role}:{local_secret(home, f'pg-{role}')}@{parts.hostname}:{parts.port}"
-    return parts._replace(netloc=netloc).geturl()
+    return _local_dsn(role, local_secret(home, f"pg-{role}"))
+
+
+LOCAL_PG = "127.0.0.1:15432/tapeline"
+
+
+def _local_dsn(user: str, password: str) -> str:
+    return f"postgresql://{user}:{quote(password, safe='')}@{LOCAL_PG}"
+
+
+def _owner_dsn(env: dict[str, str], home: Path) -> str:
+    """``TAPELINE_PG_DSN``, else the local stack's owner. A data folder made before the
+    owner's password was random keeps the old one (``tapeline``): the security sweep calls
+    it weak; ``python -m stack down --purge`` starts over with a random one."""
+    if _get(env, "TAPELINE_PG_DSN"):
+        return _url(env, "TAPELINE_PG_DSN", ("postgresql", "postgres"))
+    secret = home / "secrets" / "pg-owner"
+    if not secret.exists() and (home / "postgres" / "data" / "PG_VERSION").exists():
+        return _local_dsn("tapeline", "tapeline")
+    return _local_dsn("tapeline", local_secret(home, "pg-owner"))
 
 
 def prefect_auth(env: dict[str, str], home: Path) -> str:
@@ -246,10 +278,10 @@ def load(env: dict[str, str] | None = None) -> Settings:
     password = _get(env, "TAPELINE_KAFKA_PASSWORD")
     if mechanism and not password:
         raise ConfigError("TAPELINE_KAFKA_PASSWORD: required with SASL")
-    pg_dsn = _url(env, "TAPELINE_PG_DSN", ("postgresql", "postgres"))
+    home = Path(_get(env, "TAPELINE_HOME"))
+    pg_dsn = _owner_dsn(env, home)
     if urlsplit(pg_dsn).password is None and "PGPASSWORD" not in env:
         raise ConfigError("TAPELINE_PG_DSN: no password (put it in the URL or PGPASSWORD)")
-    home = Path(_get(env, "TAPELINE_HOME"))
     return Settings(
         home=home,
         kafka=KafkaSettings(

@@ -1,9 +1,12 @@
 """Versioned PostgreSQL migrations, applied idempotently.
 
-``python -m tasks.drain.migrate [--schema NAME]`` (and every drain on start) applies the
+``python -m tasks.drain.migrate [--schema NAME]`` (run as the owner: the main command does
+at start, compose's ``migrate`` service before the worker) applies the
 ``migrations/NNNN_*.sql`` files not yet recorded in ``schema_migrations``, in order, in one
 transaction under an advisory lock, so concurrent runs neither race nor half-apply. An
 applied file whose text changed is an error: history is fixed, add a new version instead.
+Flow runs only check (``pending``) and apply what is missing when their settings hold the
+owner; a worker that holds only the writer's credentials fails such a run with one line.
 """
 
 from __future__ import annotations
@@ -50,6 +53,27 @@ def available(folder: Path = MIGRATIONS) -> list[Migration]:
     if len(set(versions)) != len(versions):
         raise MigrationError(f"duplicate migration versions in {folder}")
     return found
+
+
+def pending(dsn: str, schema: str = "public", folder: Path = MIGRATIONS) -> list[str]:
+    """The migrations not yet applied to ``schema``, read without taking any lock or
+    creating anything: any role that may read ``schema_migrations`` can ask (the writer
+    does, before each run, so that only the owner ever needs DDL rights)."""
+    wanted = available(folder)
+    conn = connect(dsn, schema)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return [m.name for m in wanted]
+            cur.execute("SELECT version, checksum FROM schema_migrations")
+            done = dict(cur.fetchall())
+    finally:
+        conn.close()
+    for m in wanted:
+        if m.version in done and done[m.version] != m.checksum:
+            raise MigrationError(f"{m.name} changed after it was applied to schema {schema!r}")
+    return [m.name for m in wanted if m.version not in done]
 
 
 def migrate(dsn: str, schema: str = "public", folder: Path = MIGRATIONS) -> list[str]:
