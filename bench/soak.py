@@ -1368,6 +1368,8 @@ class Soak:
 
     def _wind_down(self) -> None:
         say("stopping ingestion and trading, draining what is left ...")
+        if self.reaper is not None:
+            self.reaper.stop()  # it would start following drains again (plat.keep_following)
         self.final["cancel"] = self._stop_long_runs()
         plat.cancel(plat.following_runs())  # as the main command does: they hold the slots
         deadline = time.time() + self.args.final_minutes * 60

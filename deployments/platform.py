@@ -219,21 +219,51 @@ def following_runs() -> list:
         return [r.id for r in deployment_setup.live_runs(client, ids)]
 
 
-# A drain run whose process died is replaced only once it is ended Crashed (its trigger):
-# the check is cheap, so often (the soak: with a minute, a killed drain took 113 s back).
+# How often the platform looks for dead runs and drains nobody runs: the check is cheap,
+# and it bounds how long the topics go unread after a worker or run is lost.
 REAP_EVERY_S = 15.0
 
 
 def reap() -> list[str]:
     """End the scheduled deployments' runs a dead worker left behind, by the automations'
-    own rules (``deployments.setup.end_orphans``). The automations do it first; this is
-    the backstop for what they cannot see: a firing whose action failed while the Prefect
-    server's database was restarting (seen in the soak: the run stayed Submitting and its
-    one-at-a-time slot was held until this ran)."""
+    own rules (``deployments.setup.end_orphans``), then start a following run of each drain
+    that has none (``keep_following``). The automations and the restart triggers do both
+    first; this is the backstop for what they cannot see: a firing whose action failed
+    while the Prefect server's database was restarting, and a Crashed event the server's
+    trigger service holds back (below)."""
     try:
-        return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
+        lines = deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
+        return lines + keep_following()
     except Exception as e:  # the server may be down right now; the next round retries
         return [f"orphan check skipped: {type(e).__name__}: {e}"]
+
+
+def keep_following() -> list[str]:
+    """Start a following run of each drain that has no run live or due within 20 s.
+
+    The restart-when-Crashed triggers cannot be relied on alone. Prefect's trigger service
+    handles a run's state events in order: an event whose predecessor it has not seen is
+    held for up to 15 minutes. A scheduled run's first Pending event follows a Scheduled
+    event the scheduler never sends, and a server restart forgets what was seen; in the
+    soak, two Crashed drains were never replaced by their trigger, and the price drain read
+    nothing for 6 minutes. A run started here while the trigger's own run also starts is
+    harmless: the newer takes over, and the deployment's limit Cancels a third."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+
+    lines = []
+    with get_client(sync_client=True) as client:
+        soon = datetime.now(UTC) + timedelta(seconds=20)
+        for name in DRAINS:
+            deployment = client.read_deployment_by_name(name)
+            if deployment_setup.live_runs(client, [deployment.id]):
+                continue
+            if deployment_setup.due_runs(client, deployment.id, soon):
+                continue
+            run = run_deployment(name)
+            lines.append(f"started following run {run.name} of {name}: it had none live")
+    return lines
 
 
 def watch(settings: config.Settings, minutes: float | None, every: float) -> None:

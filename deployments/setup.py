@@ -245,6 +245,27 @@ def live_runs(client, deployment_ids: list[UUID]) -> list:
     )
 
 
+def due_runs(client, deployment_id: UUID, before) -> list:
+    """The deployment's runs Scheduled (or Late) to start before ``before``."""
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterNextScheduledStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    return client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+            next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(before_=before),
+        ),
+    )
+
+
 def _free_leaked_slots(client, names: Iterable[str]) -> list[str]:
     """Give back deployment concurrency slots that no live run holds. A slot is held under
     a lease; a lease the server forgot (in-memory lease storage across a server restart)
