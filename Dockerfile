@@ -23,3 +23,5 @@ RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin tap
 # Flow runs start in /app (prefect.yaml's set_working_directory), so the code is read
 # from here; the user owns nothing in it and cannot change what it runs.
 USER tapeline
+# Where tasks.core.config keeps local state; /app belongs to root, the app user owns this.
+ENV TAPELINE_HOME=/home/tapeline/.tapeline

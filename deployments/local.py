@@ -133,7 +133,7 @@ def sides(
                 str(EXPORTER_PORT),
             ],
             f"http://127.0.0.1:{EXPORTER_PORT}/metrics",
-            {**env, **roles, "TAPELINE_PG_DSN": settings.pg_reader_dsn},
+            {**env, **dict.fromkeys(roles, settings.pg_reader_dsn)},
         )
     )
     out.append(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import socket
 import sys
 import urllib.error
@@ -381,23 +382,35 @@ def _try(dsn: str, statement: str) -> str:
 OWNERLESS = ("worker", "exporter")  # side processes (and the flow runs they start)
 
 
-def _environ(pid: int) -> str:
+PG_VARIABLES = ("TAPELINE_PG_DSN", "TAPELINE_PG_WRITER_DSN", "TAPELINE_PG_READER_DSN")
+
+
+def _environ(pid: int) -> dict[str, str]:
     try:
-        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
     except OSError:
-        return ""  # gone, or not ours to read
+        return {}  # gone, or not ours to read
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def pg_passwords(environ: dict[str, str]) -> set[str]:
+    """The PostgreSQL passwords an environment gives a process (its DSNs, PGPASSWORD)."""
+    found = {unquote(urlsplit(environ[v]).password or "") for v in PG_VARIABLES if environ.get(v)}
+    found.add(environ.get("PGPASSWORD", ""))
+    return found - {""}
 
 
 def owner_holders(s: config.Settings) -> tuple[list[str], int]:
     """The worker's, the exporter's and their flow runs' processes whose environment holds
     the PostgreSQL owner's password (they work as the writer and the reader), and how many
     such processes were looked at."""
-    password = unquote(urlsplit(s.pg_dsn).password or "")
+    password = pg_passwords({"TAPELINE_PG_DSN": s.pg_dsn, "PGPASSWORD": ""})
+    password = password or {os.environ.get("PGPASSWORD", "")} - {""}
     procs = {p: n for p, n in stack_pids(s.home).items() if n in OWNERLESS}
     holders = [
         f"{name} pid {pid}"
         for pid, name in sorted(procs.items())
-        if password and any(f in _environ(pid) for f in _forms(password))
+        if password & pg_passwords(_environ(pid))
     ]
     return holders, len(procs)
 

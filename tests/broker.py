@@ -38,6 +38,7 @@ def private_broker(
     full = {
         **os.environ,
         "TAPELINE_HOME": str(home),
+        "TAPELINE_PG_DSN": shared.pg_dsn,
         "TAPELINE_PG_WRITER_DSN": shared.pg_writer_dsn,
         "TAPELINE_PG_READER_DSN": shared.pg_reader_dsn,
         "TAPELINE_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",

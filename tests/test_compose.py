@@ -197,6 +197,10 @@ def test_app_image_is_pinned_and_unprivileged() -> None:
     assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
+    # config.load() may make local secrets under TAPELINE_HOME: the app user must own it,
+    # or one-shot services such as migrate fail before doing anything
+    home = re.findall(r"^ENV TAPELINE_HOME=(\S+)", dockerfile, re.MULTILINE)
+    assert home == [f"/home/{users[-1]}/.tapeline"]
     ignored = set((ROOT / ".dockerignore").read_text(encoding="utf-8").split())
     assert {".env", ".git", ".venv"} <= ignored
 
