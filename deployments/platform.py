@@ -60,12 +60,14 @@ def cancel(run_ids: list) -> None:
     whose worker died (its process lives on, in a session of its own) is never cancelled
     by the new worker: after 60 s its local process gets SIGTERM (``_terminate``)."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Cancelling
+    from prefect.states import Cancelled, Cancelling
 
     with get_client(sync_client=True) as client:
         for rid in run_ids:
             with suppress(Exception):
-                client.set_flow_run_state(rid, Cancelling(), force=True)
+                # a run not yet picked up has no process to stop: it ends at once
+                waiting = client.read_flow_run(rid).state.is_scheduled()
+                client.set_flow_run_state(rid, Cancelled() if waiting else Cancelling(), force=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             runs = [client.read_flow_run(rid) for rid in run_ids]
@@ -211,12 +213,17 @@ def start_drains() -> None:
 
 
 def following_runs() -> list:
-    """Ids of the drains' runs still live (the scheduled ones follow their topics)."""
+    """Ids of the drains' runs still live (the scheduled ones follow their topics), and of
+    those due within a minute (one the reaper started may not have begun yet)."""
+    from datetime import UTC, datetime, timedelta
+
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         ids = [client.read_deployment_by_name(name).id for name in DRAINS]
-        return [r.id for r in deployment_setup.live_runs(client, ids)]
+        soon = datetime.now(UTC) + timedelta(minutes=1)
+        due = [r.id for i in ids for r in deployment_setup.due_runs(client, i, soon)]
+        return [r.id for r in deployment_setup.live_runs(client, ids)] + due
 
 
 # How often the platform looks for dead runs and drains nobody runs: the check is cheap,
@@ -231,15 +238,27 @@ def reap() -> list[str]:
     first; this is the backstop for what they cannot see: a firing whose action failed
     while the Prefect server's database was restarting, and a Crashed event the server's
     trigger service holds back (below)."""
-    try:
-        lines = deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
-        return lines + keep_following()
-    except Exception as e:  # the server may be down right now; the next round retries
-        return [f"orphan check skipped: {type(e).__name__}: {e}"]
+    def end_orphans() -> list[str]:
+        return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
+
+    lines: list[str] = []
+    for step in (end_orphans, keep_following):
+        try:
+            lines += step()
+        except Exception as e:  # the server may be down right now; the next round retries
+            lines.append(f"orphan check skipped: {type(e).__name__}: {e}")
+            break
+    return lines
+
+
+_NOT_RESTARTED: set = set()  # Failed runs already reported by keep_following
 
 
 def keep_following() -> list[str]:
-    """Start a following run of each drain that has no run live or due within 20 s.
+    """Start a following run of each drain that has no run live or due within 45 s (a
+    retry is due 30 s after a failed attempt), unless its last run Failed: that one is
+    left to the next schedule, so a drain that cannot start (a schema behind the code,
+    say) is not restarted every round.
 
     The restart-when-Crashed triggers cannot be relied on alone. Prefect's trigger service
     handles a run's state events in order: an event whose predecessor it has not seen is
@@ -251,15 +270,30 @@ def keep_following() -> list[str]:
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
 
     lines = []
     with get_client(sync_client=True) as client:
-        soon = datetime.now(UTC) + timedelta(seconds=20)
+        soon = datetime.now(UTC) + timedelta(seconds=45)
         for name in DRAINS:
             deployment = client.read_deployment_by_name(name)
             if deployment_setup.live_runs(client, [deployment.id]):
                 continue
             if deployment_setup.due_runs(client, deployment.id, soon):
+                continue
+            last = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                sort=FlowRunSort.END_TIME_DESC,
+                limit=1,
+            )
+            if last and last[0].state and last[0].state.is_failed():
+                if last[0].id not in _NOT_RESTARTED:
+                    _NOT_RESTARTED.add(last[0].id)
+                    lines.append(
+                        f"{name}: not restarted, its last run {last[0].name} Failed"
+                        f" ({(last[0].state.message or '')[:120]}); the next schedule tries"
+                    )
                 continue
             run = run_deployment(name)
             lines.append(f"started following run {run.name} of {name}: it had none live")

@@ -6,7 +6,7 @@
 
 The schema's migrations are applied here when the settings hold the owner (the local
 stack); the compose worker holds only the writer, and compose's ``migrate`` service has
-applied them before it starts. Flow runs never need DDL rights.
+applied them before it starts. Flow runs started by the worker need no DDL rights.
 
 Idempotent: the work pool is created only when missing, blocks and deployments are
 overwritten with the current settings, the automations are replaced. The deployments

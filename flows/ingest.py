@@ -159,7 +159,7 @@ def ingest(
         return _validate(p, settings, topics, first_message_timeout_s, logger)
 
     run_id = str(flow_run.id or uuid.uuid4())
-    migrate_schema(settings, "public")  # creates the leases' table on a new database
+    migrate_schema(settings, "public")  # the leases' table is there (the owner made it)
     lease = Lease(settings.pg_writer_dsn, feed_key(p.config.name, trades_topic), _owner(run_id))
     token = acquire_lease(lease)
     fenced: str | None = None
