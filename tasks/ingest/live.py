@@ -149,6 +149,8 @@ class ShardWorker:
                 )  # fmt: skip
                 return
             self._ok.inc()
+            if parsed.reply is not None:
+                self.connection.send(parsed.reply)
             if parsed.control is not None:
                 self._control(parsed)
                 return

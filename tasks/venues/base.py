@@ -37,12 +37,15 @@ class Parsed:
     """What one raw frame meant: events (possibly many), or a control frame.
 
     ``control`` is None for data frames, else a short tag: 'ack', 'heartbeat', 'pong',
-    'server_shutdown', 'error' (with ``detail``).
+    'server_shutdown', 'error' (with ``detail``). ``reply`` is a frame the venue requires
+    back on the same connection (e.g. Deribit's answer to a heartbeat ``test_request``,
+    without which it closes the socket); the adapter stays pure, ingestion sends it.
     """
 
     events: list[Trade | Quote] = field(default_factory=list)
     control: str | None = None
     detail: str = ""
+    reply: str | None = None
 
 
 class Venue(Protocol):

@@ -16,6 +16,9 @@ What it promises:
 - the connection is rotated before ``VenueConfig.max_connection_lifetime_s`` (each
   connection at a jittered moment, so shards do not all rotate at once);
 - ``request_reconnect`` (e.g. on a venue's 'server_shutdown' notice) reconnects at once;
+- ``send`` lets the frame handler answer the venue on the live socket (an application
+  heartbeat such as Deribit's ``test_request``), in the reader thread, so frames never
+  interleave with subscribing;
 - ``stop`` ends ``run`` within ``poll_s`` from any thread and closes the socket.
 
 Trades missed while reconnecting are the gap tracker's business (``tasks.ingest.gaps``).
@@ -123,6 +126,7 @@ class Connection:
         self.frames = 0
         self._stop = threading.Event()
         self._reconnect_reason: str | None = None
+        self._ws: websocket.WebSocket | None = None
         self._last_frame = LAST_MESSAGE.labels(venue=self.name, shard=shard)
 
     # ---- control (any thread) -----------------------------------------------------------
@@ -140,6 +144,13 @@ class Connection:
         """Close the current connection after the frame being handled and connect again
         without backoff (a planned reconnect, e.g. the venue's 'server_shutdown')."""
         self._reconnect_reason = reason
+
+    def send(self, frame: str) -> None:
+        """Send ``frame`` on the current connection. Call it only from ``on_frame`` (the
+        reader thread); a lost socket raises there and reconnects like any read error."""
+        if self._ws is None:
+            raise RuntimeError(f"{self.name} shard {self.shard}: no live connection to send on")
+        self._ws.send(frame)
 
     # ---- the reader thread ----------------------------------------------------------------
 
@@ -180,6 +191,7 @@ class Connection:
             log.warning("%s shard %s: connect failed: %s", self.name, self.shard, e)
             return "connect_failed", False
         self.connects += 1
+        self._ws = ws
         try:
             if self._stop.is_set():
                 return "stopped", True
@@ -209,6 +221,7 @@ class Connection:
             return "handler_error", False
         finally:
             self._reconnect_reason = None
+            self._ws = None
             _close(ws)
 
     def _subscribe(self, ws: websocket.WebSocket, frames: list[str]) -> None:
