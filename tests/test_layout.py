@@ -28,7 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     **{stage: {"core", "venues", stage} for stage in STAGES},
     "history": {"core", "venues", "history", "ingest", "drain", "analytics"},
 }
-VENUE_MODULES = {"tasks.venues.binance", "tasks.venues.coinbase", "tasks.venues.kraken"}
+VENUE_MODULES = {
+    "tasks.venues.binance", "tasks.venues.coinbase", "tasks.venues.deribit", "tasks.venues.kraken"
+}
 
 
 def sources(*folders: str) -> Iterator[Path]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.venues import binance, coinbase, kraken
+from tasks.venues import binance, coinbase, deribit, kraken
 from tasks.venues.base import IdHistory, TradeHistory, Venue, VenueConfig, VenueSpec
 from tasks.venues.http import Http
 
-REGISTRY: dict[str, VenueSpec] = {s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC)}
+REGISTRY: dict[str, VenueSpec] = {
+    s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC, deribit.SPEC)
+}
 VENUES: tuple[str, ...] = tuple(REGISTRY)
 
 
