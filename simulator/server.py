@@ -1,4 +1,4 @@
-"""The simulator: one asyncio loop, one port, three venues' protocols over one market.
+"""The simulator: one asyncio loop, one port, four venues' protocols over one market.
 
 A pacing task wakes every ``tick_ms``, advances every symbol's market by the elapsed
 time (so the configured rate holds however late the loop wakes), passes each venue's
@@ -6,7 +6,8 @@ share through its stream faults and hands the result to the venue for formatting
 fan-out. WebSocket upgrades are routed by path to a venue. Plain HTTP GETs on the same
 port (websockets' ``process_request`` hook) serve REST history (Binance under
 ``/api/v3``; Coinbase's public trades at ``/api/v3/brokerage/market/products/{id}/ticker``;
-Kraken's at ``/0/public/Trades``) and the control plane under ``/_sim``:
+Kraken's at ``/0/public/Trades``; Deribit's under ``/api/v2/public/``) and the control plane
+under ``/_sim``:
 
     GET /_sim/health
     GET /_sim/report
@@ -57,11 +58,12 @@ from simulator.market import Market, MarketParams, instrument
 from simulator.venues import VenueBase
 from simulator.venues.binance import Binance, BinanceRest
 from simulator.venues.coinbase import Coinbase, CoinbaseRest
+from simulator.venues.deribit import Deribit, DeribitRest
 from simulator.venues.kraken import Kraken, KrakenRest
 from simulator.wire import now_ms
 
 log = logging.getLogger("simulator")
-VENUES = ("binance", "coinbase", "kraken")
+VENUES = ("binance", "coinbase", "kraken", "deribit")
 T = TypeVar("T")
 
 
@@ -108,7 +110,7 @@ CONTROL_TOKEN_ENV = "TAPELINE_SIM_CONTROL_TOKEN"
 _READ_ONLY = frozenset({"health", "report"})
 
 class Simulator:
-    """A local exchange speaking Binance, Coinbase Advanced Trade and Kraken v2."""
+    """A local exchange speaking Binance, Coinbase Advanced Trade, Kraken v2 and Deribit."""
 
     def __init__(self, config: SimConfig | None = None, **overrides: Any):
         if config is None:
@@ -125,7 +127,7 @@ class Simulator:
         self.venues: dict[str, VenueBase] = {}
         self.hub: Hub | None = None
         self.rest: BinanceRest | None = None
-        self.other_rest: list[CoinbaseRest | KrakenRest] = []
+        self.other_rest: list[CoinbaseRest | KrakenRest | DeribitRest] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -143,7 +145,12 @@ class Simulator:
     def ws_url(self, venue: str = "binance") -> str:
         """Binance: the base the adapter appends /stream?streams=... to; others: full URL."""
         base = f"ws://{self.config.host}:{self.port}"
-        return {"binance": base, "coinbase": base + "/coinbase", "kraken": base + "/kraken"}[venue]
+        return {
+            "binance": base,
+            "coinbase": base + "/coinbase",
+            "kraken": base + "/kraken",
+            "deribit": base + "/deribit",
+        }[venue]
 
     def rest_url(self, venue: str = "binance") -> str:
         return self.http_url
@@ -209,14 +216,18 @@ class Simulator:
         self.hub = Hub(list(VENUES), self.settings, cfg.max_queue)
         self.hub.shutdown_grace_s = cfg.shutdown_grace_s
         self.faults = {v: StreamFaults(v, self.settings[v]) for v in VENUES}
-        for cls in (Binance, Coinbase, Kraken):
+        for cls in (Binance, Coinbase, Kraken, Deribit):
             venue = cls(self.hub, self.markets, self.faults[cls.name])
             self.venues[cls.name] = venue
             self.hub.shutdown_frame[cls.name] = venue.shutdown_frame
         self.rest = BinanceRest(self.markets, cfg.weight_limit)
         self.rest.throttle_left = cfg.throttle
         self.rest.retry_after_s = cfg.retry_after_s
-        self.other_rest = [CoinbaseRest(self.markets), KrakenRest(self.markets)]
+        self.other_rest = [
+            CoinbaseRest(self.markets),
+            KrakenRest(self.markets),
+            DeribitRest(self.markets),
+        ]
         async with serve(
             self._handle,
             cfg.host,
@@ -441,6 +452,7 @@ class Simulator:
                 "throttle_left": rest.throttle_left,
                 "coinbase_requests": self.other_rest[0].requests,
                 "kraken_requests": self.other_rest[1].requests,
+                "deribit_requests": self.other_rest[2].requests,
             },
         }
 

@@ -29,7 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "history": {"core", "venues", "history", "ingest", "drain", "analytics"},
 }
 VENUE_MODULES = {
-    "tasks.venues.binance", "tasks.venues.coinbase", "tasks.venues.deribit", "tasks.venues.kraken"
+    "tasks.venues.binance",
+    "tasks.venues.coinbase",
+    "tasks.venues.deribit",
+    "tasks.venues.kraken",
 }
 
 

@@ -451,7 +451,7 @@ def test_a_client_that_never_answers_pings_is_closed(make_sim):
 # ---- Coinbase and Kraken ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["coinbase", "kraken"])
+@pytest.mark.parametrize("name", ["coinbase", "kraken", "deribit"])
 def test_other_venues_stream_the_same_market_in_their_own_protocol(make_sim, name):
     sim = make_sim()
     adapter = venue(name, config(sim, name))
@@ -528,8 +528,9 @@ def test_a_plain_get_cannot_change_the_simulator(make_sim):
         assert json.loads(r.read())["faults"]["gap_every"] == 3
 
 
-def test_coinbase_and_kraken_rest_backfill_returns_the_stream_history(make_sim):
+def test_coinbase_kraken_and_deribit_rest_backfill_returns_the_stream_history(make_sim):
     from tasks.venues.coinbase import CoinbaseRest
+    from tasks.venues.deribit import DeribitRest
     from tasks.venues.kraken import KrakenRest
 
     sim = make_sim(rate=2400)  # 800 a second per symbol: Kraken needs two pages
@@ -548,3 +549,8 @@ def test_coinbase_and_kraken_rest_backfill_returns_the_stream_history(make_sim):
     got = list(kraken.trades_by_time("ETH-USDT", start_us, end_us))
     assert [key(t) for t in got] == expected
     assert sim.report()["rest"]["kraken_requests"] >= 2
+    deribit = DeribitRest(config(sim, "deribit"), Http(sim.http_url, **fast))
+    got = list(deribit.trades_by_time("ETH-USDT", start_us, end_us))
+    assert [key(t) for t in got] == expected
+    again = deribit.trades_by_id("ETH-USDT", first, first + 1499)  # gap repair's path
+    assert [key(t) for t in again] == [key(t) for t in truth]
