@@ -57,6 +57,7 @@ _DUPLICATE_KEY = 11000
 # Wallet versions are kept this long (and each wallet's newest for ever): a writer folds
 # onto a version it read at most half this long ago, so the _id it claims was never freed.
 _VERSIONS_KEPT_S = 3600.0
+_PROBE = 8  # version ids looked up per wallet and round (see MongoSink._newest)
 _VERSION_ONLY = frozenset({"_id", "wid", "superseded"})  # fields not copied into wallets
 Key = tuple[str, int]
 
@@ -262,11 +263,13 @@ class MongoSink:
         touched = list(pending)
         changed = 0
         base, read_at = self._base(touched), time.monotonic()
-        for attempt in range(1, 51):
+        for attempt in range(1, 52):  # 50 claims; the 51st round only sees the last one won
             if not pending:
                 self._show(touched)
                 self._prune()
                 return changed
+            if attempt == 51:
+                break
             if time.monotonic() - read_at > _VERSIONS_KEPT_S / 2:  # paused: its base may be gone
                 base, read_at = self._base(list(pending)), time.monotonic()
             states, refused = {}, set()
@@ -288,8 +291,10 @@ class MongoSink:
             won, lost = self._claim_versions(states)
             changed += len(won)
             pending = {wid: pending[wid] for wid in lost}
-            if pending:  # another writer got there first: fold onto its state
-                base, read_at = self._base(list(pending)), time.monotonic()
+            if pending:  # another writer got there first: fold onto its state (at least
+                # the version this one tried to claim, which exists now)
+                floor = {wid: states[wid]["v"] for wid in lost}
+                base, read_at = self._base(list(pending), floor), time.monotonic()
                 time.sleep(random.uniform(0, 0.01 * attempt))
         raise RuntimeError(f"wallet updates kept conflicting: {sorted(pending)[:5]}")
 
@@ -348,21 +353,52 @@ class MongoSink:
                 _write_views(self.db.wallets, views[i : i + _OPS_PER_COMMAND])
         log.warning("wallets behind their newest versions: %s", [d["wid"] for d in todo][:5])
 
-    def _newest(self, wids: list[str]) -> dict[str, dict]:
-        """Each wallet's newest ``wallet_versions`` document (superseded ones skipped)."""
+    def _newest(self, wids: list[str], floor: dict[str, int] | None = None) -> dict[str, dict]:
+        """Each wallet's newest ``wallet_versions`` document, looked up by ``_id``.
+
+        Versions are ``<wallet>#1, #2, ...`` with no holes above the one ``wallets``
+        shows (only superseded versions are pruned, and ``wallets`` is brought up to the
+        newest after every batch), so the newest is found by probing ids upwards from the
+        shown version, ``_PROBE`` at a time. FerretDB (the local stack) answers ``_id``
+        lookups from its primary key but filters on other fields by reading every
+        document: a scan of the versions kept for an hour, twice a batch, made it the
+        machine's busiest process and the drain fell behind. A wallet the probe cannot
+        place (no version at or above the shown one: new, or pruned past) falls back to
+        that scan. ``floor``: versions known to exist (a claim just lost to them)."""
+        shown = {
+            d["_id"]: int(d.get("v", 0))
+            for d in self.db.wallets.find({"_id": {"$in": wids}}, {"v": 1})
+        }
         newest: dict[str, dict] = {}
-        found = self.db.wallet_versions.find({"wid": {"$in": wids}, "superseded": {"$ne": True}})
-        for d in found:
-            if d["v"] > newest.get(d["wid"], {}).get("v", -1):
-                newest[d["wid"]] = d
+        lost: list[str] = []
+        floor = floor or {}
+        todo = {wid: max(shown.get(wid, 0), floor.get(wid, 0), 1) for wid in wids}
+        while todo:
+            ids = [f"{wid}#{v}" for wid, low in todo.items() for v in range(low, low + _PROBE)]
+            found = {d["_id"]: d for d in self.db.wallet_versions.find({"_id": {"$in": ids}})}
+            more = {}
+            for wid, low in todo.items():
+                top = max((v for v in range(low, low + _PROBE) if f"{wid}#{v}" in found), default=0)
+                if top:
+                    newest[wid] = found[f"{wid}#{top}"]
+                    if top == low + _PROBE - 1:
+                        more[wid] = top  # there may be newer ones still
+                elif wid not in newest:  # a new wallet, or one shown long ago
+                    lost.append(wid)
+            todo = more
+        if lost:
+            scan = {"wid": {"$in": lost}, "superseded": {"$ne": True}}
+            for d in self.db.wallet_versions.find(scan):
+                if d["v"] > newest.get(d["wid"], {}).get("v", -1):
+                    newest[d["wid"]] = d
         return newest
 
-    def _base(self, wids: list[str]) -> dict[str, dict]:
+    def _base(self, wids: list[str], floor: dict[str, int] | None = None) -> dict[str, dict]:
         """The newest claimed state of each wallet, what the next version folds onto: its
         newest ``wallet_versions`` document, else its ``wallets`` document (a wallet written
         before versions existed), else none."""
         base = {d["_id"]: d for d in self.db.wallets.find({"_id": {"$in": wids}})}
-        for wid, d in self._newest(wids).items():
+        for wid, d in self._newest(wids, floor).items():
             if d["v"] >= base.get(wid, {}).get("v", -1):
                 base[wid] = {k: v for k, v in d.items() if k not in _VERSION_ONLY} | {"_id": wid}
         return base

@@ -282,6 +282,27 @@ def test_an_effect_that_cannot_stay_exact_is_refused_and_nothing_moves(mongo, mo
     assert wallet_balances(mongo_db) == fold_transactions(mongo_db)
 
 
+def test_the_newest_wallet_version_is_found_by_id_even_past_pruned_ones(mongo, mongo_db):
+    """Versions are looked up by ``_id`` upwards from the one ``wallets`` shows; a wallet
+    whose shown version and those after it were pruned, or one never shown, is still
+    placed (by the scan it falls back to), and the newest is never a superseded one."""
+    wid = "user-1:USDT"
+    for v in range(1, 12):
+        doc = {"_id": f"{wid}#{v}", "wid": wid, "v": v, "balance": str(v)}
+        mongo_db.wallet_versions.insert_one(doc | ({"superseded": True} if v < 11 else {}))
+    mongo_db.wallets.insert_one({"_id": wid, "v": 2, "balance": "2"})
+    sink = MongoSink(mongo.mongo_url, mongo_db.name, retry_seconds=10)
+    try:
+        assert sink._newest([wid])[wid]["v"] == 11  # probed upwards in rounds from #2
+        mongo_db.wallet_versions.delete_many({"v": {"$lt": 9}})  # pruned past what it shows
+        assert sink._newest([wid])[wid]["v"] == 11
+        mongo_db.wallets.delete_one({"_id": wid})  # never shown: found all the same
+        assert sink._newest([wid])[wid]["v"] == 11
+        assert sink._newest(["user-2:BTC"]) == {}  # a new wallet has no version
+    finally:
+        sink.close()
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [(None, None), ("", None), ("0-2,5", {0, 1, 2, 5}), ([3, 1], {1, 3}), ("4", {4})],
