@@ -116,6 +116,29 @@ def _check(
     params.topic("topic", topic, params.NOT_TRANSACTIONS)
 
 
+# How often a long run asks the server whether it was declared dead (see ended_by_server).
+ENDED_CHECK_S = 30.0
+
+
+def ended_by_server() -> bool:
+    """True once the Prefect server holds this flow run in a final state. A server outage
+    longer than the silent-run window makes the automation end a live run Crashed and its
+    trigger start a replacement; without this check both would send, doubling the users'
+    activity. An unreachable server (or no run at all) is not an ending: carry on."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+    except Exception:
+        return False
+    return state is not None and state.is_final()
+
+
 @checked(_check)
 @flow(name="trading-activity", log_prints=True)
 def trading_activity(
@@ -173,8 +196,14 @@ def trading_activity(
         logger.info("funded %d users with %s of %s", users, DEPOSIT, ", ".join(sorted(quotes)))
         start = time.monotonic()
         prices, prices_at = market_prices(settings, fallback), start
+        checked_at = start
         n = 0
         while run_seconds is None or time.monotonic() - start < run_seconds:
+            if time.monotonic() - checked_at > ENDED_CHECK_S:
+                checked_at = time.monotonic()
+                if ended_by_server():
+                    logger.warning("this run was ended by the server: its replacement sends")
+                    break
             if time.monotonic() - prices_at > 5:
                 prices, prices_at = market_prices(settings, fallback), time.monotonic()
             symbol = rng.choice(symbols)
