@@ -20,7 +20,7 @@ from typing import Any
 
 from tasks.core.events import Candle, Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import HOUR_US, Http, RestError, now_us
+from tasks.venues.http import HOUR_US, Http, RestError, contiguous, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -269,20 +269,10 @@ class BinanceRest:
     def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterator[Trade]:
         """Exactly the trades with id in [from_id, to_id], in order. Binance ids are
         contiguous per symbol, so a page that skips one raises RestError, never a hole."""
-        next_id = from_id
-        while next_id <= to_id:
-            page = self.historical_trades(symbol, next_id, min(1000, to_id - next_id + 1))
-            if not page:
-                raise RestError(f"{self.name} {symbol}: no trades from id {next_id} (to {to_id})")
-            for t in page:
-                if t.trade_id < next_id:
-                    continue
-                if t.trade_id > to_id:
-                    return
-                if t.trade_id != next_id:
-                    raise RestError(f"{self.name} {symbol}: ids jump {next_id} -> {t.trade_id}")
-                yield t
-                next_id += 1
+        return contiguous(
+            self.name, symbol, from_id, to_id,
+            lambda nxt, n: self.historical_trades(symbol, nxt, min(1000, n)),
+        )  # fmt: skip
 
     def trades_by_time(self, symbol: str, start_us: int, end_us: int) -> Iterator[Trade]:
         """Every trade with start_us <= time < end_us, in id order: aggTrades finds the

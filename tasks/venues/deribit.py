@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, now_us
+from tasks.venues.http import Http, RestError, contiguous, now_us
 from tasks.venues.parsing import Adapter, bad_rows, build, loads, missing_fields, ms_to_us
 
 CONFIG = VenueConfig("deribit", "wss://www.deribit.com/ws/api/v2", "https://www.deribit.com")
@@ -267,20 +267,10 @@ class DeribitRest:
     def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterator[Trade]:
         """Exactly the trades with sequence in [from_id, to_id], in order; a page that
         skips one raises RestError, never a silent hole."""
-        next_id = from_id
-        while next_id <= to_id:
-            page = self.historical_trades(symbol, next_id, to_id - next_id + 1)
-            if not page:
-                raise RestError(f"{self.name} {symbol}: no trades from seq {next_id} (to {to_id})")
-            for t in page:
-                if t.trade_id < next_id:
-                    continue
-                if t.trade_id > to_id:
-                    return
-                if t.trade_id != next_id:
-                    raise RestError(f"{self.name} {symbol}: seq jumps {next_id} -> {t.trade_id}")
-                yield t
-                next_id += 1
+        return contiguous(
+            self.name, symbol, from_id, to_id,
+            lambda nxt, n: self.historical_trades(symbol, nxt, n), unit="seq",
+        )  # fmt: skip
 
     def trades_by_time(self, symbol: str, start_us: int, end_us: int) -> Iterator[Trade]:
         """Every trade with start_us <= time < end_us, in sequence order: the time query

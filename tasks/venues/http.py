@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
@@ -134,3 +134,30 @@ def _json(url: str, body: bytes) -> Any:
 
 def now_us(http: Http) -> int:
     return int(http.clock() * 1_000_000)
+
+
+def contiguous(
+    venue: str,
+    symbol: str,
+    from_id: int,
+    to_id: int,
+    page: Callable[[int, int], list[Any]],
+    unit: str = "id",
+) -> Iterator[Any]:
+    """Exactly the trades with ``unit`` in [from_id, to_id], in order, paged by
+    ``page(next_id, count)``. For venues whose ids (Binance) or sequence numbers (Deribit)
+    are contiguous per symbol: a page that skips one raises RestError, never a silent hole."""
+    next_id = from_id
+    while next_id <= to_id:
+        rows = page(next_id, to_id - next_id + 1)
+        if not rows:
+            raise RestError(f"{venue} {symbol}: no trades from {unit} {next_id} (to {to_id})")
+        for t in rows:
+            if t.trade_id < next_id:
+                continue
+            if t.trade_id > to_id:
+                return
+            if t.trade_id != next_id:
+                raise RestError(f"{venue} {symbol}: {unit} jumps {next_id} -> {t.trade_id}")
+            yield t
+            next_id += 1

@@ -203,7 +203,7 @@ def test_trades_by_id_yields_exactly_the_range_across_pages(venue):
 def test_trades_by_id_refuses_to_hide_a_hole(venue):
     venue.script["/api/v3/historicalTrades"] = [(200, {}, [binance_trade(10), binance_trade(12)])]
     rest = BinanceRest(config(venue.url), http(venue.url, FakeTime()))
-    with pytest.raises(RestError, match="ids jump 11 -> 12"):
+    with pytest.raises(RestError, match="id jumps 11 -> 12"):
         list(rest.trades_by_id("BTC-USDT", 10, 20))
     with pytest.raises(RestError, match="no trades from id 3500"):
         list(rest.trades_by_id("BTC-USDT", 3500, 3600))
