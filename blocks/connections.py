@@ -103,7 +103,7 @@ class VenueFeed(Block):
     _block_type_name = "Tapeline Venue Feed"
     _block_type_slug = "tapeline-venue-feed"
 
-    venue: str = Field(description="binance, binanceus, coinbase or kraken.")
+    venue: str = Field(description="binance, binanceus, coinbase, kraken or deribit.")
     ws_url: str = Field(default="", description="WebSocket base URL; empty: the venue's own.")
     rest_url: str = Field(default="", description="REST base URL; empty: the venue's own.")
     symbols: list[str] = Field(default_factory=lambda: ["BTC-USDT", "ETH-USDT"])

@@ -214,7 +214,7 @@ def backfill_trades(
     resumably page by page; then rebuild the range's candles.
 
     Args:
-        venue: binance, binanceus, coinbase or kraken.
+        venue: binance, binanceus, coinbase, kraken or deribit.
         symbols: Canonical symbols, e.g. ["BTC-USDT"].
         start: Range start (UTC if no offset).
         end: Range end, exclusive.

@@ -138,7 +138,7 @@ def ingest(
     progress_every_s: float = 10.0,
     first_message_timeout_s: float = 15.0,
 ) -> dict[str, Any]:
-    """Stream ``symbols`` of ``venue`` (binance, binanceus, coinbase, kraken) into Kafka.
+    """Stream ``symbols`` of ``venue`` (a name in ``tasks.venues.REGISTRY``) into Kafka.
 
     ``simulator_url`` points the venue's URLs at the local simulator; ``metrics_port``
     None uses TAPELINE_METRICS_PORT, 0 serves none; ``run_seconds`` None runs until
@@ -288,7 +288,7 @@ def _watch(ingestion: Ingestion, run_seconds: float | None, every_s: float, logg
 
 def main(argv: list[str] | None = None) -> int:
     a = argparse.ArgumentParser(prog="python -m flows.ingest", description=__doc__.split("\n")[0])
-    a.add_argument("--venue", default="binance", help="binance, binanceus, coinbase or kraken")
+    a.add_argument("--venue", default="binance", help=", ".join(venues.VENUES))
     a.add_argument(
         "--symbols", default=",".join(DEFAULT_SYMBOLS), help="canonical, comma separated"
     )

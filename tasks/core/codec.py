@@ -49,7 +49,7 @@ MAX_ID = 2**63 - 1
 # under btree's 2,704-byte maximum (a 3,000-character symbol broke it), and a MongoDB _id
 # (tx_id; wallets' "user_id:asset") stays under 600 bytes.
 MAX_CHARS: dict[str, int] = {
-    "venue": 32,  # registry names: binance, binanceus, coinbase, kraken (<= 9)
+    "venue": 32,  # registry names (binance ... deribit) and their -sim forms
     "symbol": 64,  # canonical BASE-QUOTE; real assets are <= 12 characters each
     "venue_symbol": 64,  # the venue's spelling: BTCUSDT, XBT/USD, 1000SATSUSDT
     "interval": 16,  # 1m, 15m, 4h, 1d (tasks.analytics.candles allows <= 6 characters)

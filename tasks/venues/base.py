@@ -24,7 +24,7 @@ class VenueConfig:
     """Where a venue lives. Pointing ``ws_url``/``rest_url`` at the simulator is the only
     difference between a test run and production."""
 
-    name: str  # e.g. binance, binanceus, coinbase, kraken
+    name: str  # e.g. binance, binanceus, coinbase, kraken, deribit
     ws_url: str
     rest_url: str
     max_streams_per_connection: int = 1024
