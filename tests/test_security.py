@@ -235,3 +235,30 @@ def test_a_run_holding_only_the_writer_checks_the_schema_and_never_migrates(post
         with owner.cursor() as cur:
             cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         owner.close()
+
+
+def test_a_live_run_after_a_simulator_run_stores_every_live_trade(kafka, postgres, new_topic):
+    """A feed pointed at the simulator names its data ``binance-sim`` (what ingestion
+    stamps: ``venue_config``); the live venue's trades with the same ids, drained after
+    the simulated ones, are all stored, none taken for a duplicate."""
+    import contextlib
+    import uuid
+
+    from tasks.core.pg import connect
+    from tasks.venues import venue_config
+    from tests.drain.support import drain_prices_now, pg_schema, publish, trades
+
+    assert venue_config("binance", "http://127.0.0.1:18765").name == "binance-sim"
+    assert venue_config("binance").name == "binance"
+    topic, quotes = new_topic(3), new_topic(1)
+    simulated, live = trades(300, venue="binance-sim"), trades(300, venue="binance")
+    assert [t.trade_id for t in simulated] == [t.trade_id for t in live]  # the same ids
+    with pg_schema(postgres.pg_dsn) as schema:
+        consumer = f"test-sim-then-live-{uuid.uuid4().hex[:8]}"
+        publish(kafka, topic, simulated)
+        drain_prices_now(kafka, schema, consumer, [topic, quotes])
+        publish(kafka, topic, live)
+        drain_prices_now(kafka, schema, consumer, [topic, quotes])
+        with contextlib.closing(connect(postgres.pg_dsn, schema)) as conn, conn.cursor() as cur:
+            cur.execute("SELECT venue, count(*) FROM trades GROUP BY venue ORDER BY venue")
+            assert cur.fetchall() == [("binance", 300), ("binance-sim", 300)]
