@@ -7,6 +7,7 @@ only its own steps.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -123,3 +124,41 @@ def to_us(t: datetime | str | int) -> int:
 def iso(us: int) -> str:
     """Epoch microseconds as ISO 8601 in UTC, to the second (for logs and artifacts)."""
     return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat(timespec="seconds")
+
+
+# How often a long run asks the server whether it was declared dead (see ended_by_server).
+ENDED_CHECK_S = 30.0
+
+
+def ended_by_server(run_id: str) -> bool:
+    """True once the Prefect server holds flow run ``run_id`` in a final state. A server
+    outage longer than the silent-run window makes the automation end a live run Crashed
+    and its trigger start a replacement; without this check both would send, doubling the
+    users' activity (trading) or leave the replacement waiting on the feed's lease while
+    the ended run publishes on (ingestion). An unreachable server is not an ending."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+    except Exception:
+        return False
+    return state is not None and state.is_final()
+
+
+def watch_ending(ended: threading.Event) -> None:
+    """Set ``ended`` once the server has ended this flow run; asks every ENDED_CHECK_S in
+    a thread of its own, since the client may wait minutes on a server that is down and
+    the run's work must not pause meanwhile."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return
+
+    def loop() -> None:
+        while not ended.wait(ENDED_CHECK_S):
+            if ended_by_server(run_id):
+                ended.set()
+
+    threading.Thread(target=loop, name="ended-by-server", daemon=True).start()

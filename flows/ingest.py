@@ -36,6 +36,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from functools import partial
@@ -45,7 +46,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.common import checked, migrate_schema
+from flows.common import checked, migrate_schema, watch_ending
 from tasks import venues
 from tasks.core import config, metrics, params
 from tasks.core.topics import QUOTES, TRADES
@@ -200,9 +201,12 @@ def ingest(
             p.config.name, "+".join(p.channels), len(p.symbols), len(p.shards),
         )  # fmt: skip
         ingestion.start(connect_shard)
+        ended = threading.Event()  # the server ended this run (see watch_ending)
+        watch_ending(ended)
         try:
-            _watch(ingestion, run_seconds, progress_every_s, logger)
+            _watch(ingestion, run_seconds, progress_every_s, logger, ended)
         finally:
+            ended.set()  # the watch thread stops too
             fenced = ingestion.publisher.fence_reason()
             if fenced is not None:
                 fenced = keeper.verdict or fenced
@@ -268,14 +272,26 @@ def _serve_metrics(port: int, host: str, logger: Any) -> None:
     _serving.add(port)
 
 
-def _watch(ingestion: Ingestion, run_seconds: float | None, every_s: float, logger: Any) -> None:
-    """Log progress until the deadline or a shard dies; SIGTERM and cancellation arrive
-    here as exceptions (Prefect raises TerminationSignal), which run the caller's finally."""
+def _watch(
+    ingestion: Ingestion,
+    run_seconds: float | None,
+    every_s: float,
+    logger: Any,
+    ended: threading.Event,
+) -> None:
+    """Log progress until the deadline, a shard dies, or the server ended this run (a
+    false silent-run verdict after an outage: stopping releases the feed's lease to the
+    replacement waiting for it, which repairs the seconds between). SIGTERM and
+    cancellation arrive here as exceptions (Prefect raises TerminationSignal), which run
+    the caller's finally."""
     start = time.monotonic()
     next_line, next_gauges = start + every_s, start
     while ingestion.alive:
         now = time.monotonic()
         if run_seconds is not None and now - start >= run_seconds:
+            return
+        if ended.is_set():
+            logger.warning("this run was ended by the server: stopping, the lease goes on")
             return
         if now >= next_gauges:
             ingestion.update_gauges()

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import sys
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -27,7 +28,7 @@ import psycopg2
 from prefect import flow, get_run_logger
 
 from blocks import settings as block_settings
-from flows.common import checked
+from flows.common import checked, watch_ending
 from tasks.core import codec, config, params
 from tasks.core.events import UserTransaction, split_symbol
 from tasks.core.kafka import producer
@@ -116,29 +117,6 @@ def _check(
     params.topic("topic", topic, params.NOT_TRANSACTIONS)
 
 
-# How often a long run asks the server whether it was declared dead (see ended_by_server).
-ENDED_CHECK_S = 30.0
-
-
-def ended_by_server() -> bool:
-    """True once the Prefect server holds this flow run in a final state. A server outage
-    longer than the silent-run window makes the automation end a live run Crashed and its
-    trigger start a replacement; without this check both would send, doubling the users'
-    activity. An unreachable server (or no run at all) is not an ending: carry on."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
-    run_id = flow_run.get_id()
-    if not run_id:
-        return False
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(run_id).state
-    except Exception:
-        return False
-    return state is not None and state.is_final()
-
-
 @checked(_check)
 @flow(name="trading-activity", log_prints=True)
 def trading_activity(
@@ -165,6 +143,7 @@ def trading_activity(
     p = producer(settings)
     sent: dict[str, int] = defaultdict(int)
     pending = []
+    ended = threading.Event()  # set by the server's verdict, or when this run stops
 
     def send(tx: UserTransaction) -> None:
         pending.append(p.send(topic, key=tx.user_id.encode(), value=codec.encode(tx)))
@@ -196,14 +175,12 @@ def trading_activity(
         logger.info("funded %d users with %s of %s", users, DEPOSIT, ", ".join(sorted(quotes)))
         start = time.monotonic()
         prices, prices_at = market_prices(settings, fallback), start
-        checked_at = start
+        watch_ending(ended)
         n = 0
         while run_seconds is None or time.monotonic() - start < run_seconds:
-            if time.monotonic() - checked_at > ENDED_CHECK_S:
-                checked_at = time.monotonic()
-                if ended_by_server():
-                    logger.warning("this run was ended by the server: its replacement sends")
-                    break
+            if ended.is_set():
+                logger.warning("this run was ended by the server: its replacement sends")
+                break
             if time.monotonic() - prices_at > 5:
                 prices, prices_at = market_prices(settings, fallback), time.monotonic()
             symbol = rng.choice(symbols)
@@ -220,6 +197,7 @@ def trading_activity(
             if n and n % 500 == 0:
                 logger.info("sent %s", dict(sent))
     finally:
+        ended.set()  # the watch thread stops too
         confirm()
         p.close(timeout=30)
     logger.info("done: %s", dict(sent))

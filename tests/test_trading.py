@@ -42,9 +42,9 @@ def test_a_run_the_server_ended_stops_sending(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.states import Crashed
 
-    import flows.trading as trading
+    import flows.common
 
-    monkeypatch.setattr(trading, "ENDED_CHECK_S", 1.0)
+    monkeypatch.setattr(flows.common, "ENDED_CHECK_S", 1.0)
     topic, tag = new_topic(partitions=1), f"test-ended-{uuid.uuid4().hex[:8]}"
     out: dict = {}
 
