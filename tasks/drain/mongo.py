@@ -57,7 +57,6 @@ _DUPLICATE_KEY = 11000
 # Wallet versions are kept this long (and each wallet's newest for ever): a writer folds
 # onto a version it read at most half this long ago, so the _id it claims was never freed.
 _VERSIONS_KEPT_S = 3600.0
-_PROBE = 8  # version ids looked up per wallet and round (see MongoSink._newest)
 _VERSION_ONLY = frozenset({"_id", "wid", "superseded"})  # fields not copied into wallets
 Key = tuple[str, int]
 
@@ -354,41 +353,41 @@ class MongoSink:
         log.warning("wallets behind their newest versions: %s", [d["wid"] for d in todo][:5])
 
     def _newest(self, wids: list[str], floor: dict[str, int] | None = None) -> dict[str, dict]:
-        """Each wallet's newest ``wallet_versions`` document, looked up by ``_id``.
+        """Each wallet's newest ``wallet_versions`` document, found by exact ``_id``.
 
         Versions are ``<wallet>#1, #2, ...`` with no holes above the one ``wallets``
         shows (only superseded versions are pruned, and ``wallets`` is brought up to the
-        newest after every batch), so the newest is found by probing ids upwards from the
-        shown version, ``_PROBE`` at a time. FerretDB (the local stack) answers ``_id``
-        lookups from its primary key but filters on other fields by reading every
-        document: a scan of the versions kept for an hour, twice a batch, made it the
-        machine's busiest process and the drain fell behind. A wallet the probe cannot
-        place (no version at or above the shown one: new, or pruned past) falls back to
-        that scan. ``floor``: versions known to exist (a claim just lost to them)."""
+        newest after every batch), so the newest is found by climbing ids from the shown
+        version until one is missing: usually two lookups. FerretDB (the local stack)
+        answers only a plain ``{_id: <string>}`` filter from its primary key; any other
+        filter, ``$in`` on ``_id`` included, reads every document, and a scan of the
+        versions kept for an hour, twice a batch, made it the soak's busiest process. A
+        wallet the climb cannot place (no version at the start: new, or pruned past; or
+        a top that is superseded) falls back to that scan. ``floor``: a version known to
+        exist (a claim just lost to it)."""
         shown = {
             d["_id"]: int(d.get("v", 0))
-            for d in self.db.wallets.find({"_id": {"$in": wids}}, {"v": 1})
+            for d in self.db.wallets.find({"_id": {"$in": wids}}, {"v": 1})  # a few hundred
         }
+        floor = floor or {}
+        versions = self.db.wallet_versions
         newest: dict[str, dict] = {}
         lost: list[str] = []
-        floor = floor or {}
-        todo = {wid: max(shown.get(wid, 0), floor.get(wid, 0), 1) for wid in wids}
-        while todo:
-            ids = [f"{wid}#{v}" for wid, low in todo.items() for v in range(low, low + _PROBE)]
-            found = {d["_id"]: d for d in self.db.wallet_versions.find({"_id": {"$in": ids}})}
-            more = {}
-            for wid, low in todo.items():
-                top = max((v for v in range(low, low + _PROBE) if f"{wid}#{v}" in found), default=0)
-                if top:
-                    newest[wid] = found[f"{wid}#{top}"]
-                    if top == low + _PROBE - 1:
-                        more[wid] = top  # there may be newer ones still
-                elif wid not in newest:  # a new wallet, or one shown long ago
-                    lost.append(wid)
-            todo = more
+        for wid in wids:
+            v = max(shown.get(wid, 0), floor.get(wid, 0), 1)
+            doc = versions.find_one({"_id": f"{wid}#{v}"})
+            while doc is not None:
+                above = versions.find_one({"_id": f"{wid}#{v + 1}"})
+                if above is None:
+                    break
+                doc, v = above, v + 1
+            if doc is None or doc.get("superseded"):
+                lost.append(wid)
+            else:
+                newest[wid] = doc
         if lost:
             scan = {"wid": {"$in": lost}, "superseded": {"$ne": True}}
-            for d in self.db.wallet_versions.find(scan):
+            for d in versions.find(scan):
                 if d["v"] > newest.get(d["wid"], {}).get("v", -1):
                     newest[d["wid"]] = d
         return newest
