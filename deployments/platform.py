@@ -65,8 +65,11 @@ def cancel(run_ids: list) -> None:
     with get_client(sync_client=True) as client:
         for rid in run_ids:
             with suppress(Exception):
-                # a run not yet picked up has no process to stop: it ends at once
-                waiting = client.read_flow_run(rid).state.is_scheduled()
+                # A run no worker has picked up has no process to stop: it ends at once. A
+                # run awaiting a retry is Scheduled too, but its process lives and waits:
+                # that one is cancelled through its worker like any running one.
+                run = client.read_flow_run(rid)
+                waiting = run.state.is_scheduled() and not run.infrastructure_pid
                 client.set_flow_run_state(rid, Cancelled() if waiting else Cancelling(), force=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -238,6 +241,7 @@ def reap() -> list[str]:
     first; this is the backstop for what they cannot see: a firing whose action failed
     while the Prefect server's database was restarting, and a Crashed event the server's
     trigger service holds back (below)."""
+
     def end_orphans() -> list[str]:
         return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
 
@@ -270,7 +274,12 @@ def keep_following() -> list[str]:
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterEndTime,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     lines = []
@@ -282,8 +291,9 @@ def keep_following() -> list[str]:
                 continue
             if deployment_setup.due_runs(client, deployment.id, soon):
                 continue
-            last = client.read_flow_runs(
+            last = client.read_flow_runs(  # ended runs only: PostgreSQL sorts NULLs first
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(end_time=FlowRunFilterEndTime(is_null_=False)),
                 sort=FlowRunSort.END_TIME_DESC,
                 limit=1,
             )
