@@ -7,8 +7,11 @@ only its own steps.
 from __future__ import annotations
 
 import inspect
+import os
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -162,3 +165,41 @@ def watch_ending(ended: threading.Event) -> None:
                 ended.set()
 
     threading.Thread(target=loop, name="ended-by-server", daemon=True).start()
+
+
+@contextmanager
+def sigterm_noticed() -> Iterator[threading.Event]:
+    """An Event set on SIGTERM, beside the handler already in place (Prefect's, which
+    raises TerminationSignal so the run's ``finally`` flushes and releases). A handler's
+    exception that lands while the main thread runs a weakref or GC callback is swallowed
+    by Python ("Exception ignored in ..."), and a run that streams until stopped would
+    then never stop. Loops that run until stopped check the Event and raise
+    TerminationSignal themselves (``stop_if_terminated``). Off the main thread (where no
+    signal arrives) the Event is never set."""
+    noticed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noticed
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        noticed.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous is not signal.SIG_IGN:  # the default: end the process as it would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield noticed
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def stop_if_terminated(terminated: threading.Event) -> None:
+    """Raise what Prefect's SIGTERM handler raises, once ``terminated`` is set."""
+    if terminated.is_set():
+        from prefect.exceptions import TerminationSignal
+
+        raise TerminationSignal(signal.SIGTERM)

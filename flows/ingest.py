@@ -46,7 +46,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.common import checked, migrate_schema, watch_ending
+from flows.common import (
+    checked,
+    migrate_schema,
+    sigterm_noticed,
+    stop_if_terminated,
+    watch_ending,
+)
 from tasks import venues
 from tasks.core import config, metrics, params
 from tasks.core.topics import QUOTES, TRADES
@@ -204,7 +210,8 @@ def ingest(
         ended = threading.Event()  # the server ended this run (see watch_ending)
         watch_ending(ended)
         try:
-            _watch(ingestion, run_seconds, progress_every_s, logger, ended)
+            with sigterm_noticed() as terminated:
+                _watch(ingestion, run_seconds, progress_every_s, logger, ended, terminated)
         finally:
             ended.set()  # the watch thread stops too
             fenced = ingestion.publisher.fence_reason()
@@ -278,15 +285,17 @@ def _watch(
     every_s: float,
     logger: Any,
     ended: threading.Event,
+    terminated: threading.Event,
 ) -> None:
     """Log progress until the deadline, a shard dies, or the server ended this run (a
     false silent-run verdict after an outage: stopping releases the feed's lease to the
     replacement waiting for it, which repairs the seconds between). SIGTERM and
     cancellation arrive here as exceptions (Prefect raises TerminationSignal), which run
-    the caller's finally."""
+    the caller's finally; ``terminated`` raises it here when Python swallowed the first."""
     start = time.monotonic()
     next_line, next_gauges = start + every_s, start
     while ingestion.alive:
+        stop_if_terminated(terminated)
         now = time.monotonic()
         if run_seconds is not None and now - start >= run_seconds:
             return

@@ -28,7 +28,7 @@ import psycopg2
 from prefect import flow, get_run_logger
 
 from blocks import settings as block_settings
-from flows.common import checked, watch_ending
+from flows.common import checked, sigterm_noticed, stop_if_terminated, watch_ending
 from tasks.core import codec, config, params
 from tasks.core.events import UserTransaction, split_symbol
 from tasks.core.kafka import producer
@@ -176,26 +176,28 @@ def trading_activity(
         start = time.monotonic()
         prices, prices_at = market_prices(settings, fallback), start
         watch_ending(ended)
-        n = 0
-        while run_seconds is None or time.monotonic() - start < run_seconds:
-            if ended.is_set():
-                logger.warning("this run was ended by the server: its replacement sends")
-                break
-            if time.monotonic() - prices_at > 5:
-                prices, prices_at = market_prices(settings, fallback), time.monotonic()
-            symbol = rng.choice(symbols)
-            bid, ask = prices[symbol]
-            tx = next_fill(
-                rng, book, rng.choice(user_ids), symbol, bid, ask, time.time_ns() // 1000
-            )
-            if tx is not None:
-                send(tx)
-                n += 1
-            if len(pending) >= 100:
-                confirm()
-            time.sleep(rng.expovariate(rate_per_s))
-            if n and n % 500 == 0:
-                logger.info("sent %s", dict(sent))
+        with sigterm_noticed() as terminated:
+            n = 0
+            while run_seconds is None or time.monotonic() - start < run_seconds:
+                stop_if_terminated(terminated)
+                if ended.is_set():
+                    logger.warning("this run was ended by the server: its replacement sends")
+                    break
+                if time.monotonic() - prices_at > 5:
+                    prices, prices_at = market_prices(settings, fallback), time.monotonic()
+                symbol = rng.choice(symbols)
+                bid, ask = prices[symbol]
+                tx = next_fill(
+                    rng, book, rng.choice(user_ids), symbol, bid, ask, time.time_ns() // 1000
+                )
+                if tx is not None:
+                    send(tx)
+                    n += 1
+                if len(pending) >= 100:
+                    confirm()
+                time.sleep(rng.expovariate(rate_per_s))
+                if n and n % 500 == 0:
+                    logger.info("sent %s", dict(sent))
     finally:
         ended.set()  # the watch thread stops too
         confirm()
