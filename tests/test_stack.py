@@ -88,3 +88,23 @@ def test_restart_keeps_data_and_teardown_leaves_no_listener(private_env):
     assert _stack(private_env, "down").returncode == 0
     for port in PORTS.values():
         assert not port_open("127.0.0.1", port)
+
+
+def test_documents_are_found_by_id_through_the_index(mongo):
+    """Every find, update and delete by ``_id`` of the wallet sink is a key lookup. Stock
+    FerretDB 1.24 on SQLite reads the whole table for each (its lookup expression does not
+    match its own index); the stack builds it patched, and this asks SQLite's planner."""
+    with pymongo.MongoClient(mongo.mongo_url) as client:
+        db = client[f"plan_{uuid.uuid4().hex[:8]}"]
+        try:
+            db.things.insert_many([{"_id": f"thing#{i}", "n": i} for i in range(50)])
+            plan = db.command("explain", {"find": "things", "filter": {"_id": "thing#7"}})
+            if "ferretdbVersion" not in client.server_info():
+                assert plan["queryPlanner"]["winningPlan"]["stage"] in {"IDHACK", "EXPRESS_IXSCAN"}
+                return
+            steps = plan["queryPlanner"]["Plan"]
+            assert any("USING INDEX" in step for step in steps), steps
+            assert db.things.find_one({"_id": "thing#7"})["n"] == 7
+            assert db.things.find_one({"_id": "thing#50"}) is None
+        finally:
+            client.drop_database(db.name)

@@ -359,11 +359,12 @@ class MongoSink:
         shows (only superseded versions are pruned, and ``wallets`` is brought up to the
         newest after every batch), so the newest is found by climbing ids from the shown
         version until one is missing: usually two lookups. FerretDB (the local stack)
-        answers only a plain ``{_id: <string>}`` filter from its primary key; any other
-        filter, ``$in`` on ``_id`` included, reads every document, and a scan of the
-        versions kept for an hour, twice a batch, made it the soak's busiest process. A
-        wallet the climb cannot place (no version at the start: new, or pruned past; or
-        a top that is superseded) falls back to that scan. ``floor``: a version known to
+        answers only a plain ``{_id: <string>}`` filter from its primary key (the stack
+        builds it patched so that it does: ``stack/services.py``); any other filter,
+        ``$in`` on ``_id`` included, reads every document, and a scan of the versions
+        kept for an hour, twice a batch, made it the soak's busiest process. A wallet
+        the climb cannot place (no version at the start: new, or pruned past; or a top
+        that is superseded) falls back to that scan. ``floor``: a version known to
         exist (a claim just lost to it)."""
         shown = {
             d["_id"]: int(d.get("v", 0))
