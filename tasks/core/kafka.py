@@ -13,8 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.producer.transaction_manager import TransactionManager, TransactionState
 
 from tasks.core import config
+
+_reset_producer_id = TransactionManager.reset_producer_id
+
+
+def _reset_and_reinitialise(self: TransactionManager) -> None:
+    """kafka-python 3.0.12 resets the producer id when a batch the broker may have written
+    expires (Kafka unreachable for longer than ``delivery_timeout_ms``), but leaves the
+    state READY, while the sender asks for a new id only from UNINITIALIZED: the idempotent
+    producer then never sends another record, and ingestion hangs at its in-flight bound
+    with the broker back (``tests/ingest/test_publish.py``). Back to UNINITIALIZED, the
+    sender's next round asks for a new id, as the library means to."""
+    _reset_producer_id(self)
+    with self._lock:
+        if not self.is_transactional() and self._current_state == TransactionState.READY:
+            self._current_state = TransactionState.UNINITIALIZED
+
+
+TransactionManager.reset_producer_id = _reset_and_reinitialise  # type: ignore[method-assign]
 
 
 def _settings(settings: config.Settings | None) -> config.Settings:

@@ -177,16 +177,10 @@ class ShardWorker:
             log.warning("%s shard %s: venue error: %s", self.source, self.shard, parsed.detail)
 
     def _recover(self) -> None:
-        """Kafka refused some messages for good: once every outcome is known, resend
-        failed DLQ records and rewind the gap tracker to before the first failed trade.
-        (After a fatal producer error there is nothing to do: the ingestion stops.)"""
-        publisher = self.lane.publisher
-        if publisher.fatal is not None:
-            return
-        publisher.flush()
-        failed = self.lane.take_failed()
-        if failed and self.tracker is not None:
-            self.tracker.rewind(failed)
+        """Kafka refused some messages for good (see ``resend_failed``); after a fatal
+        producer error there is nothing to do: the ingestion stops."""
+        if self.lane.publisher.fatal is None:
+            resend_failed(self.lane, self.tracker)
 
     def counts(self) -> dict[str, Any]:
         t = self.tracker
@@ -209,6 +203,24 @@ class ShardWorker:
             "gaps_given_up": t.gaps_given_up if t else 0,
             "trades_repaired": t.trades_repaired if t else 0,
         }
+
+
+def resend_failed(lane: Lane, tracker: GapTracker | None) -> int:
+    """Once every outcome is known, send the lane's failed DLQ records again and give its
+    failed trades another go: a venue with REST history rewinds its gap tracker to before
+    the first one, so they and what followed are fetched and published again in id
+    order; a venue without it (Coinbase, Kraken) publishes the same trades again, in the
+    order they failed, after trades that came later (the sinks key trades by id, and no
+    reader of those venues relies on the order). Returns the trades handed back."""
+    lane.publisher.flush()
+    failed = lane.take_failed()
+    if tracker is not None:
+        if failed:
+            tracker.rewind(failed)
+    else:
+        for trade in failed:
+            lane.publish(trade, live=False)
+    return len(failed)
 
 
 ShardRunner = Callable[[ShardWorker], Any]

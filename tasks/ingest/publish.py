@@ -13,10 +13,11 @@ Guarantee (what ``Publisher`` keeps, with the producer settings of ``tasks.core.
   backpressure, not memory growth. The producer retries by itself for
   ``delivery_timeout_ms`` (120 s), so an outage shorter than that costs only waiting.
 - A message that still fails is counted (``kafka_publish_failure_total``) and never
-  silently lost: a failed *trade* is handed back to its shard (``Lane.take_failed``),
-  which rewinds its gap tracker so the trade and everything after it is fetched again
-  from the venue's REST history and re-published in id order; a failed *DLQ record* is
-  sent again (order does not matter there). A failed *quote* is counted and dropped: a
+  silently lost: a failed *trade* is handed back to its shard (``Lane.take_failed``,
+  ``tasks.ingest.live.resend_failed``), which rewinds its gap tracker so the trade and
+  everything after it is fetched again from the venue's REST history and re-published in
+  id order, or, for a venue without one, publishes the trade itself again; a failed *DLQ
+  record* is sent again (order does not matter there). A failed *quote* is counted and dropped: a
   quote is a snapshot superseded by the next one, and no venue serves quote history.
 - A failure that is not retriable (authorization, an oversized record, a corrupt
   batch) puts kafka-python's idempotent producer in a fatal state in which every later

@@ -4,6 +4,8 @@ error that leaves the producer unable to deliver anything stops the run with it.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import uuid
 from decimal import Decimal
@@ -13,11 +15,15 @@ from kafka.admin import NewTopic
 from prometheus_client import REGISTRY
 
 from simulator.process import SimulatorProcess
+from stack.process import read_pid
+from tasks.core.events import Trade
 from tasks.core.kafka import admin, producer
 from tasks.ingest.gaps import GapTracker
+from tasks.ingest.live import resend_failed
 from tasks.ingest.publish import PRODUCER_TUNING, Publisher, Topics
 from tasks.venues import venue_config
 from tasks.venues.binance import BinanceRest
+from tests.broker import private_broker
 from tests.ingest.support import trade_ids
 
 
@@ -104,3 +110,47 @@ def test_a_dead_producer_thread_unblocks_readers_and_is_fatal(kafka, new_topic):
     with pytest.raises(Closed):
         lane.publish(trade)  # waits for room: returns only because the thread is gone
     assert isinstance(pub.fatal, ProducerDied) and not pub.check_sender()
+
+
+def test_a_venue_without_history_sends_its_failed_trades_again(settings, kafka):
+    """Coinbase and Kraken serve no trade history to repair from. A trade the broker did
+    not acknowledge within the delivery timeout (broker frozen past it: a retriable
+    failure) is published again once the broker is back, not dropped. The producer works
+    again after such an expiry (kafka-python left it without a producer id for good:
+    ``tasks.core.kafka``). The broker may have written the expired batch after all, so a
+    trade can be in the topic twice: the sinks keep one row per trade id."""
+    with private_broker(settings, 29392) as (_, s, broker):
+        topic = f"test.resend.{uuid.uuid4().hex[:10]}"
+        client = admin(s)
+        client.create_topics([NewTopic(topic, 1, 1)])
+        client.close()
+        fast = {**PRODUCER_TUNING, "delivery_timeout_ms": 3000, "request_timeout_ms": 1000}
+        publisher = Publisher(producer(s, **fast), "coinbase", Topics(topic), 50)
+        lane = publisher.lane("0")
+        now = time.time_ns() // 1000
+        trades = [
+            Trade("coinbase", "BTC-USD", "BTC-USD", i, Decimal("50000.5"), Decimal("0.01"),
+                  "buy", now + i, now + i)
+            for i in range(1, 31)
+        ]  # fmt: skip
+        lane.publish(trades[0])  # the topic's metadata is known before the broker freezes
+        publisher.flush(timeout=60)
+        assert lane.acked == 1, "the private broker did not take a first trade"
+        pid = read_pid(broker.pidfile)
+        os.killpg(pid, signal.SIGSTOP)
+        try:
+            for t in trades[1:]:
+                lane.publish(t)
+            deadline = time.monotonic() + 120  # liveness: 3 s delivery timeout, then callbacks
+            while lane.failed < len(trades) - 1:
+                assert time.monotonic() < deadline, f"{lane.failed} of 29 trades failed in 120 s"
+                time.sleep(0.2)
+        finally:
+            os.killpg(pid, signal.SIGCONT)
+        assert publisher.fatal is None, publisher.fatal  # a timeout is retriable
+        assert resend_failed(lane, None) == len(trades) - 1
+        assert publisher.close(timeout=60) == 0
+        assert lane.acked == len(trades)
+        got = trade_ids(s, topic, venue="coinbase")["BTC-USD"]
+        assert sorted(set(got)) == [t.trade_id for t in trades]  # every one, at least once
+        assert len(got) <= 2 * len(trades) - 1
