@@ -84,7 +84,7 @@ import psycopg2
 import pymongo
 from kafka import TopicPartition
 
-from deployments import local
+from deployments import local, reaper
 from deployments import platform as plat
 from deployments import setup as deployment_setup
 from stack.process import alive, read_pid
@@ -366,17 +366,17 @@ class StoreProbe(Probe):
 
 
 class Reaper(Probe):
-    """The platform command's backstop for orphaned scheduled runs (``plat.reap``), on its
-    schedule; what it ends is printed and listed with the events."""
+    """The platform command's backstop for orphaned scheduled runs (``reaper.reap``), on
+    its schedule; what it ends is printed and listed with the events."""
 
-    every = plat.REAP_EVERY_S
+    every = reaper.REAP_EVERY_S
 
     def __init__(self, events: list[str]):
         super().__init__("reaper")
         self.events = events
 
     def tick(self) -> None:
-        for line in plat.reap():
+        for line in reaper.reap(local_pids=True):
             say(line)
             self.events.append(line)
 
@@ -785,7 +785,7 @@ class Soak:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as client:
-            for name in (*CONSUMERS, plat.AGGREGATE, plat.INGEST["simulator"], plat.TRADING):
+            for name in (*CONSUMERS, reaper.AGGREGATE, plat.INGEST["simulator"], plat.TRADING):
                 self.deployment_ids[name] = client.read_deployment_by_name(name).id
             self.report_open_runs(client)
         self.dlq_start = self._dlq_ends()
@@ -801,10 +801,10 @@ class Soak:
         say("Tapeline is running:\n" + plat.where(s))
         ingest = self._patiently(
             "starting ingestion",
-            lambda: plat.run_deployment(plat.INGEST["simulator"], symbols=self.symbols),
+            lambda: reaper.run_deployment(plat.INGEST["simulator"], symbols=self.symbols),
         )
         trading = self._patiently(
-            "starting trading activity", lambda: plat.run_deployment(plat.TRADING)
+            "starting trading activity", lambda: reaper.run_deployment(plat.TRADING)
         )
         self._patiently("starting the drains", plat.start_drains)
         self.long_runs = [ingest.id, trading.id]
@@ -1369,13 +1369,14 @@ class Soak:
     def _wind_down(self) -> None:
         say("stopping ingestion and trading, draining what is left ...")
         if self.reaper is not None:
-            self.reaper.stop()  # it would start following drains again (plat.keep_following)
+            self.reaper.stop()  # it would start following drains again (reaper.keep_following)
         self.final["cancel"] = self._stop_long_runs()
         plat.cancel(plat.following_runs())  # as the main command does: they hold the slots
         deadline = time.time() + self.args.final_minutes * 60
         drains: dict[str, str] = {}
-        for name in (*CONSUMERS, plat.AGGREGATE):
-            ok, text = self._final_run(name, deadline, attempts=1 if name == plat.AGGREGATE else 6)
+        for name in (*CONSUMERS, reaper.AGGREGATE):
+            attempts = 1 if name == reaper.AGGREGATE else 6
+            ok, text = self._final_run(name, deadline, attempts=attempts)
             if not ok and name in CONSUMERS:
                 text += " | " + self._drain_in_process(name)
             drains[name] = text
@@ -1527,7 +1528,7 @@ class Soak:
                 break
             try:
                 final = plat.FINAL_DRAIN if name in CONSUMERS else {}
-                fr = plat.run_deployment(name, wait_s=min(300, left), **final)
+                fr = reaper.run_deployment(name, wait_s=min(300, left), **final)
                 st = fr.state
                 out.append(
                     f"{fr.name} {st.name if st else '?'}"
@@ -1681,7 +1682,7 @@ def drain_runs(soak: Soak, t_from: float, t_to: float) -> dict[str, list[dict[st
 
     out: dict[str, list[dict[str, Any]]] = {}
     with get_client(sync_client=True) as client:
-        for name in (*CONSUMERS, plat.AGGREGATE, plat.INGEST["simulator"], plat.TRADING):
+        for name in (*CONSUMERS, reaper.AGGREGATE, plat.INGEST["simulator"], plat.TRADING):
             runs, offset = [], 0
             while True:  # the API returns at most 200 per page
                 page = client.read_flow_runs(
@@ -1996,6 +1997,16 @@ def report(soak: Soak) -> None:
         a for t, a, _ in (st.ticks if st else []) if a is not None and not in_window(t, wins)
     ]
     ages_all = [a for t, a, _ in (st.ticks if st else []) if a is not None]
+    # where the outside-window staleness was: consecutive polls with the worst age over
+    # the freshness target, as (first poll, last poll, worst age)
+    stale: list[list[float]] = []
+    for t, a, _ in st.ticks if st else []:
+        if a is None or a <= args.fresh_s or in_window(t, wins):
+            continue
+        if stale and t - stale[-1][1] <= 2.5:
+            stale[-1][1], stale[-1][2] = t, max(stale[-1][2], a)
+        else:
+            stale.append([t, t, a])
 
     # offered load over the load period
     def avg_rate(topic: str) -> float | None:
@@ -2096,6 +2107,16 @@ def report(soak: Soak) -> None:
         f" max {fmt_s(max(ages_out) if ages_out else None)};"
         f" whole run max {fmt_s(max(ages_all) if ages_all else None)}"
     )
+    if stale:
+        longest = sorted(stale, key=lambda x: x[1] - x[0], reverse=True)[:5]
+        add(
+            f"  stale outside windows (worst age > {args.fresh_s:g} s), {len(stale)} stretches,"
+            " longest: "
+            + "; ".join(
+                f"+{_mmss(a - soak.t_start)}..+{_mmss(b - soak.t_start)} up to {fmt_s(top)}"
+                for a, b, top in sorted(longest)
+            )
+        )
     add(
         "faults: recovery = from the fault's end (restart done / broker resumed / poison acked)"
         " to the first 1-s poll that saw trades stored after that end and the newest stored"

@@ -29,6 +29,7 @@ from kafka.admin import OffsetSpec
 from blocks import prefect_api
 from deployments import local
 from deployments import setup as deployment_setup
+from deployments.reaper import AGGREGATE, DRAINS, REAP_EVERY_S, reap, run_deployment
 from stack.services import services, up
 from tasks import venues
 from tasks.core import config
@@ -42,17 +43,9 @@ from tasks.telemetry.exporter import consumer_lag
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 INGEST = {"simulator": "ingest/simulator-feed", "live": "ingest/binance-live"}
 TRADING = "trading-activity/simulator"
-DRAINS = ("drain-prices/continuous", "drain-transactions/continuous")
-AGGREGATE = "aggregate/every-minute"
 # A last drain after the load stopped: reads until caught up, then ends (the scheduled runs
 # follow the topics until the next one takes over).
 FINAL_DRAIN = {"follow": False}
-
-
-def run_deployment(name: str, wait_s: float = 0, **parameters: Any):
-    from prefect.deployments import run_deployment as run
-
-    return run(name, parameters=parameters or None, timeout=wait_s, as_subflow=False)
 
 
 def cancel(run_ids: list) -> None:
@@ -229,87 +222,6 @@ def following_runs() -> list:
         return [r.id for r in deployment_setup.live_runs(client, ids)] + due
 
 
-# How often the platform looks for dead runs and drains nobody runs: the check is cheap,
-# and it bounds how long the topics go unread after a worker or run is lost.
-REAP_EVERY_S = 15.0
-
-
-def reap() -> list[str]:
-    """End the scheduled deployments' runs a dead worker left behind, by the automations'
-    own rules (``deployments.setup.end_orphans``), then start a following run of each drain
-    that has none (``keep_following``). The automations and the restart triggers do both
-    first; this is the backstop for what they cannot see: a firing whose action failed
-    while the Prefect server's database was restarting, and a Crashed event the server's
-    trigger service holds back (below)."""
-
-    def end_orphans() -> list[str]:
-        return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=True)
-
-    lines: list[str] = []
-    for step in (end_orphans, keep_following):
-        try:
-            lines += step()
-        except Exception as e:  # the server may be down right now; the next round retries
-            lines.append(f"orphan check skipped: {type(e).__name__}: {e}")
-            break
-    return lines
-
-
-_NOT_RESTARTED: set = set()  # Failed runs already reported by keep_following
-
-
-def keep_following() -> list[str]:
-    """Start a following run of each drain that has no run live or due within 45 s (a
-    retry is due 30 s after a failed attempt), unless its last run Failed: that one is
-    left to the next schedule, so a drain that cannot start (a schema behind the code,
-    say) is not restarted every round.
-
-    The restart-when-Crashed triggers cannot be relied on alone. Prefect's trigger service
-    handles a run's state events in order: an event whose predecessor it has not seen is
-    held for up to 15 minutes. A scheduled run's first Pending event follows a Scheduled
-    event the scheduler never sends, and a server restart forgets what was seen; in the
-    soak, two Crashed drains were never replaced by their trigger, and the price drain read
-    nothing for 6 minutes. A run started here while the trigger's own run also starts is
-    harmless: the newer takes over, and the deployment's limit Cancels a third."""
-    from datetime import UTC, datetime, timedelta
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterId,
-        FlowRunFilter,
-        FlowRunFilterEndTime,
-    )
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    lines = []
-    with get_client(sync_client=True) as client:
-        soon = datetime.now(UTC) + timedelta(seconds=45)
-        for name in DRAINS:
-            deployment = client.read_deployment_by_name(name)
-            if deployment_setup.live_runs(client, [deployment.id]):
-                continue
-            if deployment_setup.due_runs(client, deployment.id, soon):
-                continue
-            last = client.read_flow_runs(  # ended runs only: PostgreSQL sorts NULLs first
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                flow_run_filter=FlowRunFilter(end_time=FlowRunFilterEndTime(is_null_=False)),
-                sort=FlowRunSort.END_TIME_DESC,
-                limit=1,
-            )
-            if last and last[0].state and last[0].state.is_failed():
-                if last[0].id not in _NOT_RESTARTED:
-                    _NOT_RESTARTED.add(last[0].id)
-                    lines.append(
-                        f"{name}: not restarted, its last run {last[0].name} Failed"
-                        f" ({(last[0].state.message or '')[:120]}); the next schedule tries"
-                    )
-                continue
-            run = run_deployment(name)
-            lines.append(f"started following run {run.name} of {name}: it had none live")
-    return lines
-
-
 def watch(settings: config.Settings, minutes: float | None, every: float) -> None:
     """Print a summary line every ``every`` s until the deadline, Ctrl-C or SIGTERM, and
     end orphaned scheduled runs every ``REAP_EVERY_S``."""
@@ -323,7 +235,7 @@ def watch(settings: config.Settings, minutes: float | None, every: float) -> Non
             stamp = time.strftime("%H:%M:%S")
             if time.monotonic() >= next_reap:
                 next_reap = time.monotonic() + REAP_EVERY_S
-                for line in reap():
+                for line in reap(local_pids=True):
                     print(f"[{stamp}] {line}", flush=True)
             try:
                 s = snapshot(settings)

@@ -38,6 +38,7 @@ EXPECTED_SERVICES = {
     "mongo",
     "prefect-server",
     "worker",
+    "reaper",
     "simulator",
     "pushgateway",
     "exporter",
@@ -207,7 +208,7 @@ def test_app_image_is_pinned_and_unprivileged() -> None:
 
 def test_app_services_share_one_image(services: dict[str, dict[str, Any]]) -> None:
     app = {name: s for name, s in services.items() if "build" in s}
-    assert set(app) == {"worker", "simulator", "kafka-init", "migrate", "exporter"}
+    assert set(app) == {"worker", "reaper", "simulator", "kafka-init", "migrate", "exporter"}
     assert {s["image"] for s in app.values()} == {"tapeline/app:dev"}
 
 
@@ -276,6 +277,7 @@ def test_services_start_after_what_they_use(services: dict[str, dict[str, Any]])
     assert set(depends_on(services["grafana"])) == {"prometheus", "postgres"}
     assert set(depends_on(services["kafka-ui"])) == {"kafka"}
     assert set(depends_on(services["exporter"])) == {"kafka", "postgres", "prefect-server"}
+    assert set(depends_on(services["reaper"])) == {"worker"}
 
 
 def test_no_literal_secrets(services: dict[str, dict[str, Any]]) -> None:
@@ -397,6 +399,9 @@ def test_commands_run_the_right_programs(services: dict[str, dict[str, Any]]) ->
     assert services["simulator"]["command"] == [
         "python", "-m", "simulator", "--host", "0.0.0.0", "--port", "18765",
     ]  # fmt: skip
+    assert services["reaper"]["command"][:3] == ["python", "-m", "deployments.reaper"]
+    reaper = environment(services["reaper"])  # the Prefect API is all it talks to
+    assert set(reaper) == {"PREFECT_API_URL", "PREFECT_API_AUTH_STRING"}
     script = services["worker"]["command"][-1]
     create = script.index("prefect work-pool create tapeline --type process")
     deploy = script.index("python -m deployments.setup")

@@ -382,3 +382,27 @@ def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
     assert ended == [f"ended orphaned run {sandbox.client.read_flow_run(run).name}: Running"
                      f" but its process {gone.pid} is gone."]  # fmt: skip
     assert sandbox.state(run).is_crashed() and sandbox.active_slots(deployment) == 0
+
+
+def test_the_reaper_service_reports_each_round_and_stops_on_sigterm(prefect_server, tmp_path):
+    """Compose's ``reaper`` service: a round every ``--every`` s touches the file its
+    health check reads, a server without the deployments is a skipped round (not an
+    exit), and SIGTERM ends it cleanly."""
+    alive = tmp_path / "alive"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deployments.reaper", "--every", "1", "--alive-file", str(alive)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        first = wait_for("a first round", lambda: alive.exists() and alive.stat().st_mtime, 120)
+        wait_for("a second round", lambda: alive.stat().st_mtime > first, 60, every_s=0.2)
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)  # liveness: a round under way ends first
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:]
