@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Context, Decimal
+from functools import partial
 from typing import Any
 
 from tasks.core.events import Candle, Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import HOUR_US, Http, RestError, contiguous, now_us
+from tasks.venues.http import HOUR_US, Http, RestError, by_id_from, contiguous, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -291,14 +292,8 @@ class BinanceRest:
                     )
                 next_id = first
             window = window_end
-        while next_id is not None:
-            page = self.historical_trades(symbol, next_id)
-            for t in page:
-                if t.event_us >= end_us:
-                    return
-                if t.event_us >= start_us:
-                    yield t
-            next_id = page[-1].trade_id + 1 if len(page) == 1000 else None
+        page = partial(self.historical_trades, symbol)
+        yield from by_id_from(next_id, page, 1000, start_us, end_us)
 
     def klines(self, symbol: str, interval: str, start_us: int, end_us: int) -> Iterator[Candle]:
         """``/api/v3/klines``: venue candles opening in [start_us, end_us), source 'venue';

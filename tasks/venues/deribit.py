@@ -35,11 +35,12 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, contiguous, now_us
+from tasks.venues.http import Http, RestError, by_id_from, contiguous, now_us
 from tasks.venues.parsing import Adapter, bad_rows, build, loads, missing_fields, ms_to_us
 
 CONFIG = VenueConfig("deribit", "wss://www.deribit.com/ws/api/v2", "https://www.deribit.com")
@@ -281,15 +282,9 @@ class DeribitRest:
             "get_last_trades_by_instrument_and_time", symbol, start_timestamp=start_ms,
             end_timestamp=last_ms, count=1, sorting="asc",
         )  # fmt: skip
-        next_id = self._trade(symbol, rows[0]).trade_id if rows else None
-        while next_id is not None:
-            page = self.historical_trades(symbol, next_id)
-            for t in page:
-                if t.event_us >= end_us:
-                    return
-                if t.event_us >= start_us:
-                    yield t
-            next_id = page[-1].trade_id + 1 if len(page) == REST_PAGE else None
+        first = self._trade(symbol, rows[0]).trade_id if rows else None
+        page = partial(self.historical_trades, symbol)
+        yield from by_id_from(first, page, REST_PAGE, start_us, end_us)
 
     def _get(self, method: str, symbol: str, **params: Any) -> list[Any]:
         name = self.venue.to_venue_symbol(symbol)

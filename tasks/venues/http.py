@@ -161,3 +161,25 @@ def contiguous(
                 raise RestError(f"{venue} {symbol}: {unit} jumps {next_id} -> {t.trade_id}")
             yield t
             next_id += 1
+
+
+def by_id_from(
+    first_id: int | None,
+    page: Callable[[int], list[Any]],
+    page_size: int,
+    start_us: int,
+    end_us: int,
+) -> Iterator[Any]:
+    """The trades with start_us <= time < end_us, from ``first_id`` (the first one in the
+    range, found by a time query) on, paged by id with ``page(next_id)``: a millisecond
+    holding more trades than a page is never split or repeated. A page shorter than
+    ``page_size`` is the last."""
+    next_id = first_id
+    while next_id is not None:
+        rows = page(next_id)
+        for t in rows:
+            if t.event_us >= end_us:
+                return
+            if t.event_us >= start_us:
+                yield t
+        next_id = rows[-1].trade_id + 1 if len(rows) == page_size else None
