@@ -10,6 +10,7 @@ import inspect
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ from tasks.core.pg import connect
 from tasks.drain.migrate import MigrationError, migrate, pending
 
 F = TypeVar("F")
+
+# Prefect validates a flow's parameters with a pydantic model whose base has a ``schema``
+# method; flows with a ``schema`` parameter (the PostgreSQL schema) warn on every run.
+warnings.filterwarnings(
+    "ignore", message=r'Field name "schema" in ".*" shadows an attribute', category=UserWarning
+)
 
 
 def checked(check: Callable[..., None]) -> Callable[[F], F]:
