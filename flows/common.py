@@ -7,12 +7,12 @@ only its own steps.
 from __future__ import annotations
 
 import inspect
-import os
 import signal
+import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -174,34 +174,35 @@ def watch_ending(ended: threading.Event) -> None:
     threading.Thread(target=loop, name="ended-by-server", daemon=True).start()
 
 
-@contextmanager
-def sigterm_noticed() -> Iterator[threading.Event]:
-    """An Event set on SIGTERM, beside the handler already in place (Prefect's, which
-    raises TerminationSignal so the run's ``finally`` flushes and releases). A handler's
-    exception that lands while the main thread runs a weakref or GC callback is swallowed
-    by Python ("Exception ignored in ..."), and a run that streams until stopped would
-    then never stop. Loops that run until stopped check the Event and raise
-    TerminationSignal themselves (``stop_if_terminated``). Off the main thread (where no
-    signal arrives) the Event is never set."""
+_NOTICING: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+
+
+def sigterm_noticed() -> threading.Event:
+    """An Event set when Python swallows the TerminationSignal that Prefect's SIGTERM
+    handler raises. Such an exception that lands while the main thread runs a weakref or
+    GC callback is only reported ("Exception ignored in ...", through
+    ``sys.unraisablehook``), and a run that streams until stopped would never stop: seen
+    in CI. Loops that run until stopped check the Event (``stop_if_terminated``). Prefect's
+    handler stays the one installed, so its cancel handshake (which checks that it is)
+    keeps working. The Event lives as long as the caller holds it."""
+    with _hook_lock:
+        if not getattr(sys.unraisablehook, "_tapeline", False):  # once (pytest swaps it)
+            previous = sys.unraisablehook
+
+            def hook(unraisable: Any) -> None:
+                from prefect.exceptions import TerminationSignal
+
+                if isinstance(unraisable.exc_value, TerminationSignal):
+                    for event in list(_NOTICING):
+                        event.set()
+                previous(unraisable)
+
+            hook._tapeline = True  # type: ignore[attr-defined]
+            sys.unraisablehook = hook
     noticed = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield noticed
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        noticed.set()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous is not signal.SIG_IGN:  # the default: end the process as it would
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield noticed
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    _NOTICING.add(noticed)
+    return noticed
 
 
 def stop_if_terminated(terminated: threading.Event) -> None:

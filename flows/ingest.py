@@ -152,6 +152,7 @@ def ingest(
     cancelled. Returns the run's counts (or, with validate_mode='only', the report).
     """
     logger = get_run_logger()
+    terminated = sigterm_noticed()  # a SIGTERM Python swallowed (see _watch)
     settings = config.load()
     topics = Topics(trades_topic, quotes_topic)
     try:
@@ -210,8 +211,7 @@ def ingest(
         ended = threading.Event()  # the server ended this run (see watch_ending)
         watch_ending(ended)
         try:
-            with sigterm_noticed() as terminated:
-                _watch(ingestion, run_seconds, progress_every_s, logger, ended, terminated)
+            _watch(ingestion, run_seconds, progress_every_s, logger, ended, terminated)
         finally:
             ended.set()  # the watch thread stops too
             fenced = ingestion.publisher.fence_reason()
@@ -291,7 +291,7 @@ def _watch(
     false silent-run verdict after an outage: stopping releases the feed's lease to the
     replacement waiting for it, which repairs the seconds between). SIGTERM and
     cancellation arrive here as exceptions (Prefect raises TerminationSignal), which run
-    the caller's finally; ``terminated`` raises it here when Python swallowed the first."""
+    the caller's finally; ``terminated`` raises it here when Python swallowed it."""
     start = time.monotonic()
     next_line, next_gauges = start + every_s, start
     while ingestion.alive:

@@ -132,6 +132,7 @@ def trading_activity(
 ) -> dict[str, int]:
     """Send deposits, then fills at market prices, until cancelled or ``run_seconds``."""
     logger = get_run_logger()
+    terminated = sigterm_noticed()  # a SIGTERM Python swallowed (the loop raises it)
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     fallback = fallback_prices or FALLBACK_PRICES
     symbols = symbols or list(fallback)
@@ -176,28 +177,27 @@ def trading_activity(
         start = time.monotonic()
         prices, prices_at = market_prices(settings, fallback), start
         watch_ending(ended)
-        with sigterm_noticed() as terminated:
-            n = 0
-            while run_seconds is None or time.monotonic() - start < run_seconds:
-                stop_if_terminated(terminated)
-                if ended.is_set():
-                    logger.warning("this run was ended by the server: its replacement sends")
-                    break
-                if time.monotonic() - prices_at > 5:
-                    prices, prices_at = market_prices(settings, fallback), time.monotonic()
-                symbol = rng.choice(symbols)
-                bid, ask = prices[symbol]
-                tx = next_fill(
-                    rng, book, rng.choice(user_ids), symbol, bid, ask, time.time_ns() // 1000
-                )
-                if tx is not None:
-                    send(tx)
-                    n += 1
-                if len(pending) >= 100:
-                    confirm()
-                time.sleep(rng.expovariate(rate_per_s))
-                if n and n % 500 == 0:
-                    logger.info("sent %s", dict(sent))
+        n = 0
+        while run_seconds is None or time.monotonic() - start < run_seconds:
+            stop_if_terminated(terminated)
+            if ended.is_set():
+                logger.warning("this run was ended by the server: its replacement sends")
+                break
+            if time.monotonic() - prices_at > 5:
+                prices, prices_at = market_prices(settings, fallback), time.monotonic()
+            symbol = rng.choice(symbols)
+            bid, ask = prices[symbol]
+            tx = next_fill(
+                rng, book, rng.choice(user_ids), symbol, bid, ask, time.time_ns() // 1000
+            )
+            if tx is not None:
+                send(tx)
+                n += 1
+            if len(pending) >= 100:
+                confirm()
+            time.sleep(rng.expovariate(rate_per_s))
+            if n and n % 500 == 0:
+                logger.info("sent %s", dict(sent))
     finally:
         ended.set()  # the watch thread stops too
         confirm()
