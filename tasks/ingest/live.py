@@ -218,8 +218,12 @@ def resend_failed(lane: Lane, tracker: GapTracker | None) -> int:
         if failed:
             tracker.rewind(failed)
     else:
-        for trade in failed:
-            lane.publish(trade, live=False)
+        for i, trade in enumerate(failed):
+            try:
+                lane.publish(trade, live=False)
+            except BaseException:  # fenced or stopping: what was not sent stays failed
+                lane.hand_back(failed[i:])
+                raise
     return len(failed)
 
 

@@ -368,6 +368,10 @@ class Lane:
     def has_failures(self) -> bool:
         return bool(self._failed_trades or self._failed_dlq)
 
+    def hand_back(self, trades: list[Trade]) -> None:
+        """Failed trades taken but not sent again: first in line for the next round."""
+        self._failed_trades.extendleft(reversed(trades))
+
     def take_failed(self) -> list[Trade]:
         """Resend failed DLQ records, and return the failed trades (once) for rewinding."""
         while self._failed_dlq:
