@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -559,21 +560,27 @@ _FERRETDB = "github.com/FerretDB/FerretDB"
 
 
 def _patched_ferretdb(src: Path, log: Path) -> Path:
-    """A build folder: ``src`` with the FerretDB module beside it, patched (``_SQLITE_ID``)
-    and put in place of the released one by a ``replace`` directive."""
-    build = CACHE / "ferretdb-build"
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir(parents=True)
+    """A build folder of its own under the cache: ``src`` with the FerretDB module beside
+    it, patched (``_SQLITE_ID``) and put in place of the released one by a ``replace``
+    directive. The caller removes it (``_remove_tree``) after the build."""
+    build = Path(tempfile.mkdtemp(prefix="ferretdb-build-", dir=CACHE))
     for name in ("go.mod", "go.sum", "main.go"):
         shutil.copyfile(src / name, build / name)
     out = subprocess.run(
         ["go", "mod", "download", "-json", _FERRETDB],
         cwd=build, capture_output=True, text=True, env={**os.environ, "CGO_ENABLED": "0"},
     )  # fmt: skip
-    if out.returncode != 0:
-        raise StackError(f"downloading {_FERRETDB} failed: {out.stderr.strip()[-500:]}")
+    with open(log, "a") as f:
+        f.write(f"\n$ go mod download -json {_FERRETDB}\n{out.stdout}{out.stderr}")
+    try:
+        info = json.loads(out.stdout)
+    except ValueError:
+        info = {}
+    if out.returncode != 0 or "Dir" not in info:
+        why = info.get("Error") or out.stderr.strip()[-500:] or f"exit {out.returncode}"
+        raise StackError(f"downloading {_FERRETDB} failed: {why}; see {log}")
     module = build / "ferretdb"
-    shutil.copytree(json.loads(out.stdout)["Dir"], module, copy_function=shutil.copyfile)
+    shutil.copytree(info["Dir"], module, copy_function=shutil.copyfile)
     for d, _, _ in os.walk(module):  # the module cache is read-only; the copy need not be
         os.chmod(d, 0o755)
     source = module / "internal/backends/sqlite/metadata/metadata.go"
@@ -588,6 +595,15 @@ def _patched_ferretdb(src: Path, log: Path) -> Path:
         cwd=build,
     )
     return build
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree of a build folder, also where a copy of Go's read-only module cache was left
+    read-only (an interrupted copy)."""
+    for d, _, _ in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class Mongo(Service):
@@ -616,15 +632,18 @@ class Mongo(Service):
             return
         if not shutil.which("go"):
             _apt_install(["golang-go"], self.log)
-        build = _patched_ferretdb(src, self.log)
         self.binary.parent.mkdir(parents=True, exist_ok=True)
-        _run(
-            ["go", "build", "-trimpath", "-o", str(self.binary), "."],
-            "building FerretDB (go build)",
-            self.log,
-            cwd=build,
-            env={**os.environ, "CGO_ENABLED": "0"},
-        )
+        build = _patched_ferretdb(src, self.log)
+        try:
+            _run(
+                ["go", "build", "-trimpath", "-o", str(self.binary), "."],
+                "building FerretDB (go build)",
+                self.log,
+                cwd=build,
+                env={**os.environ, "CGO_ENABLED": "0"},
+            )
+        finally:
+            _remove_tree(build)
         stamp.write_text(want)
 
 
