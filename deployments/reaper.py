@@ -39,16 +39,25 @@ def run_deployment(name: str, wait_s: float = 0, **parameters: Any):
     return run(name, parameters=parameters or None, timeout=wait_s, as_subflow=False)
 
 
-def reap(*, local_pids: bool = False) -> list[str]:
-    """One round; returns a line per run ended or started. ``local_pids``: the worker
-    runs on this host, so a Running run whose process is gone is ended at once (else
-    after the silent-run window without a heartbeat)."""
+def reap(
+    *,
+    local_pids: bool = False,
+    drains: tuple[str, ...] = DRAINS,
+    others: tuple[str, ...] = (AGGREGATE,),
+) -> list[str]:
+    """One round over the deployments ``drains`` (ended runs, then following runs) and
+    ``others`` (ended runs); returns a line per run ended or started. ``local_pids``: the
+    worker runs on this host, so a Running run whose process is gone is ended at once
+    (else after the silent-run window without a heartbeat)."""
 
     def end_orphans() -> list[str]:
-        return deployment_setup.end_orphans([*DRAINS, AGGREGATE], local_pids=local_pids)
+        return deployment_setup.end_orphans([*drains, *others], local_pids=local_pids)
+
+    def keep_drains_following() -> list[str]:
+        return keep_following(drains)
 
     lines: list[str] = []
-    for step in (end_orphans, keep_following):
+    for step in (end_orphans, keep_drains_following):
         try:
             lines += step()
         except Exception as e:  # the server may be down right now; the next round retries
@@ -60,7 +69,7 @@ def reap(*, local_pids: bool = False) -> list[str]:
 _NOT_RESTARTED: set = set()  # Failed runs already reported by keep_following
 
 
-def keep_following() -> list[str]:
+def keep_following(drains: tuple[str, ...] = DRAINS) -> list[str]:
     """Start a following run of each drain that has no run live or due within 45 s (a
     retry is due 30 s after a failed attempt), unless its last run Failed: that one is
     left to the next schedule, so a drain that cannot start (a schema behind the code,
@@ -85,7 +94,7 @@ def keep_following() -> list[str]:
     lines = []
     with get_client(sync_client=True) as client:
         soon = datetime.now(UTC) + timedelta(seconds=45)
-        for name in DRAINS:
+        for name in drains:
             deployment = client.read_deployment_by_name(name)
             if deployment_setup.live_runs(client, [deployment.id]):
                 continue
@@ -118,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="touched after every round (the container's health check reads its age)",
     )
+    p.add_argument("--drains", default=",".join(DRAINS), help="deployments kept following")
+    p.add_argument("--others", default=AGGREGATE, help="deployments whose dead runs are ended")
     args = p.parse_args(argv)
+    drains = tuple(n for n in args.drains.split(",") if n)
+    others = tuple(n for n in args.others.split(",") if n)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     settings = config.load()
     with prefect_api(settings):
         while not stop["now"]:
-            for line in reap():
+            for line in reap(drains=drains, others=others):
                 print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
             if args.alive_file is not None:
                 args.alive_file.touch()

@@ -386,11 +386,17 @@ def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
 
 def test_the_reaper_service_reports_each_round_and_stops_on_sigterm(prefect_server, tmp_path):
     """Compose's ``reaper`` service: a round every ``--every`` s touches the file its
-    health check reads, a server without the deployments is a skipped round (not an
-    exit), and SIGTERM ends it cleanly."""
+    health check reads, a deployment the server does not have is a skipped round (not an
+    exit), and SIGTERM ends it cleanly. (Deployments of its own: the real ones may be
+    registered on this server, and it would start drain runs of them.)"""
     alive = tmp_path / "alive"
+    missing = f"test-reaper-{uuid.uuid4().hex[:8]}/none"
+    command = [
+        sys.executable, "-m", "deployments.reaper", "--every", "1",
+        "--alive-file", str(alive), "--drains", missing, "--others", missing,
+    ]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deployments.reaper", "--every", "1", "--alive-file", str(alive)],
+        command,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -406,3 +412,4 @@ def test_the_reaper_service_reports_each_round_and_stops_on_sigterm(prefect_serv
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-2000:]
+    assert "orphan check skipped" in out, out[-2000:]
