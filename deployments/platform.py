@@ -177,7 +177,13 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
             side.down(settings.home)
             print(f"{side.name:12} {side.up(settings.home)}")
         print("Tapeline is running:\n" + where(settings))
-        ingest = run_deployment(INGEST["live" if args.live else "simulator"], symbols=symbols)
+        # This command owns the feed and the trading activity: runs of them left by an
+        # earlier one (killed, or a Crashed run its trigger started again) stop first.
+        feeds = (INGEST["live" if args.live else "simulator"], TRADING)
+        if left := live_or_due(feeds):
+            print(f"stopping {len(left)} ingestion or trading run(s) an earlier run left")
+            cancel(left)
+        ingest = run_deployment(feeds[0], symbols=symbols)
         trading = run_deployment(TRADING)
         start_drains()
         print(
@@ -186,7 +192,8 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
         )
         watch(settings, args.minutes, args.every)
         print("stopping ingestion and trading, draining what is left ...")
-        cancel([ingest.id, trading.id])
+        # Its own runs, and any a trigger started in their place meanwhile.
+        cancel(list(dict.fromkeys([ingest.id, trading.id, *live_or_due(feeds)])))
         # The following drains would read on for minutes after we exit, and hold the slots
         # the last drains need: they stop first, the last drains read until caught up.
         cancel(following_runs())
@@ -211,12 +218,18 @@ def start_drains() -> None:
 def following_runs() -> list:
     """Ids of the drains' runs still live (the scheduled ones follow their topics), and of
     those due within a minute (one the reaper started may not have begun yet)."""
+    return live_or_due(DRAINS)
+
+
+def live_or_due(names: tuple[str, ...]) -> list:
+    """Ids of the deployments' runs that are live (Pending, Running, Cancelling) or due
+    within a minute."""
     from datetime import UTC, datetime, timedelta
 
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        ids = [client.read_deployment_by_name(name).id for name in DRAINS]
+        ids = [client.read_deployment_by_name(name).id for name in names]
         soon = datetime.now(UTC) + timedelta(minutes=1)
         due = [r.id for i in ids for r in deployment_setup.due_runs(client, i, soon)]
         return [r.id for r in deployment_setup.live_runs(client, ids)] + due
