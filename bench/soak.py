@@ -1993,15 +1993,16 @@ def report(soak: Soak) -> None:
     samples = st.samples if st else []
     outside = [fr for ta, ev, fr in samples if not in_window(ta, wins) and not in_window(ev, wins)]
     every = [fr for _, _, fr in samples]
-    ages_out = [
-        a for t, a, _ in (st.ticks if st else []) if a is not None and not in_window(t, wins)
-    ]
-    ages_all = [a for t, a, _ in (st.ticks if st else []) if a is not None]
+    # the newest stored trade's age means something only while trades are offered: once
+    # the load stops it grows by the second
+    ticks = [(t, a) for t, a, _ in (st.ticks if st else []) if a is not None and t <= end]
+    ages_out = [a for t, a in ticks if not in_window(t, wins)]
+    ages_all = [a for _, a in ticks]
     # where the outside-window staleness was: consecutive polls with the worst age over
     # the freshness target, as (first poll, last poll, worst age)
     stale: list[list[float]] = []
-    for t, a, _ in st.ticks if st else []:
-        if a is None or a <= args.fresh_s or in_window(t, wins):
+    for t, a in ticks:
+        if a <= args.fresh_s or in_window(t, wins):
             continue
         if stale and t - stale[-1][1] <= 2.5:
             stale[-1][1], stale[-1][2] = t, max(stale[-1][2], a)

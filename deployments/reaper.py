@@ -31,6 +31,11 @@ AGGREGATE = "aggregate/every-minute"
 # How often to look for dead runs and drains nobody runs: the check is cheap, and it
 # bounds how long the topics go unread after a worker or run is lost.
 REAP_EVERY_S = 15.0
+# A drain run still Pending after this long does not count as the drain's reader: its
+# worker may be gone (it is ended as an orphan only at STUCK_PENDING_S, 75 s). A start
+# takes 6-12 s on 2 cores, 20-30 s under the soak's load; a slow one that does start
+# meanwhile just hands over to (or takes over from) the extra run.
+PENDING_GRACE_S = 30.0
 
 
 def run_deployment(name: str, wait_s: float = 0, **parameters: Any):
@@ -70,10 +75,16 @@ _NOT_RESTARTED: set = set()  # Failed runs already reported by keep_following
 
 
 def keep_following(drains: tuple[str, ...] = DRAINS) -> list[str]:
-    """Start a following run of each drain that has no run live or due within 45 s (a
-    retry is due 30 s after a failed attempt), unless its last run Failed: that one is
-    left to the next schedule, so a drain that cannot start (a schema behind the code,
-    say) is not restarted every round.
+    """Start a following run of each drain that has no run Running, none Pending for
+    less than ``PENDING_GRACE_S`` and none due within 45 s (a retry is due 30 s after a
+    failed attempt), unless its last run Failed: that one is left to the next schedule,
+    so a drain that cannot start (a schema behind the code, say) is not restarted every
+    round.
+
+    A Pending run whose worker died would hold off a reader until it is ended as an
+    orphan (75 s): in the soak, a worker killed while submitting a price drain left the
+    topic unread for two minutes. Past the grace a Pending run no longer counts; the
+    deployment's limit (two runs) still leaves room for the new one.
 
     The restart-when-Crashed triggers cannot be relied on alone. Prefect's trigger service
     handles a run's state events in order: an event whose predecessor it has not seen is
@@ -93,10 +104,13 @@ def keep_following(drains: tuple[str, ...] = DRAINS) -> list[str]:
 
     lines = []
     with get_client(sync_client=True) as client:
-        soon = datetime.now(UTC) + timedelta(seconds=45)
+        now = datetime.now(UTC)
+        soon = now + timedelta(seconds=45)
         for name in drains:
             deployment = client.read_deployment_by_name(name)
-            if deployment_setup.live_runs(client, [deployment.id]):
+            if any(
+                _reading(run, now) for run in deployment_setup.live_runs(client, [deployment.id])
+            ):
                 continue
             if deployment_setup.due_runs(client, deployment.id, soon):
                 continue
@@ -117,6 +131,19 @@ def keep_following(drains: tuple[str, ...] = DRAINS) -> list[str]:
             run = run_deployment(name)
             lines.append(f"started following run {run.name} of {name}: it had none live")
     return lines
+
+
+def _reading(run: Any, now: datetime) -> bool:
+    """Whether ``run`` reads the drain's topics, or will soon: Running, or Pending for
+    less than ``PENDING_GRACE_S``. A Cancelling run is on its way out."""
+    from prefect.client.schemas.objects import StateType
+
+    if run.state_type == StateType.RUNNING:
+        return True
+    if run.state_type != StateType.PENDING:
+        return False
+    since = run.state.timestamp if run.state and run.state.timestamp else now
+    return (now - since).total_seconds() < PENDING_GRACE_S
 
 
 def main(argv: list[str] | None = None) -> int:
