@@ -38,6 +38,9 @@ Measurements (how each is taken is printed with the results):
   that became visible since the previous poll, one in ``--sample-every`` is read back with
   its ``event_us``: freshness = poll time - event time (an upper bound, by at most the
   poll interval). Also the age of the newest stored trade (now - max(event_us)).
+- start-up window: from the load's start until the newest stored trade is first under
+  ``--fresh-s`` old (catching up with what came before; printed); measurements count from
+  the load's start.
 - fault window: from the fault's start until it has recovered; recovery = from the fault's
   end (process restarted, broker resumed, poison acknowledged) until a poll sees trades
   stored after that end and the newest stored trade less than ``--fresh-s`` old.
@@ -1988,14 +1991,20 @@ def report(soak: Soak) -> None:
     args = soak.args
     end = soak.t_load_end or time.time()
     recoveries(soak, args.fresh_s)
-    wins = windows(soak, end)
     st, kp = soak.store, soak.kafka
-    samples = st.samples if st else []
+    # measured from the load's start, while trades are offered (once the load stops the
+    # newest stored trade's age grows by the second)
+    ticks = [
+        (t, a) for t, a, _ in (st.ticks if st else []) if a is not None and soak.t_start <= t <= end
+    ]
+    # start-up: until the newest stored trade is first fresh, the platform catches up
+    # with what came before the load (a stack run before resumes from its last ids): a
+    # window of its own, printed, not steady operation
+    warm = next((t for t, a in ticks if a < args.fresh_s), end)
+    wins = [(soak.t_start, warm, "start-up"), *windows(soak, end)]
+    samples = [x for x in (st.samples if st else []) if x[0] >= soak.t_start]
     outside = [fr for ta, ev, fr in samples if not in_window(ta, wins) and not in_window(ev, wins)]
     every = [fr for _, _, fr in samples]
-    # the newest stored trade's age means something only while trades are offered: once
-    # the load stops it grows by the second
-    ticks = [(t, a) for t, a, _ in (st.ticks if st else []) if a is not None and t <= end]
     ages_out = [a for t, a in ticks if not in_window(t, wins)]
     ages_all = [a for _, a in ticks]
     # where the outside-window staleness was: consecutive polls with the worst age over
@@ -2099,6 +2108,10 @@ def report(soak: Soak) -> None:
     add(
         "freshness = when a trade row was first seen in PostgreSQL - its event_us"
         f" (1 in {args.sample_every} trade ids, polled every 1 s):"
+    )
+    add(
+        f"  start-up: the newest stored trade was first under {args.fresh_s:g} s old"
+        f" {warm - soak.t_start:.0f} s after the load started (a window, like a fault's)"
     )
     add(f"  outside fault windows  {stats(outside)}")
     add(f"  whole run              {stats(every)}")

@@ -91,11 +91,16 @@ def _crash_when_quiet(
 
 
 # Flow runs started by the platform's workers send a heartbeat every HEARTBEAT_S (Prefect's
-# least; its default is 180); a run is silent after SILENT_S without one: five missed, so a
-# busy process or a slow server is not called dead, and a dead one frees its deployment's
-# slot in under three minutes (the silent-run automation, or ``end_orphans``).
+# least; its default is 180); a run is silent after SILENT_S without one: ten missed, so a
+# busy process, a slow server or a Prefect server down for up to ~4 minutes (a restart, an
+# upgrade) is not called dead, and a dead one frees its deployment's slot within five
+# minutes (the silent-run automation, or ``end_orphans``). The automation judges as soon as
+# the server is back, before a live run's next heartbeat: at 150 s the soak's 2-minute
+# outage had the drains and the ingestion ended and restarted, and trades went unstored
+# for 40 s while the replacements started. Where the worker is on this host, a dead
+# process is seen at once (``end_orphans(local_pids=True)``).
 HEARTBEAT_S = 30
-SILENT_S = 150
+SILENT_S = 300
 
 
 def ensure_silent_run_automation(missing_heartbeat_s: int = SILENT_S) -> None:
@@ -213,7 +218,11 @@ def end_orphans(
                 if age < pending_s:
                     continue
                 why = f"Pending for {age:.0f} s without starting: its worker is gone."
-            elif local_pids and process_gone(run.infrastructure_pid):
+            elif local_pids and (run.infrastructure_pid or "").isdigit():
+                # this host's runs: judged by their process, not by heartbeats the server
+                # may have missed while it was down
+                if not process_gone(run.infrastructure_pid):
+                    continue
                 why = f"{run.state_name} but its process {run.infrastructure_pid} is gone."
             else:
                 if age < silent_s or _heartbeat_since(client, run.id, now - timedelta(0, silent_s)):

@@ -356,7 +356,8 @@ def test_a_slot_no_live_run_holds_is_given_back(sandbox):
 def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
     """The platform command's worker runs on its own host: a Running run whose flow-run
     process no longer exists is ended on the next check, not after the silent window;
-    one whose process lives is kept."""
+    one whose process lives is kept, however long the server has had no heartbeat from it
+    (after an outage the server missed them, the process did not stop)."""
     from prefect.states import Pending, Running
 
     from deployments.setup import end_orphans
@@ -374,6 +375,7 @@ def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
     try:
         sandbox.client.update_flow_run(run, infrastructure_pid=str(standin.pid))
         assert end_orphans([name], local_pids=True) == []
+        assert end_orphans([name], silent_s=0, local_pids=True) == []
     finally:
         standin.kill()
         standin.wait()
@@ -382,6 +384,27 @@ def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
     assert ended == [f"ended orphaned run {sandbox.client.read_flow_run(run).name}: Running"
                      f" but its process {gone.pid} is gone."]  # fmt: skip
     assert sandbox.state(run).is_crashed() and sandbox.active_slots(deployment) == 0
+
+
+def test_a_drain_whose_only_run_stays_pending_gets_a_reader(sandbox, monkeypatch):
+    """A run Pending past the grace (its worker may be gone) does not count as the
+    drain's reader: the reaper starts one, rather than leave the topics unread until the
+    stuck run is ended at 75 s. A Pending run within the grace does count."""
+    from prefect.states import Pending
+
+    from deployments import reaper
+
+    deployment = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
+    name = f"tapeline-test-tick/{sandbox.tag}"
+    stuck = sandbox.run(deployment)
+    sandbox.client.set_flow_run_state(stuck, Pending())
+    assert reaper.keep_following((name,)) == []  # within the 30 s grace: it is coming
+
+    monkeypatch.setattr(reaper, "PENDING_GRACE_S", 0.0)
+    lines = reaper.keep_following((name,))
+    assert len(lines) == 1 and lines[0].startswith("started following run "), lines
+    assert lines[0].endswith(f"of {name}: it had none live"), lines
+    assert sandbox.state(stuck).is_pending(), sandbox.history(stuck)
 
 
 def test_the_reaper_service_reports_each_round_and_stops_on_sigterm(prefect_server, tmp_path):
