@@ -79,11 +79,21 @@ class IdHistory(TradeHistory, Protocol):
     """REST trade history by id, for venues whose trade ids are contiguous per symbol:
     what gap repair needs."""
 
-    def historical_trades(
-        self, symbol: str, from_id: int | None = None, limit: int = 1000
-    ) -> list[Trade]: ...
-
-    def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterable[Trade]: ...
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> Iterable[Trade]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest when ``to_id`` is
+        None), in id order; RestError when history does not hold one of them, never a
+        silent hole. ``start_us``/``end_us`` (inclusive; None for ``end_us`` is now) say
+        when they happened: a venue whose REST serves trades by time only (Coinbase,
+        Kraken) finds them there and needs ``start_us``; one that serves them by id
+        (Binance, Deribit) ignores both."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,8 @@ class VenueSpec:
 
     ``rest`` builds the venue's REST history client from a config and an ``Http``;
     ``sequential_ids``: trade ids are contiguous per symbol, so a hole is detected live
-    and repaired from ``rest`` by id before the next trade is published; ``klines``: the
+    and repaired from ``rest`` (an ``IdHistory``, by id or by time) before the next
+    trade is published; ``klines``: the
     REST client serves venue candles (``klines(symbol, interval, start_us, end_us)``).
     """
 
