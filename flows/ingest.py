@@ -95,9 +95,11 @@ def connect_shard(worker: ShardWorker) -> dict[str, Any]:
 
 
 @task(name="repair-gap", cache_policy=NO_CACHE, task_run_name="repair {symbol} {first}..{last}")
-def repair_gap(tracker: GapTracker, symbol: str, first: int, last: int | None) -> int:
+def repair_gap(
+    tracker: GapTracker, symbol: str, first: int, last: int | None, end_us: int | None = None
+) -> int:
     """Publish the trades with ids first..last from the venue's REST history."""
-    return tracker.fill(symbol, first, last)
+    return tracker.fill(symbol, first, last, end_us)
 
 
 def _check(
