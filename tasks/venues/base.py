@@ -40,12 +40,16 @@ class Parsed:
     'server_shutdown', 'error' (with ``detail``). ``reply`` is a frame the venue requires
     back on the same connection (e.g. Deribit's answer to a heartbeat ``test_request``,
     without which it closes the socket); the adapter stays pure, ingestion sends it.
+    ``sequence`` is the frame's number where the venue numbers every message of a
+    connection contiguously (Coinbase's ``sequence_num``): ingestion watches it for
+    messages that never arrived.
     """
 
     events: list[Trade | Quote] = field(default_factory=list)
     control: str | None = None
     detail: str = ""
     reply: str | None = None
+    sequence: int | None = None
 
 
 class Venue(Protocol):
