@@ -85,7 +85,7 @@ class ShardWorker:
         lane: Lane,
         run_id: str,
         policy: ConnectionPolicy,
-        last_ids: dict[str, int],
+        last_trades: dict[str, Trade],
     ):
         self.plan = plan
         self.index = index
@@ -104,8 +104,14 @@ class ShardWorker:
         self.tracker: GapTracker | None = None
         history = venues.gap_history(plan.venue, plan.config) if "trades" in plan.channels else None
         if history is not None:
-            mine = {s: i for s, i in last_ids.items() if s in self.symbols}
-            self.tracker = GapTracker(name, history, lane.publish, mine)
+            mine = [t for s, t in last_trades.items() if s in self.symbols]
+            self.tracker = GapTracker(
+                name,
+                history,
+                lane.publish,
+                {t.symbol: t.trade_id for t in mine},
+                {t.symbol: t.event_us for t in mine},
+            )
         self.connection = Connection(
             self.adapter,
             self.symbols,
@@ -207,11 +213,11 @@ class ShardWorker:
 
 def resend_failed(lane: Lane, tracker: GapTracker | None) -> int:
     """Once every outcome is known, send the lane's failed DLQ records again and give its
-    failed trades another go: a venue with REST history rewinds its gap tracker to before
+    failed trades another go: a venue with gap repair rewinds its gap tracker to before
     the first one, so they and what followed are fetched and published again in id
-    order; a venue without it (Coinbase, Kraken) publishes the same trades again, in the
-    order they failed, after trades that came later (the sinks key trades by id, and no
-    reader of those venues relies on the order). Returns the trades handed back."""
+    order; a venue without it (ids not sequential: none in the registry today) publishes
+    the same trades again, in the order they failed, after trades that came later (the
+    sinks key trades by id). Returns the trades handed back."""
     lane.publisher.flush()
     failed = lane.take_failed()
     if tracker is not None:
@@ -247,7 +253,7 @@ class Ingestion:
         topics: Topics | None = None,
         max_in_flight: int = 10_000,
         policy: ConnectionPolicy | None = None,
-        last_ids: dict[str, int] | None = None,
+        last_trades: dict[str, Trade] | None = None,
     ):
         self.plan = plan
         self.run_id = run_id
@@ -260,7 +266,7 @@ class Ingestion:
         )
         policy = policy or ConnectionPolicy()
         self.workers = [
-            ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_ids or {})
+            ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_trades or {})
             for i in range(len(plan.shards))
         ]
         self.errors: list[tuple[int, BaseException]] = []
