@@ -28,6 +28,9 @@ down, history trimmed) raises, which reconnects the shard with backoff and tries
 after ``max_attempts`` failures in a row for one symbol the gap is given up, logged as an
 error with its id range (the backfill flow can fill it) and left in the metrics as
 found but not repaired, so one broken symbol cannot stop the others for good.
+
+A venue that also numbers the messages of a connection (Coinbase's ``sequence_num``) has
+its holes counted by ``SequenceWatch``: its trades are covered by the id check above.
 """
 
 from __future__ import annotations
@@ -203,3 +206,35 @@ class GapTracker:
                 TRADES_REPAIRED.labels(**labels),
             )
         return m
+
+
+class SequenceWatch:
+    """A venue's per-connection message number (Coinbase's ``sequence_num``), which counts
+    every message of a connection from its first, so a jump means messages the venue
+    sent never arrived. Trades among them are the ``GapTracker``'s business (by trade id);
+    quotes are not repaired (the next one supersedes them): the hole is only counted.
+
+    ``reset`` at each (re)connect, and after a frame that could not be parsed (its number
+    may not be readable: the count restarts at the next good frame rather than report
+    the DLQ'd frame as lost). A lower number than expected (Coinbase: out of order) is
+    ignored."""
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+        self.holes = 0
+        self.missed = 0
+
+    def reset(self) -> None:
+        self.expected = None
+
+    def see(self, number: int) -> int:
+        """How many messages are missing just before ``number`` (0 when none)."""
+        expected = self.expected
+        if expected is not None and number < expected:
+            return 0
+        self.expected = number + 1
+        if expected is None or number == expected:
+            return 0
+        self.holes += 1
+        self.missed += number - expected
+        return number - expected

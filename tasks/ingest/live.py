@@ -2,8 +2,9 @@
 
 One ``ShardWorker`` per WebSocket shard, each in its own thread: its ``Connection`` reads
 frames, the venue adapter parses them in that same thread, bad frames go to the DLQ,
-trades of sequential-id venues pass through the shard's ``GapTracker``, and every event
-is published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
+trades of sequential-id venues pass through the shard's ``GapTracker``, holes in a venue's
+per-connection message numbers are counted (``SequenceWatch``), and every event is
+published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
 imports Prefect; the flow decides which steps show up as Prefect tasks.
 """
 
@@ -22,8 +23,14 @@ from tasks import venues
 from tasks.core import config
 from tasks.core.events import Trade
 from tasks.core.kafka import producer
-from tasks.core.metrics import INFLIGHT, VENDOR_FETCH_FAILURE, VENDOR_FETCH_SUCCESS, VENUE_LAG
-from tasks.ingest.gaps import GapTracker
+from tasks.core.metrics import (
+    INFLIGHT,
+    MESSAGES_MISSED,
+    VENDOR_FETCH_FAILURE,
+    VENDOR_FETCH_SUCCESS,
+    VENUE_LAG,
+)
+from tasks.ingest.gaps import GapTracker, SequenceWatch
 from tasks.ingest.publish import PRODUCER_TUNING, Closed, Lane, Publisher, Topics
 from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
 from tasks.venues.connection import Connection, ConnectionPolicy
@@ -101,6 +108,8 @@ class ShardWorker:
         self.venue_errors = 0
         self._ok = VENDOR_FETCH_SUCCESS.labels(venue=name, shard=self.shard)
         self._bad = VENDOR_FETCH_FAILURE.labels(venue=name, shard=self.shard)
+        self._missed = MESSAGES_MISSED.labels(venue=name, shard=self.shard)
+        self.sequence = SequenceWatch()
         self.tracker: GapTracker | None = None
         history = venues.gap_history(plan.venue, plan.config) if "trades" in plan.channels else None
         if history is not None:
@@ -131,6 +140,7 @@ class ShardWorker:
         self.connection.stop()
 
     def on_connect(self) -> None:
+        self.sequence.reset()  # numbered per connection
         if self.tracker is not None:
             try:
                 self.tracker.after_connect(self.symbols)
@@ -148,6 +158,7 @@ class ShardWorker:
             except FeedError as e:
                 self.bad_frames += 1
                 self._bad.inc()
+                self.sequence.reset()
                 lane.dead_letter(
                     self.source, e.reason, raw,
                     venue=self.plan.config.name, shard=self.shard, run=self.run_id,
@@ -155,6 +166,12 @@ class ShardWorker:
                 )  # fmt: skip
                 return
             self._ok.inc()
+            if parsed.sequence is not None and (missed := self.sequence.see(parsed.sequence)):
+                self._missed.inc(missed)
+                log.warning(
+                    "%s shard %s: %d message(s) missing before number %d",
+                    self.source, self.shard, missed, parsed.sequence,
+                )  # fmt: skip
             if parsed.reply is not None:
                 self.connection.send(parsed.reply)
             if parsed.control is not None:
@@ -203,6 +220,8 @@ class ShardWorker:
             "dead_letters": lane.dead_letters,
             "connects": conn.connects,
             "reconnects": dict(conn.reconnects),
+            "sequence_gaps": self.sequence.holes,
+            "messages_missed": self.sequence.missed,
             "duplicates_dropped": t.duplicates if t else 0,
             "gaps_found": t.gaps_found if t else 0,
             "gaps_repaired": t.gaps_repaired if t else 0,
@@ -237,7 +256,7 @@ ShardRunner = Callable[[ShardWorker], Any]
 _SUMMED = (
     "frames", "bad_frames", "venue_errors", "sent", "acked", "failed", "dead_letters",
     "connects", "duplicates_dropped", "gaps_found", "gaps_repaired", "gaps_given_up",
-    "trades_repaired",
+    "trades_repaired", "sequence_gaps", "messages_missed",
 )  # fmt: skip
 
 
