@@ -170,7 +170,13 @@ def contiguous(
             return
 
 
-TIME_SLACK_US = 1_000_000
+# How far past the caller's bounds a by-time window reaches, for a REST that stamps a trade
+# a little differently from the stream (Kraken's REST gives seconds to four decimals, its
+# stream microseconds). Before the start it costs only older trades, skipped by id; after
+# the end it is kept short, as a REST paged forward (Kraken) reads on until it sees a
+# trade past the window.
+SLACK_BEFORE_US = 1_000_000
+SLACK_AFTER_US = 1_000
 
 
 def contiguous_by_time(
@@ -190,10 +196,9 @@ def contiguous_by_time(
     trade before ``from_id``) and not after ``end_us`` (the time of the trade after
     ``to_id``, or now), both inclusive, as neighbours may share a millisecond (a second,
     in Coinbase's REST). ``by_time(start, end)`` (the half-open [start, end)) is read
-    over that window widened by ``TIME_SLACK_US`` on each side, since a venue's REST may
-    stamp a trade a little differently from its stream (Kraken's REST rounds to 100 µs),
-    and the trades are then picked by id. All or nothing: an id the window does not hold
-    raises RestError before any trade is returned, never a silent hole.
+    over that window, widened by ``SLACK_BEFORE_US`` and ``SLACK_AFTER_US``, and the
+    trades are then picked by id. All or nothing: an id the window does not hold raises
+    RestError before any trade is returned, never a silent hole.
     """
     if start_us is None:
         raise RestError(
@@ -201,7 +206,7 @@ def contiguous_by_time(
             "needs the time of the trade before it"
         )
     found: dict[int, Any] = {}
-    for t in by_time(start_us - TIME_SLACK_US, end_us + TIME_SLACK_US + 1):
+    for t in by_time(start_us - SLACK_BEFORE_US, end_us + SLACK_AFTER_US + 1):
         if t.trade_id >= from_id and (to_id is None or t.trade_id <= to_id):
             found[t.trade_id] = t
     last = max(found, default=from_id - 1) if to_id is None else to_id
