@@ -80,8 +80,8 @@ class TradeHistory(Protocol):
 
 
 class IdHistory(TradeHistory, Protocol):
-    """REST trade history by id, for venues whose trade ids are contiguous per symbol:
-    what gap repair needs."""
+    """REST trade history asked for ids, for venues whose trade ids are contiguous per
+    symbol: what gap repair needs."""
 
     def trades_by_id(
         self,
@@ -108,9 +108,9 @@ class VenueSpec:
 
     ``rest`` builds the venue's REST history client from a config and an ``Http``;
     ``sequential_ids``: trade ids are contiguous per symbol, so a hole is detected live
-    and repaired from ``rest`` (an ``IdHistory``, by id or by time) before the next
-    trade is published; ``klines``: the
-    REST client serves venue candles (``klines(symbol, interval, start_us, end_us)``).
+    and repaired from ``rest`` (an ``IdHistory``: by id, or by time within the bounds
+    gap repair gives) before the next trade is published; ``klines``: the REST client
+    serves venue candles (``klines(symbol, interval, start_us, end_us)``).
     """
 
     name: str
