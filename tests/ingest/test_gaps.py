@@ -1,7 +1,8 @@
 """Gap repair without Kafka or Prefect: the tracker, with a publish callback that collects,
-against the simulator's Coinbase and Kraken (whose REST serves trades by time only) and
-against histories that lack an id; and the count of holes in Coinbase's sequence_num.
-The simulator runs as a child process on a free port."""
+against the simulator's venues (Binance and Deribit serve REST trades by id, Coinbase and
+Kraken by time only: the same tracker repairs both) and against histories that lack an
+id; and the count of holes in Coinbase's sequence_num. The simulator runs as a child
+process on a free port."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tasks.venues.http import RestError, contiguous_by_time
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT"]
 BY_TIME = ["coinbase", "kraken"]
+EVERY_VENUE = ["binance", "deribit", *BY_TIME]  # REST by id, then by time: one tracker
 T0 = 1_700_000_000_000_000  # µs
 
 
@@ -51,7 +53,7 @@ def key(t: Trade) -> tuple:
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimulatorProcess]:
     args = ["--symbols", ",".join(SYMBOLS), "--rate", "200", "--no-bursts"]
-    for name in BY_TIME:  # skipped on the stream, kept in REST
+    for name in EVERY_VENUE:  # skipped on the stream, kept in REST
         args += ["--fault", f"{name}:gap_every=23,gap_size=3"]
     with SimulatorProcess(*args) as s:
         yield s
@@ -72,8 +74,8 @@ def truth(sim: SimulatorProcess, symbol: str, first: int, last: int) -> list[tup
     return [key(t) for t in binance.trades_by_id(symbol, first, last)]  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("name", BY_TIME)
-def test_holes_in_the_stream_are_repaired_from_rest_by_time(sim, name):
+@pytest.mark.parametrize("name", EVERY_VENUE)
+def test_holes_in_the_stream_are_repaired_from_rest(sim, name):
     cfg = venues.venue_config(name, sim.http_url)
     adapter = venues.venue(name, cfg)
     published = Collect()
@@ -105,7 +107,7 @@ def test_holes_in_the_stream_are_repaired_from_rest_by_time(sim, name):
         )
 
 
-@pytest.mark.parametrize("name", BY_TIME)
+@pytest.mark.parametrize("name", EVERY_VENUE)
 def test_after_a_connect_each_known_symbol_is_topped_up_to_now(sim, name):
     cfg = venues.venue_config(name, sim.http_url)
     rest = history(sim, name)
