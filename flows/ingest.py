@@ -9,8 +9,9 @@ Runbook of one run:
 3. Validate (``validate_mode='on_start'`` or ``'only'``): Kafka answers, topics exist, each
    shard delivers a first message. 'only' returns the report and stops (and takes no
    lease: it publishes nothing).
-4. Resume: read the last published trade id per symbol back from Kafka (after the lease:
-   the previous holder has stopped by then, so this is really the last id).
+4. Resume: read the last published trade per symbol back from Kafka (after the lease:
+   the previous holder has stopped by then, so this is really the last one): its id, and
+   its time, from which venues with REST by time (Coinbase, Kraken) look for the rest.
 5. Stream: one thread per shard (a long-running ``connect-shard`` task each), one shared
    producer; gaps are repaired from REST as ``repair-gap`` tasks. A progress line is
    logged every ``progress_every_s``. A thread renews the lease every 5 s; if it was taken,
@@ -55,6 +56,7 @@ from flows.common import (
 )
 from tasks import venues
 from tasks.core import config, metrics, params
+from tasks.core.events import Trade
 from tasks.core.topics import QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
@@ -83,9 +85,9 @@ def validate_ingestion(
 
 
 @task(name="resume-point", cache_policy=NO_CACHE)
-def resume_point(settings: config.Settings, topic: str, p: Plan) -> dict[str, int]:
-    """Last published trade id per symbol, from the topic itself."""
-    return resume.last_trade_ids(settings, topic, p.config.name, list(p.symbols))
+def resume_point(settings: config.Settings, topic: str, p: Plan) -> dict[str, Trade]:
+    """Last published trade per symbol, from the topic itself."""
+    return resume.last_trades(settings, topic, p.config.name, list(p.symbols))
 
 
 @task(name="connect-shard", cache_policy=NO_CACHE, task_run_name="connect shard {worker.shard}")
@@ -95,9 +97,11 @@ def connect_shard(worker: ShardWorker) -> dict[str, Any]:
 
 
 @task(name="repair-gap", cache_policy=NO_CACHE, task_run_name="repair {symbol} {first}..{last}")
-def repair_gap(tracker: GapTracker, symbol: str, first: int, last: int | None) -> int:
+def repair_gap(
+    tracker: GapTracker, symbol: str, first: int, last: int | None, end_us: int | None = None
+) -> int:
     """Publish the trades with ids first..last from the venue's REST history."""
-    return tracker.fill(symbol, first, last)
+    return tracker.fill(symbol, first, last, end_us)
 
 
 def _check(
@@ -179,7 +183,8 @@ def ingest(
                 raise RuntimeError(f"validation failed: {', '.join(failed)}")
         port = settings.metrics_port if metrics_port is None else metrics_port
         _serve_metrics(port, settings.listen_host, logger)
-        last_ids = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
+        last = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
+        last_ids = {s: t.trade_id for s, t in last.items()}
         logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
 
         ingestion = Ingestion(
@@ -189,7 +194,7 @@ def ingest(
             topics=topics,
             max_in_flight=max_in_flight,
             policy=ConnectionPolicy(stall_timeout_s=stall_timeout_s),
-            last_ids=last_ids,
+            last_trades=last,
         )
         for w in ingestion.workers:
             if w.tracker is not None:

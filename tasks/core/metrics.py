@@ -38,6 +38,12 @@ TRADES_REPAIRED = Counter(
 DUPLICATES_DROPPED = Counter(
     "tapeline_duplicates_dropped", "Trades already published in this run", ("venue", "symbol")
 )
+MESSAGES_MISSED = Counter(
+    "tapeline_messages_missed",
+    "Messages a venue numbered per connection that never arrived (trades among them are "
+    "repaired by id; quotes are not)",
+    _SHARD,
+)
 INFLIGHT = Gauge("tapeline_inflight_messages", "Events sent but not yet acknowledged", ("venue",))
 LAST_MESSAGE = Gauge(
     "tapeline_last_message_timestamp_seconds", "When the last frame arrived", _SHARD

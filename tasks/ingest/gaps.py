@@ -1,13 +1,20 @@
 """Gap repair for venues whose trade ids are sequential per symbol (``VenueSpec.sequential_ids``).
 
-Per symbol the tracker holds the last trade id handed to Kafka. A live trade is then
-exactly one of:
+Per symbol the tracker holds the last trade id handed to Kafka and that trade's event
+time. A live trade is then exactly one of:
 
 - ``id <= last``: already published (a venue duplicate, or history fetched after a
   reconnect that the stream now repeats): dropped and counted;
 - ``id == last + 1``: published;
 - ``id > last + 1``: a gap. The missing ids are fetched from REST history and published
   first, then this trade.
+
+REST history is asked for ids (``IdHistory.trades_by_id``) together with when they
+happened: not before the last published trade's time, not after the time of the trade
+that revealed the gap (or now, after a connect), both inclusive. Binance and Deribit
+page by id and ignore the times; Coinbase and Kraken serve trades by time only and find
+the ids in that window (``tasks.venues.http.contiguous_by_time``). Either way the
+repaired trades are exactly the missing ids in id order, or RestError: never a hole.
 
 Ordering: the repair runs in the shard's reader thread, inside the frame handler, so no
 later live trade of any symbol on that shard is read (let alone published) until the
@@ -21,6 +28,9 @@ down, history trimmed) raises, which reconnects the shard with backoff and tries
 after ``max_attempts`` failures in a row for one symbol the gap is given up, logged as an
 error with its id range (the backfill flow can fill it) and left in the metrics as
 found but not repaired, so one broken symbol cannot stop the others for good.
+
+A venue that also numbers the messages of a connection (Coinbase's ``sequence_num``) has
+its holes counted by ``SequenceWatch``: its trades are covered by the id check above.
 """
 
 from __future__ import annotations
@@ -34,7 +44,6 @@ from tasks.venues.base import FeedError, IdHistory
 from tasks.venues.http import RestError
 
 log = logging.getLogger(__name__)
-PAGE = 1000
 
 
 class RepairFailed(Exception):
@@ -42,13 +51,14 @@ class RepairFailed(Exception):
 
 
 Publish = Callable[[Trade, bool], None]  # (trade, live)
-Filler = Callable[[str, int, "int | None"], int]
+Filler = Callable[[str, int, "int | None", "int | None"], int]  # (symbol, first, last, end_us)
 
 
 class GapTracker:
-    """Last published trade id per symbol of one shard, and the repairs that keep it
-    contiguous. Live-path repairs call ``fill_gap`` (``fill`` unless the flow wraps it
-    as a Prefect task)."""
+    """Last published trade id (and its event time) per symbol of one shard, and the
+    repairs that keep it contiguous. Live-path repairs call ``fill_gap`` (``fill`` unless
+    the flow wraps it as a Prefect task). ``last_us`` is needed where REST history is by
+    time (Coinbase, Kraken): a symbol with a last id but no time cannot be repaired there."""
 
     def __init__(
         self,
@@ -56,12 +66,14 @@ class GapTracker:
         history: IdHistory,
         publish: Publish,
         last_ids: dict[str, int] | None = None,
+        last_us: dict[str, int] | None = None,
         max_attempts: int = 5,
     ):
         self.venue = venue
         self.history = history
         self.publish = publish
         self.last: dict[str, int] = dict(last_ids or {})
+        self.last_us: dict[str, int] = dict(last_us or {})
         self.max_attempts = max_attempts
         self.fill_gap: Filler = self.fill
         self.duplicates = 0
@@ -83,18 +95,19 @@ class GapTracker:
                 self.duplicates += 1
                 self._metrics(symbol)[0].inc()
                 return
-            self._repair(symbol, last + 1, tid - 1)
+            self._repair(symbol, last + 1, tid - 1, trade.event_us)
         self.publish(trade, True)
         self.last[symbol] = tid
+        self.last_us[symbol] = trade.event_us
 
-    def _repair(self, symbol: str, first: int, last: int) -> None:
+    def _repair(self, symbol: str, first: int, last: int, end_us: int) -> None:
         attempt = self._attempts.get(symbol, 0) + 1
         if attempt == 1:
             self.gaps_found += 1
             self._metrics(symbol)[1].inc()
             log.warning("%s %s: gap, ids %d..%d missing", self.venue, symbol, first, last)
         try:
-            self.fill_gap(symbol, first, last)
+            self.fill_gap(symbol, first, last, end_us)
         except (RestError, FeedError) as e:
             if attempt < self.max_attempts:
                 self._attempts[symbol] = attempt
@@ -145,52 +158,42 @@ class GapTracker:
 
     # ---- REST -----------------------------------------------------------------------------
 
-    def fill(self, symbol: str, first: int, last: int | None) -> int:
+    def fill(self, symbol: str, first: int, last: int | None, end_us: int | None = None) -> int:
         """Publish trades ``first..last`` (to the newest when ``last`` is None) from REST
-        history, in id order; returns how many. Raises RestError on a hole in history."""
-        if last is not None:
-            trades: Iterable[Trade] = self.history.trades_by_id(symbol, first, last)
-        else:
-            trades = self._newest_from(symbol, first)
+        history, in id order; returns how many. They happened between the last published
+        trade's time and ``end_us`` (the time of the trade after ``last``; None: now).
+        Raises RestError on a hole in history."""
+        trades = self.history.trades_by_id(
+            symbol, first, last, start_us=self.last_us.get(symbol), end_us=end_us
+        )
         n = 0
         repaired = self._metrics(symbol)[3]
         for t in trades:
             self.publish(t, False)
             self.last[symbol] = t.trade_id
+            self.last_us[symbol] = t.event_us
             n += 1
             repaired.inc()
         self.trades_repaired += n
         return n
 
-    def _newest_from(self, symbol: str, first: int) -> Iterable[Trade]:
-        next_id = first
-        while True:
-            page = self.history.historical_trades(symbol, next_id, PAGE)
-            for t in page:
-                if t.trade_id < next_id:
-                    continue
-                if t.trade_id != next_id:
-                    raise RestError(
-                        f"{self.venue} {symbol}: history jumps from {next_id} to {t.trade_id}"
-                    )
-                yield t
-                next_id += 1
-            if len(page) < PAGE:
-                return
-
     # ---- after a failed delivery ----------------------------------------------------------
 
     def rewind(self, failed: Iterable[Trade]) -> None:
         """Trades Kafka did not take: move each symbol's last id back before the first
-        failed one, so the next trade of that symbol repairs them from REST, in order."""
-        lowest: dict[str, int] = {}
+        failed one, so the next trade of that symbol repairs them from REST, in order.
+        Its time becomes the first failed trade's: none of the trades to repair is older."""
+        lowest: dict[str, Trade] = {}
         for t in failed:
-            if t.trade_id < lowest.get(t.symbol, t.trade_id + 1):
-                lowest[t.symbol] = t.trade_id
-        for symbol, tid in lowest.items():
+            low = lowest.get(t.symbol)
+            if low is None or t.trade_id < low.trade_id:
+                lowest[t.symbol] = t
+        for symbol, t in lowest.items():
+            tid = t.trade_id
             if symbol in self.last and tid <= self.last[symbol]:
                 log.warning("%s %s: delivery of id %d failed; rewinding", self.venue, symbol, tid)
                 self.last[symbol] = tid - 1
+                self.last_us[symbol] = t.event_us
 
     def _metrics(self, symbol: str) -> tuple:
         m = self._metric_children.get(symbol)
@@ -203,3 +206,35 @@ class GapTracker:
                 TRADES_REPAIRED.labels(**labels),
             )
         return m
+
+
+class SequenceWatch:
+    """A venue's per-connection message number (Coinbase's ``sequence_num``), which counts
+    every message of a connection from its first, so a jump means messages the venue
+    sent never arrived. Trades among them are the ``GapTracker``'s business (by trade id);
+    quotes are not repaired (the next one supersedes them): the hole is only counted.
+
+    ``reset`` at each (re)connect, and after a frame that could not be parsed (its number
+    may not be readable: the count restarts at the next good frame rather than report
+    the DLQ'd frame as lost). A lower number than expected (Coinbase: out of order) is
+    ignored."""
+
+    def __init__(self) -> None:
+        self.expected: int | None = None
+        self.holes = 0
+        self.missed = 0
+
+    def reset(self) -> None:
+        self.expected = None
+
+    def see(self, number: int) -> int:
+        """How many messages are missing just before ``number`` (0 when none)."""
+        expected = self.expected
+        if expected is not None and number < expected:
+            return 0
+        self.expected = number + 1
+        if expected is None or number == expected:
+            return 0
+        self.holes += 1
+        self.missed += number - expected
+        return number - expected

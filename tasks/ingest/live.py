@@ -2,8 +2,9 @@
 
 One ``ShardWorker`` per WebSocket shard, each in its own thread: its ``Connection`` reads
 frames, the venue adapter parses them in that same thread, bad frames go to the DLQ,
-trades of sequential-id venues pass through the shard's ``GapTracker``, and every event
-is published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
+trades of sequential-id venues pass through the shard's ``GapTracker``, holes in a venue's
+per-connection message numbers are counted (``SequenceWatch``), and every event is
+published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
 imports Prefect; the flow decides which steps show up as Prefect tasks.
 """
 
@@ -22,8 +23,14 @@ from tasks import venues
 from tasks.core import config
 from tasks.core.events import Trade
 from tasks.core.kafka import producer
-from tasks.core.metrics import INFLIGHT, VENDOR_FETCH_FAILURE, VENDOR_FETCH_SUCCESS, VENUE_LAG
-from tasks.ingest.gaps import GapTracker
+from tasks.core.metrics import (
+    INFLIGHT,
+    MESSAGES_MISSED,
+    VENDOR_FETCH_FAILURE,
+    VENDOR_FETCH_SUCCESS,
+    VENUE_LAG,
+)
+from tasks.ingest.gaps import GapTracker, SequenceWatch
 from tasks.ingest.publish import PRODUCER_TUNING, Closed, Lane, Publisher, Topics
 from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
 from tasks.venues.connection import Connection, ConnectionPolicy
@@ -85,7 +92,7 @@ class ShardWorker:
         lane: Lane,
         run_id: str,
         policy: ConnectionPolicy,
-        last_ids: dict[str, int],
+        last_trades: dict[str, Trade],
     ):
         self.plan = plan
         self.index = index
@@ -101,11 +108,19 @@ class ShardWorker:
         self.venue_errors = 0
         self._ok = VENDOR_FETCH_SUCCESS.labels(venue=name, shard=self.shard)
         self._bad = VENDOR_FETCH_FAILURE.labels(venue=name, shard=self.shard)
+        self._missed = MESSAGES_MISSED.labels(venue=name, shard=self.shard)
+        self.sequence = SequenceWatch()
         self.tracker: GapTracker | None = None
         history = venues.gap_history(plan.venue, plan.config) if "trades" in plan.channels else None
         if history is not None:
-            mine = {s: i for s, i in last_ids.items() if s in self.symbols}
-            self.tracker = GapTracker(name, history, lane.publish, mine)
+            mine = [t for s, t in last_trades.items() if s in self.symbols]
+            self.tracker = GapTracker(
+                name,
+                history,
+                lane.publish,
+                {t.symbol: t.trade_id for t in mine},
+                {t.symbol: t.event_us for t in mine},
+            )
         self.connection = Connection(
             self.adapter,
             self.symbols,
@@ -125,6 +140,7 @@ class ShardWorker:
         self.connection.stop()
 
     def on_connect(self) -> None:
+        self.sequence.reset()  # numbered per connection
         if self.tracker is not None:
             try:
                 self.tracker.after_connect(self.symbols)
@@ -142,6 +158,7 @@ class ShardWorker:
             except FeedError as e:
                 self.bad_frames += 1
                 self._bad.inc()
+                self.sequence.reset()
                 lane.dead_letter(
                     self.source, e.reason, raw,
                     venue=self.plan.config.name, shard=self.shard, run=self.run_id,
@@ -149,6 +166,12 @@ class ShardWorker:
                 )  # fmt: skip
                 return
             self._ok.inc()
+            if parsed.sequence is not None and (missed := self.sequence.see(parsed.sequence)):
+                self._missed.inc(missed)
+                log.warning(
+                    "%s shard %s: %d message(s) missing before number %d",
+                    self.source, self.shard, missed, parsed.sequence,
+                )  # fmt: skip
             if parsed.reply is not None:
                 self.connection.send(parsed.reply)
             if parsed.control is not None:
@@ -197,6 +220,8 @@ class ShardWorker:
             "dead_letters": lane.dead_letters,
             "connects": conn.connects,
             "reconnects": dict(conn.reconnects),
+            "sequence_gaps": self.sequence.holes,
+            "messages_missed": self.sequence.missed,
             "duplicates_dropped": t.duplicates if t else 0,
             "gaps_found": t.gaps_found if t else 0,
             "gaps_repaired": t.gaps_repaired if t else 0,
@@ -207,11 +232,11 @@ class ShardWorker:
 
 def resend_failed(lane: Lane, tracker: GapTracker | None) -> int:
     """Once every outcome is known, send the lane's failed DLQ records again and give its
-    failed trades another go: a venue with REST history rewinds its gap tracker to before
+    failed trades another go: a venue with gap repair rewinds its gap tracker to before
     the first one, so they and what followed are fetched and published again in id
-    order; a venue without it (Coinbase, Kraken) publishes the same trades again, in the
-    order they failed, after trades that came later (the sinks key trades by id, and no
-    reader of those venues relies on the order). Returns the trades handed back."""
+    order; a venue without it (ids not sequential: none in the registry today) publishes
+    the same trades again, in the order they failed, after trades that came later (the
+    sinks key trades by id). Returns the trades handed back."""
     lane.publisher.flush()
     failed = lane.take_failed()
     if tracker is not None:
@@ -231,7 +256,7 @@ ShardRunner = Callable[[ShardWorker], Any]
 _SUMMED = (
     "frames", "bad_frames", "venue_errors", "sent", "acked", "failed", "dead_letters",
     "connects", "duplicates_dropped", "gaps_found", "gaps_repaired", "gaps_given_up",
-    "trades_repaired",
+    "trades_repaired", "sequence_gaps", "messages_missed",
 )  # fmt: skip
 
 
@@ -247,7 +272,7 @@ class Ingestion:
         topics: Topics | None = None,
         max_in_flight: int = 10_000,
         policy: ConnectionPolicy | None = None,
-        last_ids: dict[str, int] | None = None,
+        last_trades: dict[str, Trade] | None = None,
     ):
         self.plan = plan
         self.run_id = run_id
@@ -260,7 +285,7 @@ class Ingestion:
         )
         policy = policy or ConnectionPolicy()
         self.workers = [
-            ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_ids or {})
+            ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_trades or {})
             for i in range(len(plan.shards))
         ]
         self.errors: list[tuple[int, BaseException]] = []

@@ -1,4 +1,5 @@
-"""Where ingestion resumes: the last trade id per symbol, read back from Kafka itself.
+"""Where ingestion resumes: the last trade per symbol (its id, and its event time, where
+gap repair by time starts looking), read back from Kafka itself.
 
 Kafka is the record of what was published, so reading it back survives anything,
 SIGKILL included, with no state file to keep in step: a message the broker took but
@@ -27,7 +28,7 @@ def partition_of(symbol: str, partitions: int) -> int:
     return (murmur2(symbol.encode()) & 0x7FFFFFFF) % partitions
 
 
-def last_trade_ids(
+def last_trades(
     settings: config.Settings,
     topic: str,
     venue: str,
@@ -35,10 +36,10 @@ def last_trade_ids(
     max_scan: int = 50_000,
     chunk: int = 5_000,
     timeout_s: float = 60.0,
-) -> dict[str, int]:
-    """``{symbol: highest trade id of venue in topic}`` for the symbols found."""
+) -> dict[str, Trade]:
+    """``{symbol: the trade of venue in topic with the highest id}`` for the symbols found."""
     c = consumer(None, settings)
-    found: dict[str, int] = {}
+    found: dict[str, Trade] = {}
     needle = b'"venue":' + json.dumps(venue).encode()
     deadline = time.monotonic() + timeout_s
     try:
@@ -65,9 +66,24 @@ def last_trade_ids(
     return found
 
 
+def last_trade_ids(
+    settings: config.Settings,
+    topic: str,
+    venue: str,
+    symbols: list[str],
+    max_scan: int = 50_000,
+    chunk: int = 5_000,
+    timeout_s: float = 60.0,
+) -> dict[str, int]:
+    """``{symbol: highest trade id of venue in topic}`` for the symbols found."""
+    found = last_trades(settings, topic, venue, symbols, max_scan, chunk, timeout_s)
+    return {s: t.trade_id for s, t in found.items()}
+
+
 def _read(c, tp, start: int, end: int, venue: str, needle: bytes, symbols: set[str], deadline):
-    """Highest trade id per wanted symbol among offsets [start, end) of one partition."""
-    ids: dict[str, int] = {}
+    """The trade with the highest id per wanted symbol among offsets [start, end) of one
+    partition."""
+    ids: dict[str, Trade] = {}
     c.seek(tp, start)
     while c.position(tp) < end:
         if time.monotonic() > deadline:
@@ -85,7 +101,7 @@ def _read(c, tp, start: int, end: int, venue: str, needle: bytes, symbols: set[s
                 type(event) is Trade
                 and event.venue == venue
                 and event.symbol in symbols
-                and event.trade_id > ids.get(event.symbol, -1)
+                and (event.symbol not in ids or event.trade_id > ids[event.symbol].trade_id)
             ):
-                ids[event.symbol] = event.trade_id
+                ids[event.symbol] = event
     return ids

@@ -79,8 +79,9 @@ def rest_client(
 
 
 def gap_history(name: str, config: VenueConfig | None = None) -> IdHistory | None:
-    """REST history by id for venues whose trade ids are sequential (gap repair); None
-    where they are not (their trades are published as they come)."""
+    """REST history that gap repair asks for ids, for venues whose trade ids are
+    sequential (it finds them by id, or by time within the bounds the tracker gives);
+    None where they are not (their trades are published as they come)."""
     if not spec(name).sequential_ids:
         return None
     return rest_client(name, config)  # type: ignore[return-value]

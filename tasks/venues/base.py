@@ -40,12 +40,16 @@ class Parsed:
     'server_shutdown', 'error' (with ``detail``). ``reply`` is a frame the venue requires
     back on the same connection (e.g. Deribit's answer to a heartbeat ``test_request``,
     without which it closes the socket); the adapter stays pure, ingestion sends it.
+    ``sequence`` is the frame's number where the venue numbers every message of a
+    connection contiguously (Coinbase's ``sequence_num``): ingestion watches it for
+    messages that never arrived.
     """
 
     events: list[Trade | Quote] = field(default_factory=list)
     control: str | None = None
     detail: str = ""
     reply: str | None = None
+    sequence: int | None = None
 
 
 class Venue(Protocol):
@@ -76,14 +80,24 @@ class TradeHistory(Protocol):
 
 
 class IdHistory(TradeHistory, Protocol):
-    """REST trade history by id, for venues whose trade ids are contiguous per symbol:
-    what gap repair needs."""
+    """REST trade history asked for ids, for venues whose trade ids are contiguous per
+    symbol: what gap repair needs."""
 
-    def historical_trades(
-        self, symbol: str, from_id: int | None = None, limit: int = 1000
-    ) -> list[Trade]: ...
-
-    def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterable[Trade]: ...
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> Iterable[Trade]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest when ``to_id`` is
+        None), in id order; RestError when history does not hold one of them, never a
+        silent hole. ``start_us``/``end_us`` (inclusive; None for ``end_us`` is now) say
+        when they happened: a venue whose REST serves trades by time only (Coinbase,
+        Kraken) finds them there and needs ``start_us``; one that serves them by id
+        (Binance, Deribit) ignores both."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -94,8 +108,9 @@ class VenueSpec:
 
     ``rest`` builds the venue's REST history client from a config and an ``Http``;
     ``sequential_ids``: trade ids are contiguous per symbol, so a hole is detected live
-    and repaired from ``rest`` by id before the next trade is published; ``klines``: the
-    REST client serves venue candles (``klines(symbol, interval, start_us, end_us)``).
+    and repaired from ``rest`` (an ``IdHistory``: by id, or by time within the bounds
+    gap repair gives) before the next trade is published; ``klines``: the REST client
+    serves venue candles (``klines(symbol, interval, start_us, end_us)``).
     """
 
     name: str

@@ -267,9 +267,17 @@ class BinanceRest:
             "/api/v3/aggTrades", symbol, startTime=start_ms, endTime=end_ms, limit=limit
         )
 
-    def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterator[Trade]:
-        """Exactly the trades with id in [from_id, to_id], in order. Binance ids are
-        contiguous per symbol, so a page that skips one raises RestError, never a hole."""
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> Iterator[Trade]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest without
+        ``to_id``), in order, paged by id (the time bounds are not needed). Binance ids
+        are contiguous per symbol, so a page that skips one raises RestError, never a hole."""
         return contiguous(
             self.name, symbol, from_id, to_id,
             lambda nxt, n: self.historical_trades(symbol, nxt, min(1000, n)),

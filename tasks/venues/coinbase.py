@@ -2,7 +2,12 @@
 
 One subscribe frame per channel (plus ``heartbeats``, which keeps quiet products'
 connections from being closed). Frames are ``{"channel", "timestamp", "sequence_num",
-"events": [...]}``; product ids are already canonical ('BTC-USD').
+"events": [...]}``; product ids are already canonical ('BTC-USD'). ``sequence_num``
+counts every message of one connection, so the adapter hands it on (``Parsed.sequence``)
+and ingestion counts the messages that never arrived. Trade ids are sequential per
+product: a hole is repaired from REST, which serves trades by time only
+(``CoinbaseRest.trades_by_id``). The trades of one frame are handed over in id order
+(a snapshot lists the newest first).
 
 Trade side: Coinbase documents the ``side`` of its public trades (Exchange ``match``
 messages and product trades) as the *maker* order's side: "buy" is a down-tick where a
@@ -15,12 +20,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
+from operator import attrgetter
 from typing import Any
 from urllib.parse import quote
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, now_us
+from tasks.venues.http import Http, RestError, contiguous_by_time, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -94,12 +101,21 @@ class Coinbase(Adapter):
         msg = loads(self.name, raw)
         if type(msg) is not dict:
             raise FeedError(f"{self.name}: expected a JSON object, got {type(msg).__name__}")
+        parsed = self._parse(msg, recv_us)
+        seq = msg.get("sequence_num")
+        parsed.sequence = seq if type(seq) is int else None
+        return parsed
+
+    def _parse(self, msg: dict[str, Any], recv_us: int) -> Parsed:
         channel = msg.get("channel")
         if channel == "market_trades":
             events = self._events(msg)
-            return Parsed(
-                [self._trade(t, recv_us) for ev in events for t in self._list(ev, "trades")]
+            # A snapshot lists the newest trade first; gap repair wants id order.
+            trades: list[Trade | Quote] = sorted(
+                (self._trade(t, recv_us) for ev in events for t in self._list(ev, "trades")),
+                key=attrgetter("trade_id"),
             )
+            return Parsed(trades)
         if channel == "ticker":
             return self._tickers(msg, recv_us)
         if channel == "heartbeats":
@@ -165,7 +181,6 @@ class Coinbase(Adapter):
         return Parsed(quotes)
 
 
-
 class CoinbaseRest:
     """Coinbase Advanced Trade public trades,
     ``/api/v3/brokerage/market/products/{id}/ticker?limit=&start=&end=``.
@@ -210,6 +225,23 @@ class CoinbaseRest:
             seen = {i: s for i, s in (seen | seconds).items() if s >= oldest}
             end_s = oldest if end_inclusive else oldest + 1
 
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> list[Trade]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest without
+        ``to_id``), in id order, for gap repair. Coinbase serves no trades by id, so they
+        are read by time between ``start_us`` (required) and ``end_us`` (default now),
+        both inclusive; trade ids are contiguous per product, so a missing one raises
+        RestError (``contiguous_by_time``)."""
+        end = now_us(self.http) if end_us is None else end_us
+        by_time = partial(self.trades_by_time, symbol)
+        return contiguous_by_time(self.name, symbol, from_id, to_id, by_time, start_us, end)
+
     def _trade(self, r: Any) -> Trade:
         with bad_rows(self.name, "rest trade", r):
             product = r["product_id"]
@@ -228,5 +260,5 @@ class CoinbaseRest:
 
 SPEC = VenueSpec(
     "coinbase", CONFIG, Coinbase, CoinbaseRest, rest_interval_s=REST_INTERVAL_S,
-    simulator_ws_path="/coinbase",
+    simulator_ws_path="/coinbase", sequential_ids=True,
 )  # fmt: skip

@@ -265,12 +265,21 @@ class DeribitRest:
         )  # fmt: skip
         return [self._trade(symbol, r) for r in rows]
 
-    def trades_by_id(self, symbol: str, from_id: int, to_id: int) -> Iterator[Trade]:
-        """Exactly the trades with sequence in [from_id, to_id], in order; a page that
-        skips one raises RestError, never a silent hole."""
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> Iterator[Trade]:
+        """Exactly the trades with sequence in [from_id, to_id] (to the newest without
+        ``to_id``), in order, paged by sequence (the time bounds are not needed); a page
+        that skips one raises RestError, never a silent hole."""
         return contiguous(
             self.name, symbol, from_id, to_id,
             lambda nxt, n: self.historical_trades(symbol, nxt, n), unit="seq",
+            page_size=REST_PAGE,
         )  # fmt: skip
 
     def trades_by_time(self, symbol: str, start_us: int, end_us: int) -> Iterator[Trade]:

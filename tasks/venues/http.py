@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
@@ -140,27 +140,83 @@ def contiguous(
     venue: str,
     symbol: str,
     from_id: int,
-    to_id: int,
+    to_id: int | None,
     page: Callable[[int, int], list[Any]],
     unit: str = "id",
+    page_size: int = 1000,
 ) -> Iterator[Any]:
-    """Exactly the trades with ``unit`` in [from_id, to_id], in order, paged by
-    ``page(next_id, count)``. For venues whose ids (Binance) or sequence numbers (Deribit)
-    are contiguous per symbol: a page that skips one raises RestError, never a silent hole."""
+    """Exactly the trades with ``unit`` in [from_id, to_id] (to the newest when ``to_id``
+    is None: until a page comes back short), in order, paged by ``page(next_id, count)``.
+    For venues whose ids (Binance) or sequence numbers (Deribit) are contiguous per
+    symbol: a page that skips one raises RestError, never a silent hole."""
     next_id = from_id
-    while next_id <= to_id:
-        rows = page(next_id, to_id - next_id + 1)
+    while to_id is None or next_id <= to_id:
+        count = page_size if to_id is None else to_id - next_id + 1
+        rows = page(next_id, count)
         if not rows:
+            if to_id is None:
+                return
             raise RestError(f"{venue} {symbol}: no trades from {unit} {next_id} (to {to_id})")
         for t in rows:
             if t.trade_id < next_id:
                 continue
-            if t.trade_id > to_id:
+            if to_id is not None and t.trade_id > to_id:
                 return
             if t.trade_id != next_id:
                 raise RestError(f"{venue} {symbol}: {unit} jumps {next_id} -> {t.trade_id}")
             yield t
             next_id += 1
+        if to_id is None and len(rows) < count:
+            return
+
+
+# How far past the caller's bounds a by-time window reaches, for a REST that stamps a trade
+# a little differently from the stream (Kraken's REST gives seconds to four decimals, its
+# stream microseconds). Before the start it costs only older trades, skipped by id; after
+# the end it is kept short, as a REST paged forward (Kraken) reads on until it sees a
+# trade past the window.
+SLACK_BEFORE_US = 1_000_000
+SLACK_AFTER_US = 1_000
+
+
+def contiguous_by_time(
+    venue: str,
+    symbol: str,
+    from_id: int,
+    to_id: int | None,
+    by_time: Callable[[int, int], Iterable[Any]],
+    start_us: int | None,
+    end_us: int,
+) -> list[Any]:
+    """Exactly the trades with id in [from_id, to_id] (to the newest the history holds
+    when ``to_id`` is None), in id order, from REST history that pages by time only
+    (Coinbase, Kraken), for venues whose trade ids are contiguous per symbol.
+
+    The caller knows when those trades happened: not before ``start_us`` (the time of the
+    trade before ``from_id``) and not after ``end_us`` (the time of the trade after
+    ``to_id``, or now), both inclusive, as neighbours may share a millisecond (a second,
+    in Coinbase's REST). ``by_time(start, end)`` (the half-open [start, end)) is read
+    over that window, widened by ``SLACK_BEFORE_US`` and ``SLACK_AFTER_US``, and the
+    trades are then picked by id. All or nothing: an id the window does not hold raises
+    RestError before any trade is returned, never a silent hole.
+    """
+    if start_us is None:
+        raise RestError(
+            f"{venue} {symbol}: its REST pages by time, so repairing from id {from_id} "
+            "needs the time of the trade before it"
+        )
+    found: dict[int, Any] = {}
+    for t in by_time(start_us - SLACK_BEFORE_US, end_us + SLACK_AFTER_US + 1):
+        if t.trade_id >= from_id and (to_id is None or t.trade_id <= to_id):
+            found[t.trade_id] = t
+    last = max(found, default=from_id - 1) if to_id is None else to_id
+    if len(found) < last - from_id + 1:
+        hole = next(i for i in range(from_id, last + 1) if i not in found)
+        raise RestError(
+            f"{venue} {symbol}: {last - from_id + 1 - len(found)} of ids {from_id}..{last} "
+            f"missing from history between {start_us} and {end_us} us (first: {hole})"
+        )
+    return [found[i] for i in range(from_id, last + 1)]
 
 
 def by_id_from(

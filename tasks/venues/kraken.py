@@ -5,6 +5,8 @@ decimals, never through float. The ticker is subscribed with ``event_trigger: bb
 it updates on every best-bid-offer change (the default triggers only on trades), which
 is what a top-of-book Quote means. Trade ``side`` is documented as the taker's side.
 Symbols are 'BTC/USD'; Kraken's legacy asset codes (XBT, XDG) are read as BTC, DOGE.
+Trade ids are sequential per pair (documented for v2), so a hole is repaired from REST,
+which pages by time only (``KrakenRest.trades_by_id``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, now_us
+from tasks.venues.http import Http, RestError, contiguous_by_time, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -140,7 +143,6 @@ class Kraken(Adapter):
         return build(self.name, "ticker", wire)
 
 
-
 class KrakenRest:
     """Kraken public trades, ``/0/public/Trades?pair=&since=``, paged by the ``last``
     cursor (nanoseconds). Limits: up to 1000 trades per call and about one public call
@@ -185,6 +187,23 @@ class KrakenRest:
                 return
             since = int(last)
 
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> list[Trade]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest without
+        ``to_id``), in id order, for gap repair. Kraken's REST pages by time only, so
+        they are read between ``start_us`` (required) and ``end_us`` (default now), both
+        inclusive; trade ids are sequential per pair (WebSocket v2), so a missing one
+        raises RestError (``contiguous_by_time``)."""
+        end = now_us(self.http) if end_us is None else end_us
+        by_time = partial(self.trades_by_time, symbol)
+        return contiguous_by_time(self.name, symbol, from_id, to_id, by_time, start_us, end)
+
     def _retry_on(self, body: Any) -> str | None:
         errors = body.get("error") if type(body) is dict else None
         return next((e for e in errors or () if str(e).startswith(self.RETRYABLE)), None)
@@ -206,5 +225,5 @@ class KrakenRest:
 
 SPEC = VenueSpec(
     "kraken", CONFIG, Kraken, KrakenRest, rest_interval_s=REST_INTERVAL_S,
-    simulator_ws_path="/kraken",
+    simulator_ws_path="/kraken", sequential_ids=True,
 )  # fmt: skip

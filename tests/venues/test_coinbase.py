@@ -108,6 +108,22 @@ def test_one_frame_carries_many_trades_and_one_bad_trade_rejects_the_frame(coinb
         coinbase.parse(json.dumps(msg), RECV)
 
 
+def test_a_snapshot_newest_first_is_handed_over_in_id_order(coinbase):
+    msg = json.loads(frame("market_trades_snapshot.json"))
+    msg["events"][0]["trades"].reverse()  # as Coinbase lists a snapshot: newest first
+    parsed = coinbase.parse(json.dumps(msg), RECV)
+    assert parsed.events == EXPECTED["market_trades_snapshot.json"]
+
+
+@pytest.mark.parametrize(
+    ("name", "sequence"),
+    [("market_trades_update.json", 4), ("ticker.json", 7), ("heartbeats.json", 0),
+     ("subscriptions.json", 1), ("error.json", None)],
+)  # fmt: skip
+def test_every_numbered_frame_carries_its_sequence_num(coinbase, name, sequence):
+    assert coinbase.parse(frame(name), RECV).sequence == sequence
+
+
 @pytest.mark.parametrize("symbol", ["BTC-USD", "ETH-EUR", "USDT-USDC"])
 def test_product_ids_are_canonical_both_ways(coinbase, symbol):
     assert coinbase.to_venue_symbol(symbol) == symbol

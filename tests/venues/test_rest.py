@@ -209,6 +209,15 @@ def test_trades_by_id_refuses_to_hide_a_hole(venue):
         list(rest.trades_by_id("BTC-USDT", 3500, 3600))
 
 
+def test_trades_by_id_without_an_end_reads_to_the_newest(venue):
+    rest = BinanceRest(config(venue.url), http(venue.url, FakeTime()))
+    trades = list(rest.trades_by_id("BTC-USDT", 3000, None))
+    assert [t.trade_id for t in trades] == list(range(3000, LAST_ID + 1))
+    pages = [q for p, q in venue.requests if p == "/api/v3/historicalTrades"]
+    assert [(q["fromId"], q["limit"]) for q in pages] == [("3000", "1000")]  # short: the end
+    assert list(rest.trades_by_id("BTC-USDT", LAST_ID + 1, None)) == []  # nothing newer
+
+
 def test_trades_by_time_is_half_open_and_complete(venue):
     rest = BinanceRest(config(venue.url), http(venue.url, FakeTime()))
     start_us = (T0_MS + 7_205_000) * 1000  # between trades 1720 and 1721
@@ -379,3 +388,38 @@ def test_kraken_pages_by_last_cursor_and_retries_its_rate_limit(venue):
     pairs = {q["pair"] for p, q in venue.requests if p == "/0/public/Trades"}
     assert pairs == {"XBTUSD"}
     assert len(fake.sleeps) == 1  # the retried rate-limit answer
+
+
+def coinbase_us(tid: int) -> int:
+    _, second, micros = next(r for r in COINBASE["BTC-USD"] if r[0] == tid)
+    return second * 1_000_000 + micros
+
+
+def kraken_us(tid: int) -> int:
+    return int(Decimal(KRAKEN[tid - 1][2]) * 1_000_000)
+
+
+def test_coinbase_and_kraken_find_trades_by_id_between_two_known_times(venue):
+    """Neither venue serves trades by id: gap repair gives the times of the trades around
+    the hole (inclusive) and gets exactly the ids asked for, in id order."""
+    coinbase = CoinbaseRest(config(venue.url, "coinbase"), http(venue.url, FakeTime()))
+    got = coinbase.trades_by_id("BTC-USD", 104, 110, coinbase_us(103), coinbase_us(111))
+    assert [t.trade_id for t in got] == list(range(104, 111))
+    assert got[0].event_us == coinbase_us(104) and got[0].price == Decimal("104.25")
+    kraken = KrakenRest(config(venue.url, "kraken"), http(venue.url, FakeTime()))
+    got = kraken.trades_by_id("BTC-USD", 3, 6, kraken_us(2), kraken_us(7))
+    assert [t.trade_id for t in got] == [3, 4, 5, 6]
+    # without an end: to the newest trade, up to now
+    assert [t.trade_id for t in kraken.trades_by_id("BTC-USD", 6, None, kraken_us(5))] == [6, 7, 8]
+
+
+def test_coinbase_and_kraken_refuse_to_hide_a_hole(venue):
+    kraken = KrakenRest(config(venue.url, "kraken"), http(venue.url, FakeTime()))
+    with pytest.raises(RestError, match=r"1 of ids 7\.\.9 missing .* \(first: 9\)"):
+        kraken.trades_by_id("BTC-USD", 7, 9, kraken_us(6), kraken_us(8))
+    with pytest.raises(RestError, match="needs the time of the trade before it"):
+        kraken.trades_by_id("BTC-USD", 3, 6)
+    coinbase = CoinbaseRest(config(venue.url, "coinbase"), http(venue.url, FakeTime()))
+    late = coinbase_us(120)  # a window that starts after the trades asked for
+    with pytest.raises(RestError, match=r"of ids 104\.\.110 missing"):
+        coinbase.trades_by_id("BTC-USD", 104, 110, late, late + 1_000_000)
