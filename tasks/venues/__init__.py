@@ -52,19 +52,39 @@ def simulated(name: str) -> str:
     return f"{name}{SIMULATED_SUFFIX}"
 
 
-def venue_config(name: str, simulator_url: str | None = None) -> VenueConfig:
+def stored_as(venue_name: str) -> VenueSpec | None:
+    """The registry entry of the venue whose events carry ``venue_name`` (``binance`` or
+    ``binance-sim``); None for a name no venue writes."""
+    base = venue_name.removesuffix(SIMULATED_SUFFIX)
+    return REGISTRY.get(base)
+
+
+def venue_config(name: str, simulator_url: str | None = None, credential: str = "") -> VenueConfig:
     """The venue's own endpoints, or the local simulator's: same protocol, other URLs, and
-    events named ``simulated(name)``."""
+    events named ``simulated(name)``. ``credential`` is the venue's API token (see
+    ``VenueSpec.credential``); the simulator gets its own, never the real one."""
     s = spec(name)
     if not simulator_url:
-        return s.config
+        return replace(s.config, credential=credential) if credential else s.config
     parts = urlsplit(simulator_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"simulator URL must be http(s)://host:port, got {simulator_url!r}")
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
     ws = urlunsplit((ws_scheme, parts.netloc, s.simulator_ws_path, "", ""))
     rest = f"{parts.scheme}://{parts.netloc}"
-    return replace(s.config, name=simulated(s.config.name), ws_url=ws, rest_url=rest)
+    return replace(
+        s.config,
+        name=simulated(s.config.name),
+        ws_url=ws,
+        rest_url=rest,
+        credential=s.simulator_credential,
+    )
+
+
+def stall_timeout(name: str, requested_s: float) -> float:
+    """The stall watchdog's timeout for ``name``: ``requested_s``, but never shorter than
+    the venue's keep-alive allows (``VenueSpec.min_stall_timeout_s``)."""
+    return max(requested_s, spec(name).min_stall_timeout_s)
 
 
 def rest_client(
