@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.venues import binance, coinbase, deribit, kraken
+from tasks.venues import binance, coinbase, deribit, finnhub, kraken
 from tasks.venues.base import IdHistory, TradeHistory, Venue, VenueConfig, VenueSpec
 from tasks.venues.http import Http
 
 REGISTRY: dict[str, VenueSpec] = {
-    s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC, deribit.SPEC)
+    s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC, deribit.SPEC, finnhub.SPEC)
 }
 VENUES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -104,6 +104,20 @@ def gap_history(name: str, config: VenueConfig | None = None) -> IdHistory | Non
     if not spec(name).sequential_ids:
         return None
     return rest_client(name, config)  # type: ignore[return-value]
+
+
+def trades_client(
+    name: str, config: VenueConfig | None = None, min_interval_s: float | None = None
+) -> TradeHistory:
+    """The REST client of a venue that serves trades by time; ValueError for one that
+    does not (Finnhub's free plan)."""
+    if not spec(name).trade_history:
+        with_history = [n for n, s in REGISTRY.items() if s.trade_history]
+        raise ValueError(
+            f"{name} has no trade history over REST (venues with it: {', '.join(with_history)});"
+            " use backfill_candles"
+        )
+    return rest_client(name, config, min_interval_s)
 
 
 def klines_client(
