@@ -13,6 +13,7 @@ from blocks.connections import (
     PostgresConnection,
     VenueFeed,
 )
+from tasks import venues
 from tasks.core import config
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "VenueFeed",
     "prefect_api",
     "settings",
+    "venue_credential",
 ]
 
 
@@ -39,6 +41,32 @@ def settings(
         if name:
             env.update(cls.load(name).env())  # type: ignore[attr-defined]
     return config.load(env)
+
+
+def venue_credential(venue: str, simulator_url: str | None = None) -> str:
+    """The API token ``venue`` needs (``VenueSpec.credential``): from the environment
+    (``TAPELINE_FINNHUB_TOKEN``), else from the Prefect Secret block of that name. Empty
+    for a venue that needs none and for the simulator (which has its own: a real token
+    never leaves for it). ValueError, naming both places and never a value, when
+    neither holds one."""
+    spec = venues.spec(venue)
+    if not spec.credential or simulator_url:
+        return ""
+    token = config.venue_secret(spec.credential)
+    if token:
+        return token
+    from prefect.blocks.system import Secret
+
+    try:
+        token = Secret.load(spec.credential).get()
+    except ValueError:  # no such block document
+        token = ""
+    if not isinstance(token, str) or not token.strip():
+        raise ValueError(
+            f"{venue} needs an API token: set {config.secret_var(spec.credential)} or save"
+            f" a Prefect Secret block named {spec.credential!r}"
+        )
+    return token.strip()
 
 
 @contextmanager

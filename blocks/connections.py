@@ -103,7 +103,10 @@ class VenueFeed(Block):
     _block_type_name = "Tapeline Venue Feed"
     _block_type_slug = "tapeline-venue-feed"
 
-    venue: str = Field(description="binance, binanceus, coinbase, kraken or deribit.")
+    venue: str = Field(
+        description="binance, binanceus, coinbase, kraken, deribit or finnhub (its token is"
+        " the Secret block finnhub-token or TAPELINE_FINNHUB_TOKEN, never this block)."
+    )
     ws_url: str = Field(default="", description="WebSocket base URL; empty: the venue's own.")
     rest_url: str = Field(default="", description="REST base URL; empty: the venue's own.")
     symbols: list[str] = Field(default_factory=lambda: ["BTC-USDT", "ETH-USDT"])

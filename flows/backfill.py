@@ -16,7 +16,7 @@
    ``aggregate`` recomputes them.
 
 ``backfill_candles``: venue klines for ranges where trades are not wanted, stored as
-candles with source 'venue' (Binance and Binance US serve klines).
+candles with source 'venue' (Binance, Binance US and Finnhub serve klines).
 
 ``replay_topic``: re-drain a topic from a point in time into PostgreSQL through the
 drain's sink and batch loop (``tasks.history.replay``), to rebuild a table after loss; progress
@@ -41,6 +41,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from blocks import venue_credential
 from flows.aggregate import rebuild_candles
 from flows.common import Target, checked, iso, target, to_us
 from tasks import venues
@@ -161,6 +162,11 @@ def _check_range(
 
 def _check_trades(page_minutes: float, trades_topic: str, **rest: Any) -> None:
     start_us, end_us = _check_range(**rest)
+    if not venues.spec(rest["venue"]).trade_history:
+        raise params.ParameterError(
+            f"parameter venue={rest['venue']!r}: serves no trade history over REST;"
+            " use backfill_candles"
+        )
     params.number("page_minutes", page_minutes, 1 / 60, 1440)
     params.topic("trades_topic", trades_topic, params.NOT_PRICES)
     page_us = int(page_minutes * 60_000_000)
@@ -214,7 +220,7 @@ def backfill_trades(
     resumably page by page; then rebuild the range's candles.
 
     Args:
-        venue: binance, binanceus, coinbase, kraken or deribit.
+        venue: binance, binanceus, coinbase, kraken or deribit (finnhub serves no trades).
         symbols: Canonical symbols, e.g. ["BTC-USDT"].
         start: Range start (UTC if no offset).
         end: Range end, exclusive.
@@ -236,8 +242,8 @@ def backfill_trades(
     start_us, end_us = to_us(start), to_us(end)
     page_us = int(page_minutes * 60_000_000)
     t = target(kafka_block, postgres_block, schema)
-    cfg = venues.venue_config(venue, simulator_url)
-    client = venues.rest_client(venue, cfg, min_request_interval_s)
+    cfg = venues.venue_config(venue, simulator_url, venue_credential(venue, simulator_url))
+    client = venues.trades_client(venue, cfg, min_request_interval_s)
     pages = bf.plan_pages(symbols, start_us, end_us, page_us)
     with closing(t.connect()) as conn:
         done = bf.done_pages(conn, cfg.name, bf.TRADES, pages)
@@ -357,7 +363,8 @@ def backfill_candles(
     with their indicators; resumable page by page like ``backfill_trades``.
 
     Args:
-        venue: A venue with kline history (``VenueSpec.klines``: binance, binanceus).
+        venue: A venue with kline history (``VenueSpec.klines``: binance, binanceus,
+            finnhub).
         symbols: Canonical symbols, e.g. ["BTC-USDT"].
         start: Range start (UTC if no offset).
         end: Range end, exclusive.
@@ -376,7 +383,7 @@ def backfill_candles(
     logger = get_run_logger()
     start_us, end_us = to_us(start), to_us(end)
     width = cdl.interval_us(interval)
-    cfg = venues.venue_config(venue, simulator_url)
+    cfg = venues.venue_config(venue, simulator_url, venue_credential(venue, simulator_url))
     client = venues.klines_client(venue, cfg, min_request_interval_s)
     t = target(None, postgres_block, schema)
     pages = bf.plan_pages(symbols, cdl.window_open(start_us, width), end_us, 1000 * width)

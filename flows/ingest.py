@@ -47,6 +47,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from blocks import venue_credential
 from flows.common import (
     checked,
     migrate_schema,
@@ -161,8 +162,9 @@ def ingest(
     topics = Topics(trades_topic, quotes_topic)
     try:
         p = plan(
-            venue, symbols or DEFAULT_SYMBOLS, channels or list(CHANNELS), shard_size, simulator_url
-        )
+            venue, symbols or DEFAULT_SYMBOLS, channels, shard_size, simulator_url,
+            credential=venue_credential(venue, simulator_url),
+        )  # fmt: skip
     except ValueError as e:
         if validate_mode == "only":
             return {"ok": False, "checks": [check("configuration", False, str(e))]}
@@ -193,7 +195,7 @@ def ingest(
             run_id=run_id,
             topics=topics,
             max_in_flight=max_in_flight,
-            policy=ConnectionPolicy(stall_timeout_s=stall_timeout_s),
+            policy=ConnectionPolicy(stall_timeout_s=stall_timeout(p, stall_timeout_s, logger)),
             last_trades=last,
         )
         for w in ingestion.workers:
@@ -266,6 +268,18 @@ def _validate(
     return report
 
 
+def stall_timeout(p: Plan, requested_s: float, logger: Any) -> float:
+    """The watchdog's timeout: as asked, but never shorter than the venue's keep-alive
+    (a closed stock market is quiet, not dead: Finnhub pings about once a minute)."""
+    timeout = venues.stall_timeout(p.venue, requested_s)
+    if timeout != requested_s:
+        logger.info(
+            "stall_timeout_s %.0f s is shorter than %s's keep-alive: using %.0f s",
+            requested_s, p.venue, timeout,
+        )  # fmt: skip
+    return timeout
+
+
 def _owner(run_id: str) -> str:
     """How the lease names its holder in logs and in ``ingest_leases.owner``."""
     return f"flow run {flow_run.name or '-'} ({run_id}) on {socket.gethostname()} pid {os.getpid()}"
@@ -322,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument(
         "--symbols", default=",".join(DEFAULT_SYMBOLS), help="canonical, comma separated"
     )
-    a.add_argument("--channels", default=",".join(CHANNELS))
+    a.add_argument(
+        "--channels", default="", help=f"{','.join(CHANNELS)}; default: all the venue has"
+    )
     a.add_argument("--shard-size", type=int)
     a.add_argument("--validate", choices=["off", "on_start", "only"], default="on_start")
     a.add_argument(
@@ -348,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     result = ingest(
         venue=args.venue,
         symbols=[s for s in args.symbols.split(",") if s],
-        channels=[c for c in args.channels.split(",") if c],
+        channels=[c for c in args.channels.split(",") if c] or None,
         shard_size=args.shard_size,
         validate_mode=args.validate,
         simulator_url=simulator,

@@ -1,4 +1,4 @@
-"""The simulator: one asyncio loop, one port, four venues' protocols over one market.
+"""The simulator: one asyncio loop, one port, five venues' protocols over one market.
 
 A pacing task wakes every ``tick_ms``, advances every symbol's market by the elapsed
 time (so the configured rate holds however late the loop wakes), passes each venue's
@@ -6,8 +6,8 @@ share through its stream faults and hands the result to the venue for formatting
 fan-out. WebSocket upgrades are routed by path to a venue. Plain HTTP GETs on the same
 port (websockets' ``process_request`` hook) serve REST history (Binance under
 ``/api/v3``; Coinbase's public trades at ``/api/v3/brokerage/market/products/{id}/ticker``;
-Kraken's at ``/0/public/Trades``; Deribit's under ``/api/v2/public/``) and the control plane
-under ``/_sim``:
+Kraken's at ``/0/public/Trades``; Deribit's under ``/api/v2/public/``; Finnhub's candles at
+``/api/v1/<stock|crypto|forex>/candle``) and the control plane under ``/_sim``:
 
     GET /_sim/health
     GET /_sim/report
@@ -59,11 +59,15 @@ from simulator.venues import VenueBase
 from simulator.venues.binance import Binance, BinanceRest
 from simulator.venues.coinbase import Coinbase, CoinbaseRest
 from simulator.venues.deribit import Deribit, DeribitRest
+from simulator.venues.finnhub import Finnhub, FinnhubRest
 from simulator.venues.kraken import Kraken, KrakenRest
 from simulator.wire import now_ms
 
 log = logging.getLogger("simulator")
-VENUES = ("binance", "coinbase", "kraken", "deribit")
+VENUES = ("binance", "coinbase", "kraken", "deribit", "finnhub")
+# Venues whose trades carry no ids: a skipped trade is invisible and unrepairable there,
+# so gap faults (which the ledger would count as losses nobody can name) are refused.
+NO_IDS = frozenset({"finnhub"})
 T = TypeVar("T")
 
 
@@ -100,9 +104,19 @@ class SimConfig:
             raise ValueError("at least one symbol is needed")
         if self.rate < 0 or self.tick_ms <= 0 or self.max_queue < 1:
             raise ValueError("rate >= 0, tick_ms > 0 and max_queue >= 1 are required")
-        for venue in self.faults:
+        for venue, values in self.faults.items():
             if venue not in VENUES:
                 raise ValueError(f"unknown venue {venue!r}; known: {VENUES}")
+            refuse_gaps(venue, values)
+
+
+def refuse_gaps(venue: str, values: dict[str, Any]) -> None:
+    """ValueError for a gap fault on a venue without trade ids (see ``NO_IDS``)."""
+    if venue in NO_IDS and float(values.get("gap_every", 0)):
+        raise ValueError(
+            f"{venue} trades carry no ids: a gap can be neither seen nor repaired, so the"
+            " simulator does not inject one (drop, stall, dup and malformed apply)"
+        )
 
 
 CONTROL_HEADER = "X-Sim-Control"
@@ -110,7 +124,8 @@ CONTROL_TOKEN_ENV = "TAPELINE_SIM_CONTROL_TOKEN"
 _READ_ONLY = frozenset({"health", "report"})
 
 class Simulator:
-    """A local exchange speaking Binance, Coinbase Advanced Trade, Kraken v2 and Deribit."""
+    """A local exchange speaking Binance, Coinbase Advanced Trade, Kraken v2, Deribit and
+    Finnhub."""
 
     def __init__(self, config: SimConfig | None = None, **overrides: Any):
         if config is None:
@@ -127,7 +142,8 @@ class Simulator:
         self.venues: dict[str, VenueBase] = {}
         self.hub: Hub | None = None
         self.rest: BinanceRest | None = None
-        self.other_rest: list[CoinbaseRest | KrakenRest | DeribitRest] = []
+        self.other_rest: list[CoinbaseRest | KrakenRest | DeribitRest | FinnhubRest] = []
+        self.finnhub_rest: FinnhubRest | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -150,6 +166,7 @@ class Simulator:
             "coinbase": base + "/coinbase",
             "kraken": base + "/kraken",
             "deribit": base + "/deribit",
+            "finnhub": base + "/finnhub",
         }[venue]
 
     def rest_url(self, venue: str = "binance") -> str:
@@ -216,17 +233,19 @@ class Simulator:
         self.hub = Hub(list(VENUES), self.settings, cfg.max_queue)
         self.hub.shutdown_grace_s = cfg.shutdown_grace_s
         self.faults = {v: StreamFaults(v, self.settings[v]) for v in VENUES}
-        for cls in (Binance, Coinbase, Kraken, Deribit):
+        for cls in (Binance, Coinbase, Kraken, Deribit, Finnhub):
             venue = cls(self.hub, self.markets, self.faults[cls.name])
             self.venues[cls.name] = venue
             self.hub.shutdown_frame[cls.name] = venue.shutdown_frame
         self.rest = BinanceRest(self.markets, cfg.weight_limit)
         self.rest.throttle_left = cfg.throttle
         self.rest.retry_after_s = cfg.retry_after_s
+        self.finnhub_rest = FinnhubRest(self.markets)
         self.other_rest = [
             CoinbaseRest(self.markets),
             KrakenRest(self.markets),
             DeribitRest(self.markets),
+            self.finnhub_rest,
         ]
         async with serve(
             self._handle,
@@ -328,11 +347,15 @@ class Simulator:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path, query = _split(request.path)
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            if self._venue_for(path) is None:
+            venue = self._venue_for(path)
+            if venue is None:
                 return _json(404, {"error": f"no WebSocket endpoint at {path}"})
-            return None
+            refused = venue.refuse(path, query)
+            return None if refused is None else _json(*refused)
         try:
             for api in self.other_rest:
+                if api is self.finnhub_rest and api.handles(path):  # its token is a header
+                    return _json(*api.handle(path, query, now_ms(), request.headers))
                 if api.handles(path):
                     status, body = api.handle(path, query, now_ms())
                     return _json(status, body)
@@ -378,6 +401,7 @@ class Simulator:
     def _set_faults(self, venue: str, values: dict[str, Any]) -> dict[str, Any]:
         if venue not in self.settings:
             raise ValueError(f"unknown venue {venue!r}; known: {VENUES}")
+        refuse_gaps(venue, values)
         self.settings[venue].update(values)  # in place: writers hold a reference
         return {"venue": venue, "faults": self.settings[venue].to_dict()}
 
@@ -406,6 +430,8 @@ class Simulator:
         elif action == "stall":
             done["connections"] = self.hub.stall_all(venue, seconds if seconds is not None else 2.0)
         elif action in ("gap", "dup", "malformed"):
+            if action == "gap":
+                refuse_gaps(venue, {"gap_every": n})
             targets = [symbol] if symbol else list(self.markets)
             for sym in targets:
                 self.faults[venue].inject(sym, action, n, kind)
@@ -453,6 +479,7 @@ class Simulator:
                 "coinbase_requests": self.other_rest[0].requests,
                 "kraken_requests": self.other_rest[1].requests,
                 "deribit_requests": self.other_rest[2].requests,
+                "finnhub_requests": self.other_rest[3].requests,
             },
         }
 

@@ -32,6 +32,7 @@ VENUE_MODULES = {
     "tasks.venues.binance",
     "tasks.venues.coinbase",
     "tasks.venues.deribit",
+    "tasks.venues.finnhub",
     "tasks.venues.kraken",
 }
 

@@ -554,3 +554,100 @@ def test_coinbase_kraken_and_deribit_rest_backfill_returns_the_stream_history(ma
     assert [key(t) for t in got] == expected
     again = deribit.trades_by_id("ETH-USDT", first, first + 1499)  # gap repair's path
     assert [key(t) for t in again] == [key(t) for t in truth]
+
+
+# ---- Finnhub: a venue without trade ids ---------------------------------------------
+
+FINNHUB_SYMBOLS = ("BTC-USDTBINANCE", "AAPL-USD")
+
+
+def finnhub_config(sim: Simulator, token: str) -> VenueConfig:
+    return VenueConfig("finnhub", sim.ws_url("finnhub"), sim.http_url, credential=token)
+
+
+def test_finnhub_refuses_a_missing_or_wrong_token_at_the_handshake(make_sim):
+    from websockets.exceptions import InvalidStatus
+
+    sim = make_sim(symbols=FINNHUB_SYMBOLS, rate=50)
+    for url in (sim.ws_url("finnhub"), sim.ws_url("finnhub") + "?token=guess"):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, open_timeout=5)
+        assert refused.value.response.status_code == 401
+    with pytest.raises(ValueError, match="no ids"):
+        sim.set_faults("finnhub", gap_every=10)
+    with pytest.raises(ValueError, match="no ids"):
+        sim.inject("gap", venue="finnhub")
+
+
+def test_finnhub_streams_trades_pings_and_repeats_with_the_same_dedupe_key(make_sim):
+    """A duplicated trade carries the same content, so the same key: one row in the sinks.
+    Malformed frames are rejected exactly as the ledger names them."""
+    from tasks.venues.finnhub import SIMULATOR_TOKEN
+
+    sim = make_sim(symbols=FINNHUB_SYMBOLS, rate=400)
+    adapter = venue("finnhub", finnhub_config(sim, SIMULATOR_TOKEN))
+    symbols = list(FINNHUB_SYMBOLS)
+    keys: dict[str, list[int]] = {s: [] for s in symbols}
+    trades: list[Trade] = []
+    rejected: list[str] = []
+    controls: list[str] = []
+
+    def feed(raw: str) -> None:
+        try:
+            parsed = adapter.parse(raw, now_us())
+        except FeedError:
+            rejected.append(raw)
+            return
+        if parsed.control:
+            controls.append(parsed.control)
+        for t in parsed.events:
+            trades.append(t)
+            keys[t.symbol].append(t.trade_id)
+
+    def until(done: Callable[[], bool], timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            assert left > 0, "timed out waiting for the stream"
+            feed(ws.recv(timeout=left))
+
+    with stream(adapter.connection_url(symbols, ["trades"])) as ws:
+        for frame in adapter.subscribe_frames(symbols, ["trades"]):
+            ws.send(frame)
+        until(lambda: all(len(k) >= 100 for k in keys.values()) and "heartbeat" in controls)
+        sim.inject("dup", venue="finnhub", symbol="AAPL-USD", n=3)
+        sim.inject("malformed", venue="finnhub", symbol="BTC-USDTBINANCE", kind="nan_price")
+        sim.inject("malformed", venue="finnhub", symbol="AAPL-USD", kind="missing_field")
+        aapl = keys["AAPL-USD"]
+        until(lambda: len(rejected) == 2 and len(aapl) - len(set(aapl)) >= 3)
+    assert all(t.side == "unknown" and t.venue == "finnhub" for t in trades)
+    report = sim.report()["venues"]["finnhub"]["symbols"]
+    assert report["AAPL-USD"]["duplicated_count"] == 3
+    repeats = Counter(keys["AAPL-USD"])
+    assert sum(n - 1 for n in repeats.values()) >= 3  # each dup: the same key again
+    # what the sinks keep, (venue, symbol, trade_id) once each, is every distinct trade
+    stored = {(t.venue, t.symbol, t.trade_id): key(t) for t in trades}
+    assert len(stored) == len({key(t) for t in trades})
+    sent = [text for sym in symbols for text in report[sym]["malformed"][0]["texts"]]
+    assert sorted(rejected) == sorted(sent)
+
+
+def test_finnhub_candles_over_rest_need_the_token(make_sim):
+    from tasks.venues.finnhub import SIMULATOR_TOKEN, FinnhubRest
+    from tasks.venues.http import RestError
+
+    sim = make_sim(symbols=FINNHUB_SYMBOLS, rate=600)
+    time.sleep(1.5)
+    end_us = (now_us() // 60_000_000 + 1) * 60_000_000
+    fast = {"sleep": lambda s: None}
+    client = FinnhubRest(finnhub_config(sim, SIMULATOR_TOKEN), Http(sim.http_url, **fast))
+    for symbol in FINNHUB_SYMBOLS:
+        candles = list(client.klines(symbol, "1m", end_us - 120_000_000, end_us))
+        assert candles and all(c.symbol == symbol and c.source == "venue" for c in candles)
+        assert all(c.low <= min(c.open, c.close) <= max(c.open, c.close) <= c.high for c in candles)
+        assert all(c.volume > 0 for c in candles)
+    assert sim.report()["rest"]["finnhub_requests"] == 2
+    wrong = FinnhubRest(finnhub_config(sim, "guess"), Http(sim.http_url, **fast))
+    with pytest.raises(RestError) as refused:
+        list(wrong.klines("AAPL-USD", "1m", end_us - 60_000_000, end_us))
+    assert refused.value.status == 401

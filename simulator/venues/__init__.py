@@ -25,6 +25,11 @@ class VenueBase:
     def accepts(self, path: str) -> bool:
         raise NotImplementedError
 
+    def refuse(self, path: str, query: dict[str, str]) -> tuple[int, dict] | None:
+        """(HTTP status, JSON body) to refuse a WebSocket handshake with (e.g. a missing
+        API token), or None to accept it."""
+        return None
+
     def open(self, c: Client, path: str, query: dict[str, str]) -> None:
         """A connection was accepted on ``path``: subscribe from the URL, greet."""
 

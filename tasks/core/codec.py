@@ -25,7 +25,7 @@ from operator import attrgetter, call, index
 from typing import Any
 
 from tasks.core.events import (
-    SIDES,
+    TRADE_SIDES,
     TX_SIDES,
     TX_STATUSES,
     Candle,
@@ -179,7 +179,7 @@ def _time(name: str, v: Any) -> int:
 
 
 def _side(name: str, v: Any) -> str:
-    if type(v) is not str or v not in SIDES:
+    if type(v) is not str or v not in TRADE_SIDES:
         raise CodecError(f"{name}: unknown side {v!r:.60}")
     return v
 
@@ -369,5 +369,5 @@ TRADE_PATTERN = re.compile(
     + rb',"symbol":' + _s(MAX_CHARS["symbol"])
     + rb',"venue_symbol":' + _s(MAX_CHARS["venue_symbol"])
     + rb',"trade_id":' + _uint_at_most(MAX_ID) + rb',"price":' + _D + rb',"qty":' + _D
-    + rb',"side":"(buy|sell)","event_us":' + _T + rb',"recv_us":' + _T + rb"\}"
+    + rb',"side":"(buy|sell|unknown)","event_us":' + _T + rb',"recv_us":' + _T + rb"\}"
 )  # fmt: skip

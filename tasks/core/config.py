@@ -50,9 +50,17 @@ DEFAULTS: dict[str, str] = {
     # Basic auth of the Prefect API, ``user:password``. Empty: the local stack's own,
     # generated once per $TAPELINE_HOME (see ``prefect_auth``).
     "PREFECT_API_AUTH_STRING": "",
+    # Venues' API tokens (``VenueSpec.credential``; ``venue_secret``). Empty: a Prefect
+    # Secret block of the credential's name (``blocks.venue_credential``).
+    "TAPELINE_FINNHUB_TOKEN": "",
 }
 # Variables whose values are secrets: never printed, logged or shown in a repr.
-SECRET_VARS = ("TAPELINE_KAFKA_PASSWORD", "PREFECT_API_AUTH_STRING", "PGPASSWORD")
+SECRET_VARS = (
+    "TAPELINE_KAFKA_PASSWORD",
+    "PREFECT_API_AUTH_STRING",
+    "PGPASSWORD",
+    "TAPELINE_FINNHUB_TOKEN",
+)
 
 
 class ConfigError(ValueError):
@@ -310,6 +318,17 @@ def load(env: dict[str, str] | None = None) -> Settings:
         pg_writer_dsn=_role_dsn(env, "TAPELINE_PG_WRITER_DSN", WRITER_ROLE, home, pg_dsn),
         pg_reader_dsn=_role_dsn(env, "TAPELINE_PG_READER_DSN", READER_ROLE, home, pg_dsn),
     )
+
+
+def secret_var(credential: str) -> str:
+    """The variable holding a venue credential: ``finnhub-token`` -> TAPELINE_FINNHUB_TOKEN."""
+    return "TAPELINE_" + "".join(c if c.isalnum() else "_" for c in credential.upper())
+
+
+def venue_secret(credential: str, env: dict[str, str] | None = None) -> str:
+    """A venue's API token from the environment (``secret_var``); empty when unset."""
+    env = dict(os.environ if env is None else env)
+    return env.get(secret_var(credential), DEFAULTS.get(secret_var(credential), "")).strip()
 
 
 def cache_dir(env: dict[str, str] | None = None) -> Path:

@@ -14,6 +14,10 @@ from typing import Literal
 
 Side = Literal["buy", "sell"]
 SIDES: frozenset[str] = frozenset({"buy", "sell"})
+# A public trade's taker side, or "unknown" where the venue does not say (Finnhub's
+# trades carry no side). Never guessed: "unknown" is stored as it is.
+TradeSide = Literal["buy", "sell", "unknown"]
+TRADE_SIDES: frozenset[str] = SIDES | {"unknown"}
 # A user's transaction is a fill (buy/sell) or a deposit that funds the account.
 TX_SIDES: frozenset[str] = SIDES | {"deposit"}
 TX_STATUSES: frozenset[str] = frozenset({"filled", "cancelled", "rejected"})
@@ -21,7 +25,8 @@ TX_STATUSES: frozenset[str] = frozenset({"filled", "cancelled", "rejected"})
 
 @dataclass(frozen=True, slots=True)
 class Trade:
-    """One public trade; ``side`` is the taker's side."""
+    """One public trade; ``side`` is the taker's side ("unknown" when the venue does
+    not report it)."""
 
     venue: str
     symbol: str  # canonical, e.g. BTC-USDT
@@ -29,7 +34,7 @@ class Trade:
     trade_id: int
     price: Decimal
     qty: Decimal
-    side: Side
+    side: TradeSide
     event_us: int
     recv_us: int
 

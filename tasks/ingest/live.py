@@ -61,13 +61,21 @@ class Plan:
 def plan(
     venue: str,
     symbols: list[str],
-    channels: list[str],
+    channels: list[str] | None,
     shard_size: int | None = None,
     simulator_url: str | None = None,
+    credential: str = "",
 ) -> Plan:
-    """Validate the configuration; raises ValueError naming what is wrong."""
-    cfg = venues.venue_config(venue, simulator_url)
+    """Validate the configuration; raises ValueError naming what is wrong. No channels:
+    every channel the venue has (Finnhub: trades only). ``credential``: the venue's API
+    token, where it needs one (``VenueSpec.credential``)."""
+    cfg = venues.venue_config(venue, simulator_url, credential)
+    spec = venues.spec(venue)
+    if spec.credential and not cfg.credential:
+        raise ValueError(f"{venue} needs an API token ({spec.credential}); none was given")
     adapter = venues.venue(venue, cfg)
+    if not channels:
+        channels = [c for c in CHANNELS if c in adapter.channels]
     chans = tuple(dict.fromkeys(channels))
     unknown = [c for c in chans if c not in adapter.channels]
     if not chans or unknown:

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 from urllib.parse import urlsplit, urlunsplit
 
-from tasks.venues import binance, coinbase, deribit, kraken
+from tasks.venues import binance, coinbase, deribit, finnhub, kraken
 from tasks.venues.base import IdHistory, TradeHistory, Venue, VenueConfig, VenueSpec
 from tasks.venues.http import Http
 
 REGISTRY: dict[str, VenueSpec] = {
-    s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC, deribit.SPEC)
+    s.name: s for s in (*binance.SPECS, coinbase.SPEC, kraken.SPEC, deribit.SPEC, finnhub.SPEC)
 }
 VENUES: tuple[str, ...] = tuple(REGISTRY)
 
@@ -52,19 +52,39 @@ def simulated(name: str) -> str:
     return f"{name}{SIMULATED_SUFFIX}"
 
 
-def venue_config(name: str, simulator_url: str | None = None) -> VenueConfig:
+def stored_as(venue_name: str) -> VenueSpec | None:
+    """The registry entry of the venue whose events carry ``venue_name`` (``binance`` or
+    ``binance-sim``); None for a name no venue writes."""
+    base = venue_name.removesuffix(SIMULATED_SUFFIX)
+    return REGISTRY.get(base)
+
+
+def venue_config(name: str, simulator_url: str | None = None, credential: str = "") -> VenueConfig:
     """The venue's own endpoints, or the local simulator's: same protocol, other URLs, and
-    events named ``simulated(name)``."""
+    events named ``simulated(name)``. ``credential`` is the venue's API token (see
+    ``VenueSpec.credential``); the simulator gets its own, never the real one."""
     s = spec(name)
     if not simulator_url:
-        return s.config
+        return replace(s.config, credential=credential) if credential else s.config
     parts = urlsplit(simulator_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"simulator URL must be http(s)://host:port, got {simulator_url!r}")
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
     ws = urlunsplit((ws_scheme, parts.netloc, s.simulator_ws_path, "", ""))
     rest = f"{parts.scheme}://{parts.netloc}"
-    return replace(s.config, name=simulated(s.config.name), ws_url=ws, rest_url=rest)
+    return replace(
+        s.config,
+        name=simulated(s.config.name),
+        ws_url=ws,
+        rest_url=rest,
+        credential=s.simulator_credential,
+    )
+
+
+def stall_timeout(name: str, requested_s: float) -> float:
+    """The stall watchdog's timeout for ``name``: ``requested_s``, but never shorter than
+    the venue's keep-alive allows (``VenueSpec.min_stall_timeout_s``)."""
+    return max(requested_s, spec(name).min_stall_timeout_s)
 
 
 def rest_client(
@@ -85,6 +105,20 @@ def gap_history(name: str, config: VenueConfig | None = None) -> IdHistory | Non
     if not spec(name).sequential_ids:
         return None
     return rest_client(name, config)  # type: ignore[return-value]
+
+
+def trades_client(
+    name: str, config: VenueConfig | None = None, min_interval_s: float | None = None
+) -> TradeHistory:
+    """The REST client of a venue that serves trades by time; ValueError for one that
+    does not (Finnhub's free plan)."""
+    if not spec(name).trade_history:
+        with_history = [n for n, s in REGISTRY.items() if s.trade_history]
+        raise ValueError(
+            f"{name} has no trade history over REST (venues with it: {', '.join(with_history)});"
+            " use backfill_candles"
+        )
+    return rest_client(name, config, min_interval_s)
 
 
 def klines_client(

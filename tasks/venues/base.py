@@ -7,9 +7,11 @@ same adapter serves live ingestion, tests on fixtures and the simulator's client
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from tasks.core.codec import CodecError
 from tasks.core.events import Quote, Trade
@@ -17,6 +19,19 @@ from tasks.core.events import Quote, Trade
 
 class FeedError(CodecError):
     """A frame that cannot be parsed or fails validation; ``reason`` goes to the DLQ."""
+
+
+_TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|api_?key)=)[^&#\s'\"]+")
+
+
+def redact(text: str, secret: str = "") -> str:
+    """``text`` with ``secret`` (as written and percent-encoded) and the value of any
+    ``token=``/``apikey=`` URL parameter replaced by ``***``: for anything that may carry a
+    connection URL (exception messages, log lines, reports)."""
+    if secret:
+        for form in {secret, quote(secret, safe="")}:
+            text = text.replace(form, "***")
+    return _TOKEN_PARAM.sub(r"\1***", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +45,10 @@ class VenueConfig:
     max_streams_per_connection: int = 1024
     max_connection_lifetime_s: float = 24 * 3600
     subscribe_rate_per_s: float = 5.0
+    # The API token of a venue that needs one (``VenueSpec.credential``), resolved at run
+    # time, never written in a file. Left out of repr: a config ends up in log lines,
+    # task-run inputs and tracebacks. Redact it (``redact``) wherever text may carry it.
+    credential: str = field(default="", repr=False)
 
 
 @dataclass(slots=True)
@@ -110,7 +129,13 @@ class VenueSpec:
     ``sequential_ids``: trade ids are contiguous per symbol, so a hole is detected live
     and repaired from ``rest`` (an ``IdHistory``: by id, or by time within the bounds
     gap repair gives) before the next trade is published; ``klines``: the REST client
-    serves venue candles (``klines(symbol, interval, start_us, end_us)``).
+    serves venue candles (``klines(symbol, interval, start_us, end_us)``);
+    ``trade_history``: it serves trades by time (what ``backfill_trades`` needs).
+    ``credential``: the name of the API token the venue needs (empty: none), read from
+    ``TAPELINE_<NAME>`` or a Prefect Secret block of that name (``blocks.venue_credential``);
+    the simulator accepts ``simulator_credential`` instead, so a real token never goes there.
+    ``min_stall_timeout_s``: the venue's keep-alive is slower than the default watchdog,
+    so a quiet (closed) market is not taken for a dead connection.
     """
 
     name: str
@@ -121,3 +146,7 @@ class VenueSpec:
     simulator_ws_path: str = ""  # where the local simulator serves this protocol
     sequential_ids: bool = False
     klines: bool = False
+    trade_history: bool = True
+    credential: str = ""
+    simulator_credential: str = ""
+    min_stall_timeout_s: float = 0.0

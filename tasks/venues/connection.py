@@ -19,7 +19,9 @@ What it promises:
 - ``send`` lets the frame handler answer the venue on the live socket (an application
   heartbeat such as Deribit's ``test_request``), in the reader thread, so frames never
   interleave with subscribing;
-- ``stop`` ends ``run`` within ``poll_s`` from any thread and closes the socket.
+- ``stop`` ends ``run`` within ``poll_s`` from any thread and closes the socket;
+- the connection URL may carry a credential (Finnhub's ``?token=``): it is never logged,
+  and every error text logged here passes through ``redact`` first.
 
 Trades missed while reconnecting are the gap tracker's business (``tasks.ingest.gaps``).
 """
@@ -30,6 +32,7 @@ import logging
 import random
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 import websocket
 
 from tasks.core.metrics import LAST_MESSAGE, RECONNECTS
-from tasks.venues.base import Venue
+from tasks.venues.base import Venue, redact
 
 FrameHandler = Callable[[bytes, int], None]
 _DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
@@ -188,7 +191,7 @@ class Connection:
                 class_=BufferedWebSocket,
             )
         except Exception as e:  # any failure to connect is retried with backoff
-            log.warning("%s shard %s: connect failed: %s", self.name, self.shard, e)
+            log.warning("%s shard %s: connect failed: %s", self.name, self.shard, self._safe(e))
             return "connect_failed", False
         self.connects += 1
         self._ws = ws
@@ -207,22 +210,28 @@ class Connection:
         except websocket.WebSocketException as e:
             if self._stop.is_set():
                 return "stopped", True
-            log.warning("%s shard %s: connection lost: %s", self.name, self.shard, e)
+            log.warning("%s shard %s: connection lost: %s", self.name, self.shard, self._safe(e))
             return "connection_lost", False
         except OSError as e:
             if self._stop.is_set():
                 return "stopped", True
-            log.warning("%s shard %s: socket error: %s", self.name, self.shard, e)
+            log.warning("%s shard %s: socket error: %s", self.name, self.shard, self._safe(e))
             return "connection_lost", False
-        except Exception:
+        except Exception as e:
             if self._stop.is_set():
                 return "stopped", True
-            log.exception("%s shard %s: frame handler failed", self.name, self.shard)
+            trace = redact("".join(traceback.format_exception(e)), self.venue.config.credential)
+            log.error("%s shard %s: frame handler failed\n%s", self.name, self.shard, trace)
             return "handler_error", False
         finally:
             self._reconnect_reason = None
             self._ws = None
             _close(ws)
+
+    def _safe(self, e: BaseException) -> str:
+        """An exception's text without the venue's credential (a refused handshake or a
+        redirect may quote the URL that carries it)."""
+        return redact(f"{type(e).__name__}: {e}", self.venue.config.credential)
 
     def _subscribe(self, ws: websocket.WebSocket, frames: list[str]) -> None:
         gap = 1.0 / self.venue.config.subscribe_rate_per_s

@@ -57,16 +57,19 @@ class Http:
         path: str,
         params: dict[str, Any] | None = None,
         retry_on: Callable[[Any], str | None] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """The decoded body (decimals exact). ``retry_on`` names an application-level
-        error worth retrying (e.g. Kraken's rate limit, sent with HTTP 200)."""
+        error worth retrying (e.g. Kraken's rate limit, sent with HTTP 200). ``headers``
+        carry a credential (e.g. Finnhub's ``X-Finnhub-Token``) so that it is never part
+        of the URL, which error messages quote."""
         query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
         url = self.base_url.rstrip("/") + path + (f"?{query}" if query else "")
         last, status = "", None
         for attempt in range(self.attempts):
             self._pace()
             try:
-                request = Request(url, headers={"Accept": "application/json"})
+                request = Request(url, headers={"Accept": "application/json", **(headers or {})})
                 with urlopen(request, timeout=self.timeout_s) as resp:
                     body = resp.read()
                     self._watch_weight(resp.headers)

@@ -14,7 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.core import codec
-from tasks.core.codec import CodecError, decode, encode, from_dict, to_dict, validate
+from tasks.core.codec import (
+    TRADE_PATTERN,
+    CodecError,
+    decode,
+    encode,
+    from_dict,
+    to_dict,
+    validate,
+)
 from tasks.core.events import Candle, Quote, Trade, UserTransaction
 from tasks.core.wallets import effects
 
@@ -143,6 +151,15 @@ def trade_wire(**changes):
     return {k: v for k, v in wire.items() if v is not ...}
 
 
+def test_a_trade_without_a_reported_side_is_unknown_never_guessed():
+    """Finnhub reports no taker side: "unknown" is a side of its own, on the wire, in the
+    drain's fast path and in the trades table's CHECK (migration 0500)."""
+    event = from_dict(trade_wire(side="unknown"))
+    assert event.side == "unknown" and validate(event) == event
+    assert decode(encode(event)) == event
+    assert TRADE_PATTERN.fullmatch(encode(event)) is not None
+
+
 def test_a_valid_trade_decodes_exactly():
     event = from_dict(trade_wire())
     assert event == Trade(
@@ -174,6 +191,8 @@ def test_a_valid_trade_decodes_exactly():
         ({"trade_id": "7"}, "trade_id: expected a non-negative integer"),
         ({"side": "hold"}, "side: unknown side"),
         ({"side": ["buy"]}, "side: unknown side"),
+        ({"side": "deposit"}, "side: unknown side"),  # a user transaction's, not a trade's
+        ({"side": None}, "side: unknown side"),
         ({"venue": ""}, "venue: expected a non-empty string"),
         ({"venue": 5}, "venue: expected a non-empty string"),
         ({"symbol": "BTC\x00"}, "symbol: NUL or unpaired surrogate"),
@@ -587,6 +606,7 @@ MIGRATION = Path(__file__).parents[2] / "tasks/drain/migrations/0001_price_histo
 def test_postgres_stores_the_largest_values_the_codec_accepts(pg_conn):
     """The price tables (as temporary copies) take every string at its limit in 4-byte
     characters, in their primary keys and indexes, and decimals at both ends of the range."""
+
     def name(n: int, offset: int) -> str:  # distinct characters: nothing to compress
         return "".join(chr(0x1D400 + offset + i) for i in range(n))
 

@@ -65,7 +65,8 @@ trades = st.builds(
     Trade, names(ANY, codec.MAX_CHARS["venue"]) | names(PLAIN, codec.MAX_CHARS["venue"]),
     names(PLAIN, codec.MAX_CHARS["symbol"]),
     names(ANY, codec.MAX_CHARS["venue_symbol"]) | names(PLAIN, codec.MAX_CHARS["venue_symbol"]),
-    st.integers(0, codec.MAX_ID), decimals(), decimals(), st.sampled_from(["buy", "sell"]),
+    st.integers(0, codec.MAX_ID), decimals(), decimals(),
+    st.sampled_from(["buy", "sell", "unknown"]),
     st.integers(codec.MIN_TIME_US, NOW_US), st.integers(codec.MIN_TIME_US, NOW_US),
 )  # fmt: skip
 

@@ -379,3 +379,58 @@ def test_coinbase_and_kraken_holes_are_repaired_by_time_and_duplicates_dropped(
         assert_contiguous(ids[symbol], symbol)
         skipped = final["venues"][venue]["symbols"][symbol]["skipped_ids"]
         assert any(ids[symbol][0] < s < ids[symbol][-1] for s in skipped)
+
+
+def test_finnhub_trades_flow_through_and_duplicates_are_stored_once(
+    kafka, postgres, prefect_server, new_topic
+):
+    """Finnhub's trades have no ids: each one's trade_id is a hash of its content. The
+    simulator repeats trades (dup fault) and sends malformed frames; the repeats reach
+    Kafka under the same key as the original (ingestion cannot drop what it cannot tell
+    apart by id order), bad frames go to the DLQ, and the price drain stores every distinct
+    trade once, also when it reads the topic a second time. Its side is 'unknown', which
+    the trades table takes (migration 0500); verify reports no holes for it."""
+    from contextlib import closing
+
+    from tasks.core.pg import connect
+    from tasks.telemetry.verify import verify_trades
+    from tests.drain.support import drain_prices_now, pg_schema
+
+    symbols = ["BTC-USDTBINANCE", "AAPL-USD"]  # BINANCE:BTCUSDT and the stock AAPL
+    trades, quotes = new_topic(3), new_topic(3)
+    with _sim("finnhub:dup_every=29,malformed_every=61", rate=200, symbols=symbols) as sim:
+        report = ingest(
+            venue="finnhub", symbols=symbols, simulator_url=sim.http_url,
+            validate_mode="on_start", metrics_port=0, run_seconds=6,
+            trades_topic=trades, quotes_topic=quotes,
+        )  # fmt: skip
+        ledger = sim.report()["venues"]["finnhub"]["symbols"]
+    assert report["channels"] == ["trades"] and report["gaps_found"] == 0
+    assert report["sent"] == report["acked"] > 300 and report["failed"] == 0
+    assert report["dead_letters"] == report["bad_frames"] > 0
+    venue = simulated("finnhub")
+    events = [codec.decode(r.value) for recs in read_topic(kafka, trades).values() for r in recs]
+    assert events and all(t.venue == venue and t.side == "unknown" for t in events)
+    assert {t.symbol for t in events} == set(symbols)
+    in_kafka = Counter((t.symbol, t.trade_id) for t in events)
+    repeats = sum(n - 1 for n in in_kafka.values())
+    assert repeats >= 5, "the simulator's repeats reach Kafka under the same key"
+    assert sum(led["duplicated_count"] for led in ledger.values()) >= 5
+    assert read_topic(kafka, quotes) == {p: [] for p in range(3)}  # no quotes on Finnhub
+
+    with pg_schema(postgres.pg_dsn) as schema:
+        for consumer in ("finnhub-first", "finnhub-replay"):  # a replay changes nothing
+            drain_prices_now(kafka, schema, f"{consumer}-{trades}", [trades])
+            with closing(connect(postgres.pg_dsn, schema)) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT symbol, trade_id, count(*) FROM trades WHERE venue = %s"
+                    " GROUP BY symbol, trade_id",
+                    (venue,),
+                )
+                rows = cur.fetchall()
+            assert {(s, i) for s, i, _ in rows} == set(in_kafka)
+            assert all(n == 1 for _, _, n in rows)
+        with closing(connect(postgres.pg_dsn, schema)) as conn:
+            verdict = verify_trades(conn, kafka, venue, trades)
+    assert verdict.ok, verdict.problems
+    assert all(c.holes == 0 and c.missing_from_store == 0 for c in verdict.symbols)
