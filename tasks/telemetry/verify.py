@@ -2,11 +2,10 @@
 
 For venues with sequential trade ids, a symbol's stored trades must form one unbroken
 id range, and the trades topic must hold each of those ids exactly once. For venues
-without them (Coinbase, Kraken, Finnhub's dedupe keys: ``VenueSpec.sequential_ids``)
-there is no range to have holes in, and the venue's own repeats reach Kafka by design;
-what must hold is that every trade id in Kafka is stored, once (the primary key). These
-checks look only at what was stored, so they hold whatever crashed or was retried on
-the way.
+without them (Finnhub's dedupe keys; ``VenueSpec.sequential_ids``) there is no range to
+have holes in, and the venue's own repeats reach Kafka by design; what must hold is that
+every trade id in Kafka is stored, once (the primary key). These checks look only at
+what was stored, so they hold whatever crashed or was retried on the way.
 """
 
 from __future__ import annotations
