@@ -397,7 +397,10 @@ def test_a_drain_whose_only_run_stays_pending_gets_a_reader(sandbox, monkeypatch
     deployment = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
     name = f"tapeline-test-tick/{sandbox.tag}"
     stuck = sandbox.run(deployment)
-    sandbox.client.set_flow_run_state(stuck, Pending())
+    # forced: the run stands for one a worker took, whatever the deployment's slot says
+    # (proposed, it was once Cancelled "concurrency limit reached" on a loaded CI machine)
+    sandbox.client.set_flow_run_state(stuck, Pending(), force=True)
+    assert sandbox.state(stuck).is_pending(), sandbox.history(stuck)
     assert reaper.keep_following((name,)) == []  # within the 30 s grace: it is coming
 
     monkeypatch.setattr(reaper, "PENDING_GRACE_S", 0.0)
