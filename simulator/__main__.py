@@ -61,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         help="per-symbol first trade id (overrides --start-id for those symbols)",
     )
     p.add_argument("--max-history", type=int, default=d.max_history)
+    p.add_argument(
+        "--history-hours", type=float, default=0.0,
+        help="trades of the past this many hours, served by REST from the start",
+    )  # fmt: skip
+    p.add_argument(
+        "--history-rate", type=float, default=d.history_rate,
+        help="trades/s over all symbols in that past",
+    )  # fmt: skip
     p.add_argument("--tick-ms", type=float, default=d.tick_ms)
     p.add_argument("--volatility", type=float, default=d.volatility)
     p.add_argument("--quote-ratio", type=float, default=d.quote_ratio)
@@ -106,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         throttle=a.throttle,
         retry_after_s=a.retry_after,
         faults=faults,
+        history_s=a.history_hours * 3600,
+        history_rate=a.history_rate,
     )
 
 

@@ -95,6 +95,10 @@ class SimConfig:
     throttle: int = 0  # the first K REST requests get 429
     retry_after_s: int = 1
     faults: dict[str, dict[str, float]] = field(default_factory=dict)  # venue -> settings
+    # A past to reconcile against: before serving, each symbol gets ``history_s`` seconds
+    # of trades ending now, ``history_rate`` per second over all symbols, evenly spaced.
+    history_s: float = 0.0
+    history_rate: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.symbols, str):
@@ -104,6 +108,8 @@ class SimConfig:
             raise ValueError("at least one symbol is needed")
         if self.rate < 0 or self.tick_ms <= 0 or self.max_queue < 1:
             raise ValueError("rate >= 0, tick_ms > 0 and max_queue >= 1 are required")
+        if self.history_s < 0 or self.history_rate < 0:
+            raise ValueError("history_s >= 0 and history_rate >= 0 are required")
         for venue, values in self.faults.items():
             if venue not in VENUES:
                 raise ValueError(f"unknown venue {venue!r}; known: {VENUES}")
@@ -122,6 +128,7 @@ def refuse_gaps(venue: str, values: dict[str, Any]) -> None:
 CONTROL_HEADER = "X-Sim-Control"
 CONTROL_TOKEN_ENV = "TAPELINE_SIM_CONTROL_TOKEN"
 _READ_ONLY = frozenset({"health", "report"})
+
 
 class Simulator:
     """A local exchange speaking Binance, Coinbase Advanced Trade, Kraken v2, Deribit and
@@ -229,7 +236,10 @@ class Simulator:
                 quote_ratio=cfg.quote_ratio,
                 burst_rate=burst_rate,
             )
-            self.markets[sym] = Market(instrument(sym), params, start)
+            past = int(cfg.history_s * 1000)
+            market = Market(instrument(sym), params, start - past)
+            market.generate(round(cfg.history_rate / len(cfg.symbols) * cfg.history_s), start)
+            self.markets[sym] = market
         self.hub = Hub(list(VENUES), self.settings, cfg.max_queue)
         self.hub.shutdown_grace_s = cfg.shutdown_grace_s
         self.faults = {v: StreamFaults(v, self.settings[v]) for v in VENUES}
@@ -368,8 +378,13 @@ class Simulator:
                 if what not in _READ_ONLY and not hmac.compare_digest(
                     request.headers.get(CONTROL_HEADER, ""), self.control_token
                 ):
-                    return _json(403, {"error": f"/_sim/{what} changes the simulator: send"
-                                       f" header {CONTROL_HEADER} with its control token"})
+                    return _json(
+                        403,
+                        {
+                            "error": f"/_sim/{what} changes the simulator: send"
+                            f" header {CONTROL_HEADER} with its control token"
+                        },
+                    )
                 return _json(200, self._control(what, query))
         except ValueError as e:
             return _json(400, {"error": str(e)})
