@@ -282,7 +282,7 @@ def secret_rows(s: config.Settings) -> Iterator[Row]:
 
 def bad_parameters() -> list[tuple[str, Any, dict[str, Any]]]:
     """(what, flow, parameters) for each class of bad parameter of each flow."""
-    from flows import aggregate, drain, ingest, trading
+    from flows import aggregate, drain, ingest, reconcile, trading
     from flows import backfill as bf
 
     now = datetime.now(UTC)
@@ -291,6 +291,7 @@ def bad_parameters() -> list[tuple[str, Any, dict[str, Any]]]:
     prices, txs = drain.drain_prices, drain.drain_transactions
     agg, rebuild = aggregate.aggregate, aggregate.rebuild_candles
     feed, activity = ingest.ingest, trading.trading_activity
+    check = reconcile.reconcile
     rng = {"venue": "binance", "symbols": ["BTC-USDT"], "start": now - day, "end": now}
     since = {"topic": TRADES, "from_time": now - day}
     return [
@@ -308,6 +309,10 @@ def bad_parameters() -> list[tuple[str, Any, dict[str, Any]]]:
                                                             "page_minutes": 0.02}),
         ("backfill: schema injection", trades, rng | {"schema": 'public"; drop table trades; --'}),
         ("candles: unknown interval", klines, rng | {"interval": "7x"}),
+        ("reconcile: venue without trade history", check, rng | {"venue": "finnhub"}),
+        ("reconcile: range not yet settled", check, rng),
+        ("reconcile: 40 days in one run", check, rng | {"start": now - 40 * day,
+                                                        "end": now - day}),
         ("drain-prices: transactions topic", prices, {"trades_topic": USER_TRANSACTIONS}),
         ("drain-prices: batch size 0", prices, {"batch_size": 0}),
         ("drain-prices: consumer with spaces", prices, {"consumer": "a b"}),

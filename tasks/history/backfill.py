@@ -30,7 +30,7 @@ import pandas as pd
 
 from tasks.analytics import candle_store as store
 from tasks.analytics import candles as cdl
-from tasks.core.events import Candle
+from tasks.core.events import Candle, Trade
 from tasks.ingest.publish import Lane
 
 TRADES = "trades"
@@ -106,23 +106,34 @@ def backfill_trade_page(
     """Fetch one page of trades, publish them, wait for every ack, record the page."""
     fetched_at = time.time_ns() // 1000
     out = PageResult(page)
-    for t in client.trades_by_time(page.symbol, page.start_us, page.end_us):
-        lane.publish(t, live=False)
-        out.rows += 1
-        out.first_id = t.trade_id if out.first_id is None else min(out.first_id, t.trade_id)
-        out.last_id = t.trade_id if out.last_id is None else max(out.last_id, t.trade_id)
-    lane.publisher.flush(timeout=120)
-    failed = lane.take_failed()
-    if failed or lane.publisher.in_flight:
-        raise RuntimeError(
-            f"{venue} {page.symbol}: {len(failed)} trades not acknowledged by Kafka; "
-            "the page stays unrecorded and is fetched again on the next run"
-        )
+    trades = list(client.trades_by_time(page.symbol, page.start_us, page.end_us))
+    out.rows = publish_all(lane, trades, f"{venue} {page.symbol} backfill")
+    if trades:
+        out.first_id = min(t.trade_id for t in trades)
+        out.last_id = max(t.trade_id for t in trades)
     if page.end_us <= fetched_at - int(settle_s * 1_000_000):
         with conn, conn.cursor() as cur:
             _record(cur, venue, TRADES, page, out.rows, out.first_id, out.last_id)
         out.recorded = True
     return out
+
+
+def publish_all(lane: Lane, trades: Iterable[Trade], what: str) -> int:
+    """Publish ``trades`` as history (``live=False``) and wait for every ack; RuntimeError
+    if Kafka refused any, so the caller records nothing and a rerun publishes them again
+    (the drain's (venue, symbol, trade_id) key absorbs what did land twice)."""
+    n = 0
+    for t in trades:
+        lane.publish(t, live=False)
+        n += 1
+    lane.publisher.flush(timeout=120)
+    failed = lane.take_failed()
+    if failed or lane.publisher.in_flight:
+        raise RuntimeError(
+            f"{what}: {len(failed) or lane.publisher.in_flight} trades not acknowledged by"
+            " Kafka; nothing is recorded as done, and a rerun publishes them again"
+        )
+    return n
 
 
 def backfill_kline_page(

@@ -8,12 +8,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
@@ -25,11 +21,10 @@ from tasks.analytics import candles as cdl
 from tasks.analytics.candle_store import SeriesKey, candles_after
 from tasks.core import codec
 from tasks.core.pg import connect, table_checksum
-from tasks.drain.loop import drain
-from tasks.drain.postgres import PostgresSink
 from tasks.venues import venue_config
 from tasks.venues.binance import BinanceRest
 from tests.analytics.support import private_schema
+from tests.history.support import drain_running
 from tests.ingest.support import SIM_VENUE, read_topic
 
 SYMBOLS = ["TBFA-USDT", "TBFB-USDT", "TBFC-USDT", "TBFD-USDT"]
@@ -104,30 +99,6 @@ def assert_whole_range(sim, symbol: str, ids: list[int], start_us: int, end_us: 
         assert around[min(ids) - 1].event_us < start_us
     last, after = rest(sim).historical_trades(symbol, max(ids), 2)
     assert last.event_us < end_us <= after.event_us
-
-
-@contextmanager
-def drain_running(settings, schema: str, topic: str) -> Iterator[None]:
-    """The price drain on ``topic`` in the background, as the scheduled one would run
-    (a failed run is simply followed by the next, as Prefect's retries would)."""
-    stop = threading.Event()
-    name = f"test-drain-{uuid.uuid4().hex[:6]}"
-
-    def loop() -> None:
-        while not stop.is_set():
-            sink = PostgresSink(settings.pg_dsn, schema)
-            try:
-                drain(sink, name, [topic], dlq_source="test", settings=settings, max_seconds=3)
-            except Exception as e:  # reported; the next run follows
-                print(f"drain run failed, running it again: {e!r}", file=sys.stderr)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        t.join(30)
 
 
 def backfill(sim, schema: str, topic: str, symbols, start, end, **kw):
