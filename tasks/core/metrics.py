@@ -94,6 +94,27 @@ FLOW_RUNS_FAILED = Gauge(
     "Flow runs that ended Failed or Crashed in the exporter's window (default 1 h)",
     ("flow", "state"),
 )
+# ... and what the newest reconciled UTC day per venue found (flows/reconcile.py)
+RECONCILE_COMPLETENESS = Gauge(
+    "tapeline_reconcile_completeness_ratio",
+    "Share of the venue's listed trades that were stored when reconcile checked its newest day",
+    ("venue",),
+)
+RECONCILE_MISSING = Gauge(
+    "tapeline_reconcile_missing_trades",
+    "Trades the venue lists that were not stored, newest reconciled day",
+    ("venue",),
+)
+RECONCILE_EXTRA = Gauge(
+    "tapeline_reconcile_extra_trades",
+    "Stored trades the venue does not list, newest reconciled day",
+    ("venue",),
+)
+RECONCILE_DAY = Gauge(
+    "tapeline_reconcile_day_timestamp_seconds",
+    "Start (UTC) of the newest day reconcile checked",
+    ("venue",),
+)
 EXPORTER_ERRORS = Counter(
     "tapeline_exporter_errors", "Exporter probes that could not reach their source", ("probe",)
 )

@@ -1,4 +1,5 @@
-"""Consumer lag, data freshness and failed flow runs, measured from outside the pipeline.
+"""Consumer lag, data freshness, reconciliation and failed flow runs, measured from
+outside the pipeline.
 
 None of these can be counted by the code doing the work: lag is the distance between
 what the broker holds and what a consumer group has committed, and a stopped drain
@@ -24,7 +25,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,12 +36,23 @@ from prometheus_client import Gauge
 
 from tasks.core import config
 from tasks.core.kafka import admin
-from tasks.core.metrics import CONSUMER_LAG, EXPORTER_ERRORS, FLOW_RUNS_FAILED, FRESHNESS, serve
+from tasks.core.metrics import (
+    CONSUMER_LAG,
+    EXPORTER_ERRORS,
+    FLOW_RUNS_FAILED,
+    FRESHNESS,
+    RECONCILE_COMPLETENESS,
+    RECONCILE_DAY,
+    RECONCILE_EXTRA,
+    RECONCILE_MISSING,
+    serve,
+)
 from tasks.telemetry.prefect_api import PrefectApi
 
 log = logging.getLogger("tapeline.exporter")
 
 DEFAULT_PORT = 9110
+DAY_US = 86_400_000_000
 GROUP_PREFIX = "tapeline"  # the drains' consumer groups; test and ad hoc groups are skipped
 FAILED_STATES = ("FAILED", "CRASHED")
 PAGE = 200  # the Prefect API's largest page
@@ -71,6 +84,45 @@ LATERAL (
 ) newest
 WHERE newest.event_us >= %(since_us)s
 """
+
+
+@dataclass(frozen=True)
+class DayCompleteness:
+    """One venue's newest reconciled UTC day, as the exporter shows it."""
+
+    venue: str
+    day_us: int
+    venue_trades: int
+    missing: int
+    extra: int
+    refilled: int
+
+    @property
+    def ratio(self) -> float:
+        """Share of the venue's trades that were stored when checked (1.0 for a day the
+        venue listed none)."""
+        if not self.venue_trades:
+            return 1.0
+        return (self.venue_trades - self.missing) / self.venue_trades
+
+
+NEWEST_DAYS_SQL = """
+WITH newest AS (
+    SELECT venue, max(hour_us) - max(hour_us) %% %(day)s AS day_us
+    FROM reconcile_hours GROUP BY venue
+)
+SELECT r.venue, n.day_us, sum(r.venue_trades), sum(r.missing), sum(r.extra), sum(r.refilled)
+FROM reconcile_hours r JOIN newest n USING (venue)
+WHERE r.hour_us >= n.day_us AND r.hour_us < n.day_us + %(day)s
+GROUP BY r.venue, n.day_us
+"""
+
+
+def newest_days(conn) -> list[DayCompleteness]:
+    """Per venue, the newest UTC day any check covered, summed over its checked hours."""
+    with conn.cursor() as cur:
+        cur.execute(NEWEST_DAYS_SQL, {"day": DAY_US})
+        return [DayCompleteness(v, d, int(n), int(m), int(e), int(r)) for v, d, n, m, e, r in cur]
 
 
 def consumer_lag(client: Any, group_prefix: str = GROUP_PREFIX) -> dict[tuple[str, str, str], int]:
@@ -137,6 +189,15 @@ def failed_flow_runs(
     return named
 
 
+# What the newest reconciled day per venue shows (see tasks.history.reconcile).
+RECONCILE_GAUGES: dict[str, tuple[Gauge, Callable[[Any], float]]] = {
+    "completeness": (RECONCILE_COMPLETENESS, lambda d: d.ratio),
+    "missing": (RECONCILE_MISSING, lambda d: d.missing),
+    "extra": (RECONCILE_EXTRA, lambda d: d.extra),
+    "day": (RECONCILE_DAY, lambda d: d.day_us / 1_000_000),
+}
+
+
 def publish(gauge: Gauge, values: dict[tuple[str, ...], float], shown: set[Hashable]) -> None:
     """Set ``values`` on ``gauge`` and remove the series shown before but gone now."""
     for labels, value in values.items():
@@ -165,13 +226,16 @@ class Exporter:
         self.failures_window = failures_window
         self._admin: Any = None
         self._prefect = PrefectApi(settings.prefect_api_url, settings.prefect_auth)
-        self._shown: dict[str, set[Hashable]] = {"lag": set(), "freshness": set(), "flows": set()}
+        self._shown: dict[str, set[Hashable]] = {
+            name: set() for name in ("lag", "freshness", "flows", *RECONCILE_GAUGES)
+        }
 
     def collect(self) -> dict[str, bool]:
         """One round of every probe; returns which probes succeeded."""
         return {
             "kafka": self._probe("kafka", self._lag),
             "postgres": self._probe("postgres", self._freshness),
+            "reconcile": self._probe("reconcile", self._reconcile),
             "prefect": self._probe("prefect", self._flow_runs),
         }
 
@@ -192,7 +256,9 @@ class Exporter:
         lag = consumer_lag(self._admin, self.group_prefix)
         publish(CONSUMER_LAG, lag, self._shown["lag"])
 
-    def _freshness(self) -> None:
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[Any]:
+        """A read-only PostgreSQL session as the reader role, statements capped at 10 s."""
         import psycopg2
 
         conn = psycopg2.connect(self.settings.pg_reader_dsn, connect_timeout=5)
@@ -200,10 +266,20 @@ class Exporter:
             conn.set_session(readonly=True, autocommit=True)
             with conn.cursor() as cur:
                 cur.execute("SET statement_timeout = '10s'")
-            ages = freshness(conn, time.time(), self.freshness_window_s)
+            yield conn
         finally:
             conn.close()
+
+    def _freshness(self) -> None:
+        with self._reader() as conn:
+            ages = freshness(conn, time.time(), self.freshness_window_s)
         publish(FRESHNESS, ages, self._shown["freshness"])
+
+    def _reconcile(self) -> None:
+        with self._reader() as conn:
+            days = newest_days(conn)
+        for name, (gauge, value) in RECONCILE_GAUGES.items():
+            publish(gauge, {(d.venue,): value(d) for d in days}, self._shown[name])
 
     def _flow_runs(self) -> None:
         now = datetime.now(UTC)

@@ -14,8 +14,10 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY
 
 from tasks.core.kafka import admin, consumer, producer
+from tasks.core.pg import connect
 from tasks.telemetry import exporter
 from tasks.telemetry.prefect_api import PrefectApi
+from tests.analytics.support import private_schema
 
 
 def sample(name: str, **labels: str) -> float | None:
@@ -90,6 +92,38 @@ def test_freshness_is_age_of_newest_trade_per_pair(trades_schema) -> None:
     ] == pytest.approx(7200.0, abs=1e-3)
 
 
+def test_reconcile_shows_the_newest_checked_day_per_venue(postgres) -> None:
+    """Completeness, missing and extra of each venue's newest day, over the hours checked
+    in it; an older day and another day's hours do not count."""
+    day, hour = exporter.DAY_US, 3_600_000_000
+    d1 = 20_000 * day
+    rows = [  # venue, symbol, hour, venue trades, stored, missing, extra
+        ("binance", "BTC-USDT", d1 - hour, 500, 400, 100, 0),  # the day before: not shown
+        ("binance", "BTC-USDT", d1, 10_000, 9_999, 1, 0),
+        ("binance", "ETH-USDT", d1 + 5 * hour, 10_000, 9_998, 2, 3),
+        ("kraken", "BTC-USD", d1 - hour, 0, 0, 0, 0),  # a day the venue listed no trade
+    ]
+    with private_schema(postgres.pg_dsn) as schema:
+        conn = connect(postgres.pg_dsn, schema)
+        try:
+            with conn, conn.cursor() as cur:
+                for r in rows:
+                    cur.execute(
+                        """INSERT INTO reconcile_hours (venue, symbol, hour_us, venue_trades,
+                               stored_trades, missing, extra, venue_volume, stored_volume)
+                           VALUES (%s, %s, %s, %s, %s, %s, %s, 0, 0)""",
+                        r,
+                    )
+            days = {d.venue: d for d in exporter.newest_days(conn)}
+        finally:
+            conn.close()
+    assert set(days) == {"binance", "kraken"}
+    b = days["binance"]
+    assert (b.day_us, b.venue_trades, b.missing, b.extra) == (d1, 20_000, 3, 3)
+    assert b.ratio == pytest.approx(0.99985)
+    assert (days["kraken"].day_us, days["kraken"].ratio) == (d1 - day, 1.0)
+
+
 def test_failed_and_crashed_runs_are_counted_per_flow(prefect_server: str, settings) -> None:
     api = PrefectApi(prefect_server, settings.prefect_auth)  # the exporter's own client
     name = f"test-exporter-{uuid.uuid4().hex[:8]}"
@@ -148,7 +182,9 @@ def test_an_unreachable_source_is_counted_and_the_others_still_run(kafka, new_to
     }
     probe = exporter.Exporter(broken, group_prefix=group)
     try:
-        assert probe.collect() == {"kafka": True, "postgres": False, "prefect": False}
+        assert probe.collect() == {
+            "kafka": True, "postgres": False, "reconcile": False, "prefect": False,
+        }  # fmt: skip
         assert sample("tapeline_consumer_lag", group=group, topic=topic, partition="0") == 3
         for name in ("postgres", "prefect"):
             assert sample("tapeline_exporter_errors_total", probe=name) == before[name] + 1
