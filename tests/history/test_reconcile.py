@@ -1,8 +1,9 @@
 """Reconcile against the simulator's REST history with real Kafka, PostgreSQL, Prefect
 and the real drain: a stored day from which 0.1% of the trades were deleted at random
 is checked hour by hour, exactly those trades are found and refilled through Kafka, the
-exporter's day shows the loss, and a rerun finds nothing. A stored trade the venue does
-not list is reported as extra and left alone. Bad parameters are refused up front."""
+exporter's day shows the loss, and a rerun finds nothing; Coinbase and Kraken, whose REST
+lists trades by time only, the same over two hours. A stored trade the venue does not list
+is reported as extra and left alone. Bad parameters are refused up front."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from flows import reconcile as flows
 from flows.backfill import backfill_trades
 from simulator.process import SimulatorProcess
+from tasks import venues
 from tasks.core import codec
 from tasks.core.params import ParameterError
 from tasks.core.pg import connect
@@ -233,3 +235,52 @@ def test_bad_parameters_are_refused_in_one_line_before_the_run(change, message):
     with pytest.raises(ParameterError, match=message) as refused:
         flows.reconcile.validate_parameters(args)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("venue", ["coinbase", "kraken"])
+def test_venues_served_by_time_are_reconciled_the_same_way(
+    kafka, prefect_server, new_topic, conn, schema, sim, venue
+):
+    """Coinbase and Kraken list trades by time only: two hours stored, three trades lost,
+    exactly those refilled, and a rerun finds nothing."""
+    topic, drain, symbol = new_topic(1), f"test-reconcile-{venue}-{time.time_ns()}", SYMBOLS[1]
+    _, end = the_day()
+    start = end - 2 * HOUR_US
+    stored_as = f"{venue}-sim"
+    with drain_running(kafka, schema, topic, drain):
+        backfill_trades.with_options(retries=0)(
+            venue, [symbol], utc(start), utc(end), page_minutes=60,
+            simulator_url=sim.http_url, settle_s=0, trades_topic=topic, rebuild=False,
+            schema=schema,
+        )  # fmt: skip
+        client = venues.trades_client(venue, venue_config(venue, sim.http_url))
+        ids = sorted(t.trade_id for t in client.trades_by_time(symbol, start, end))
+        deadline = time.monotonic() + 180
+        while _ids(conn, stored_as, symbol, start, end) != ids:
+            assert time.monotonic() < deadline, "the drain did not store two hours in 180 s"
+            time.sleep(1)
+    lost = random.Random(venue).sample(ids, 3)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "DELETE FROM trades WHERE venue = %s AND symbol = %s AND trade_id = ANY(%s)",
+            (stored_as, symbol, lost),
+        )
+    args = {"simulator_url": sim.http_url, "settle_s": 0, "trades_topic": topic, "schema": schema}
+    with drain_running(kafka, schema, topic, drain):
+        found = reconcile(venue, [symbol], utc(start), utc(end), wait_for_drain_s=120, **args)
+    assert (found["venue_trades"], found["missing"], found["refilled"], found["extra"]) == (
+        len(ids), 3, 3, 0,
+    )  # fmt: skip
+    assert _ids(conn, stored_as, symbol, start, end) == ids
+    again = reconcile(venue, [symbol], utc(start), utc(end), **args)
+    assert (again["missing"], again["extra"]) == (0, 0)
+
+
+def _ids(conn, venue: str, symbol: str, start_us: int, end_us: int) -> list[int]:
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """SELECT trade_id FROM trades WHERE venue = %s AND symbol = %s
+               AND event_us >= %s AND event_us < %s ORDER BY 1""",
+            (venue, symbol, start_us, end_us),
+        )
+        return [r[0] for r in cur.fetchall()]
