@@ -23,6 +23,9 @@ DEFAULTS: dict[str, str] = {
     "TAPELINE_KAFKA_SASL_MECHANISM": "",
     "TAPELINE_KAFKA_USERNAME": "",
     "TAPELINE_KAFKA_PASSWORD": "",
+    # How long a produced record may wait for the broker's ack before it is reported
+    # failed (then handed back to gap repair or sent again, never dropped).
+    "TAPELINE_KAFKA_DELIVERY_TIMEOUT_MS": "120000",
     "TAPELINE_TOPIC_PARTITIONS": "6",
     "TAPELINE_TOPIC_REPLICATION": "1",
     "TAPELINE_TOPIC_RETENTION_HOURS": "168",
@@ -74,6 +77,7 @@ class KafkaSettings:
     sasl_mechanism: str = ""
     username: str = ""
     password: str = field(default="", repr=False)
+    delivery_timeout_ms: int = 120_000
 
     def client_kwargs(self) -> dict[str, object]:
         """kafka-python keyword arguments shared by producers, consumers and admin."""
@@ -298,6 +302,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
             sasl_mechanism=mechanism,
             username=_get(env, "TAPELINE_KAFKA_USERNAME"),
             password=password,
+            delivery_timeout_ms=_int(env, "TAPELINE_KAFKA_DELIVERY_TIMEOUT_MS", 1000, 3_600_000),
         ),
         topics=TopicSettings(
             partitions=_int(env, "TAPELINE_TOPIC_PARTITIONS", 1, 1000),

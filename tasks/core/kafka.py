@@ -42,16 +42,18 @@ def _settings(settings: config.Settings | None) -> config.Settings:
 
 
 def producer(settings: config.Settings | None = None, **overrides: Any) -> KafkaProducer:
+    kafka = _settings(settings).kafka
     kw: dict[str, Any] = {
-        **_settings(settings).kafka.client_kwargs(),
+        **kafka.client_kwargs(),
         "enable_idempotence": True,
         "acks": "all",
         "max_in_flight_requests_per_connection": 5,
         "compression_type": "lz4",
         "linger_ms": 5,
         "batch_size": 256 * 1024,
-        "delivery_timeout_ms": 120_000,
-        "request_timeout_ms": 30_000,
+        "delivery_timeout_ms": kafka.delivery_timeout_ms,
+        # kafka-python wants a request to fit in the delivery timeout
+        "request_timeout_ms": min(30_000, kafka.delivery_timeout_ms // 3),
         "client_id": "tapeline",
     }
     kw.update(overrides)

@@ -1,6 +1,7 @@
 """Kafka down for 20 s mid-stream: ingestion blocks at its in-flight bound instead of
 buffering, keeps no more memory than that, and after the broker is back every trade id
-is in the topic once and in order.
+is in the topic once and in order. Coinbase ingestion through a broker frozen for longer
+than the publish timeout: the expired trades come back, and each is stored once.
 
 Uses a private Kafka on other ports in its own TAPELINE_HOME (as tests/test_stack.py
 does), so stopping it disturbs nobody; it is killed and purged afterwards.
@@ -8,6 +9,7 @@ does), so stopping it disturbs nobody; it is killed and purged afterwards.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -19,10 +21,15 @@ import pytest
 from kafka.admin import NewTopic
 
 from simulator.process import ROOT, SimulatorProcess
+from stack.process import read_pid
 from stack.services import up
 from tasks.core import config
 from tasks.core.kafka import admin
+from tasks.core.pg import connect
 from tasks.core.topics import ensure_topics
+from tasks.drain.loop import drain
+from tasks.drain.postgres import PostgresSink
+from tests.analytics.support import private_schema
 from tests.broker import kill, private_broker
 from tests.ingest.support import (
     SIM_VENUE,
@@ -30,6 +37,7 @@ from tests.ingest.support import (
     end_offsets,
     first_sent,
     last_json_line,
+    last_sent,
     scrape,
     trade_ids,
 )
@@ -155,3 +163,88 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
         assert_contiguous(ids[symbol], symbol)
         assert ids[symbol][0] == first_sent(final, symbol)
         assert ids[symbol][-1] - ids[symbol][0] > OUTAGE_S * 300  # spans the outage (~330/s each)
+
+
+COINBASE_SYMBOLS = ["BTC-USD", "ETH-USD"]
+FROZEN_S = 12  # four times the delivery timeout below
+
+
+def test_coinbase_through_a_kafka_freeze_longer_than_the_publish_timeout_stores_each_trade_once(
+    settings, kafka, postgres, prefect_server
+):
+    """Coinbase ingestion with a 3 s delivery timeout while the broker is frozen for 12 s:
+    the trades whose publish expired are repaired or sent again, not dropped, and the
+    drain stores every trade id of the run once, without a hole."""
+    topic = f"test.freeze.{uuid.uuid4().hex[:10]}"
+    venue = "coinbase-sim"
+    with private_broker(settings, 29292, TAPELINE_KAFKA_DELIVERY_TIMEOUT_MS="3000") as (
+        env, s, broker,
+    ):  # fmt: skip
+        ensure_topics(s)
+        client = admin(s)
+        client.create_topics([NewTopic(topic, 3, 1)])
+        client.wait_for_topics([topic])
+        client.close()
+        with SimulatorProcess("--symbols", ",".join(COINBASE_SYMBOLS), "--rate", "200") as sim:
+            proc = subprocess.Popen(
+                [
+                    sys.executable, "-m", "flows.ingest", "--venue", "coinbase",
+                    "--simulator", sim.http_url, "--symbols", ",".join(COINBASE_SYMBOLS),
+                    "--validate", "off", "--channels", "trades", "--trades-topic", topic,
+                    "--metrics-port", "0", "--progress-every", "1",
+                ],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 180  # liveness: a process start on a busy machine
+                while sum(end_offsets(s, topic).values()) < 500:
+                    assert proc.poll() is None, "the ingestion ended before publishing"
+                    assert time.monotonic() < deadline, "waited 180 s for 500 trades"
+                    time.sleep(0.3)
+                pid = read_pid(broker.pidfile)
+                os.killpg(pid, signal.SIGSTOP)
+                try:
+                    time.sleep(FROZEN_S)
+                finally:
+                    os.killpg(pid, signal.SIGCONT)
+                report = sim.report()
+                made = {
+                    sym: range(
+                        first_sent(report, sym, "coinbase"), last_sent(report, sym, "coinbase") + 1
+                    )
+                    for sym in COINBASE_SYMBOLS
+                }
+                deadline = time.monotonic() + 120
+                while True:  # every trade made before the thaw reaches the topic
+                    got = trade_ids(s, topic, venue=venue)
+                    if all(set(made[sym]) <= set(got[sym]) for sym in COINBASE_SYMBOLS):
+                        break
+                    assert proc.poll() is None, "the ingestion ended during the freeze"
+                    assert time.monotonic() < deadline, "trades of the freeze missing after 120 s"
+                    time.sleep(1)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+        stop = last_json_line(err.split("stopped: ", 1)[1].splitlines()[0])
+        assert stop["failed"] > 0, "no publish expired: the freeze did not outlast the timeout"
+        assert stop["unresolved_at_exit"] == 0
+        got = trade_ids(s, topic, venue=venue)
+        with private_schema(s.pg_dsn) as schema:
+            drain(PostgresSink(s.pg_dsn, schema), f"test-freeze-{uuid.uuid4().hex[:6]}",
+                  [topic], dlq_source="test", settings=s, max_seconds=60)  # fmt: skip
+            conn = connect(s.pg_dsn, schema)
+            try:
+                with conn, conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT symbol, trade_id FROM trades WHERE venue = %s ORDER BY 1, 2",
+                        (venue,),
+                    )
+                    rows = cur.fetchall()
+            finally:
+                conn.close()
+    for sym in COINBASE_SYMBOLS:
+        stored = [i for symbol, i in rows if symbol == sym]
+        assert stored == sorted(set(got[sym])), sym  # everything in Kafka, once
+        assert_contiguous(stored, sym)
+        # from the subscribe snapshot (Coinbase sends the last 50 trades) past the thaw
+        assert stored[0] <= made[sym][0] and stored[-1] >= made[sym][-1]
