@@ -98,7 +98,7 @@ from tasks.core.events import Quote, UserTransaction
 from tasks.core.kafka import consumer, producer
 from tasks.core.topics import DLQ, QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
 from tasks.core.wallets import effects, fold_transactions, wallet_balances
-from tasks.ingest.resume import last_trade_ids
+from tasks.ingest.resume import last_trades
 from tasks.telemetry import verify
 
 # The order of the timeline. The mid-batch worker kill goes last: a drain run killed while
@@ -793,9 +793,9 @@ class Soak:
             self.report_open_runs(client)
         self.dlq_start = self._dlq_ends()
         self.since_us = time.time_ns() // 1000
-        last = last_trade_ids(s, TRADES, VENUE, self.symbols)
+        last = last_trades(s, TRADES, VENUE, self.symbols)
         self.sides = local.sides(
-            s, self.symbols, simulate=True, start_ids={k: v + 1 for k, v in last.items()}
+            s, self.symbols, simulate=True, start_ids={k: t.trade_id + 1 for k, t in last.items()}
         )
         if not self.wait_for_free_sides():  # checked again: the set-up took a while
             return False

@@ -36,7 +36,7 @@ from tasks.core import config
 from tasks.core.kafka import admin
 from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
 from tasks.core.wallets import fold_transactions, wallet_balances
-from tasks.ingest.resume import last_trade_ids
+from tasks.ingest.resume import last_trades
 from tasks.telemetry import verify
 from tasks.telemetry.exporter import consumer_lag
 
@@ -168,9 +168,12 @@ def run_platform(args: argparse.Namespace, settings: config.Settings) -> int:
     since_us = time.time_ns() // 1000
     # A new simulator continues each symbol's ids after what Kafka already holds.
     venue = stored_venue(settings, args.live)
-    last = last_trade_ids(settings, TRADES, venue, symbols)
+    last = last_trades(settings, TRADES, venue, symbols)
     sides = local.sides(
-        settings, symbols, simulate=not args.live, start_ids={s: i + 1 for s, i in last.items()}
+        settings,
+        symbols,
+        simulate=not args.live,
+        start_ids={s: t.trade_id + 1 for s, t in last.items()},
     )
     try:
         for side in sides:  # a fresh set: a simulator left from an earlier run has old ids

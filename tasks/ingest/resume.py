@@ -66,20 +66,6 @@ def last_trades(
     return found
 
 
-def last_trade_ids(
-    settings: config.Settings,
-    topic: str,
-    venue: str,
-    symbols: list[str],
-    max_scan: int = 50_000,
-    chunk: int = 5_000,
-    timeout_s: float = 60.0,
-) -> dict[str, int]:
-    """``{symbol: highest trade id of venue in topic}`` for the symbols found."""
-    found = last_trades(settings, topic, venue, symbols, max_scan, chunk, timeout_s)
-    return {s: t.trade_id for s, t in found.items()}
-
-
 def _read(c, tp, start: int, end: int, venue: str, needle: bytes, symbols: set[str], deadline):
     """The trade with the highest id per wanted symbol among offsets [start, end) of one
     partition."""

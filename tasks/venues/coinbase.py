@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from functools import partial
 from operator import attrgetter
 from typing import Any
 from urllib.parse import quote
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, contiguous_by_time, now_us
+from tasks.venues.http import Http, IdsByTime, RestError, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -181,7 +180,7 @@ class Coinbase(Adapter):
         return Parsed(quotes)
 
 
-class CoinbaseRest:
+class CoinbaseRest(IdsByTime):
     """Coinbase Advanced Trade public trades,
     ``/api/v3/brokerage/market/products/{id}/ticker?limit=&start=&end=``.
 
@@ -224,23 +223,6 @@ class CoinbaseRest:
             oldest = min(seconds.values())
             seen = {i: s for i, s in (seen | seconds).items() if s >= oldest}
             end_s = oldest if end_inclusive else oldest + 1
-
-    def trades_by_id(
-        self,
-        symbol: str,
-        from_id: int,
-        to_id: int | None,
-        start_us: int | None = None,
-        end_us: int | None = None,
-    ) -> list[Trade]:
-        """Exactly the trades with id in [from_id, to_id] (to the newest without
-        ``to_id``), in id order, for gap repair. Coinbase serves no trades by id, so they
-        are read by time between ``start_us`` (required) and ``end_us`` (default now),
-        both inclusive; trade ids are contiguous per product, so a missing one raises
-        RestError (``contiguous_by_time``)."""
-        end = now_us(self.http) if end_us is None else end_us
-        by_time = partial(self.trades_by_time, symbol)
-        return contiguous_by_time(self.name, symbol, from_id, to_id, by_time, start_us, end)
 
     def _trade(self, r: Any) -> Trade:
         with bad_rows(self.name, "rest trade", r):

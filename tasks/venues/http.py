@@ -222,6 +222,37 @@ def contiguous_by_time(
     return [found[i] for i in range(from_id, last + 1)]
 
 
+class IdsByTime:
+    """``trades_by_id`` for a REST client whose history pages by time only (Coinbase,
+    Kraken) of a venue whose trade ids are contiguous per symbol: read by time between
+    ``start_us`` (required) and ``end_us`` (default now), both inclusive, then picked by
+    id (``contiguous_by_time``); a missing id raises RestError, never a silent hole. The
+    client provides ``name``, ``http`` and ``trades_by_time``."""
+
+    name: str
+    http: Http
+
+    def trades_by_time(self, symbol: str, start_us: int, end_us: int) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def trades_by_id(
+        self,
+        symbol: str,
+        from_id: int,
+        to_id: int | None,
+        start_us: int | None = None,
+        end_us: int | None = None,
+    ) -> list[Any]:
+        """Exactly the trades with id in [from_id, to_id] (to the newest without
+        ``to_id``), in id order, for gap repair."""
+        end = now_us(self.http) if end_us is None else end_us
+
+        def by_time(start: int, stop: int) -> Iterable[Any]:
+            return self.trades_by_time(symbol, start, stop)
+
+        return contiguous_by_time(self.name, symbol, from_id, to_id, by_time, start_us, end)
+
+
 def by_id_from(
     first_id: int | None,
     page: Callable[[int], list[Any]],

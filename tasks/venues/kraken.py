@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from decimal import Decimal
-from functools import partial
 from typing import Any
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
-from tasks.venues.http import Http, RestError, contiguous_by_time, now_us
+from tasks.venues.http import Http, IdsByTime, RestError, now_us
 from tasks.venues.parsing import (
     Adapter,
     bad_rows,
@@ -143,7 +142,7 @@ class Kraken(Adapter):
         return build(self.name, "ticker", wire)
 
 
-class KrakenRest:
+class KrakenRest(IdsByTime):
     """Kraken public trades, ``/0/public/Trades?pair=&since=``, paged by the ``last``
     cursor (nanoseconds). Limits: up to 1000 trades per call and about one public call
     per second (hence 1 s pacing); rate-limit errors arrive with HTTP 200 and are retried
@@ -186,23 +185,6 @@ class KrakenRest:
             if not rows or not last.isdigit() or int(last) <= since:
                 return
             since = int(last)
-
-    def trades_by_id(
-        self,
-        symbol: str,
-        from_id: int,
-        to_id: int | None,
-        start_us: int | None = None,
-        end_us: int | None = None,
-    ) -> list[Trade]:
-        """Exactly the trades with id in [from_id, to_id] (to the newest without
-        ``to_id``), in id order, for gap repair. Kraken's REST pages by time only, so
-        they are read between ``start_us`` (required) and ``end_us`` (default now), both
-        inclusive; trade ids are sequential per pair (WebSocket v2), so a missing one
-        raises RestError (``contiguous_by_time``)."""
-        end = now_us(self.http) if end_us is None else end_us
-        by_time = partial(self.trades_by_time, symbol)
-        return contiguous_by_time(self.name, symbol, from_id, to_id, by_time, start_us, end)
 
     def _retry_on(self, body: Any) -> str | None:
         errors = body.get("error") if type(body) is dict else None
