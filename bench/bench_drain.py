@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import pymongo
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
+from bench.cpu import SELF, Meter, per_message_us, service_pid
 from tasks.core import config
 from tasks.core.codec import encode
 from tasks.core.kafka import admin, consumer, producer
@@ -45,33 +45,24 @@ from tasks.drain.postgres import PostgresSink, trade_line
 from tests.drain.support import trades, transactions
 
 
-def cpu_seconds() -> dict[str, float]:
-    """CPU time so far of this process, all PostgreSQL processes and the Kafka broker
-    (Linux /proc), to say where a measured second went."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {"python": time.process_time(), "postgres": 0.0, "kafka broker": 0.0}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            with open(stat) as f:
-                text = f.read()
-            comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
-            fields = rest.split()
-            used = (int(fields[11]) + int(fields[12])) / tick
-            if comm == "postgres":  # + reaped backends, counted in the postmaster's
-                out["postgres"] += used + (int(fields[13]) + int(fields[14])) / tick
-            elif comm == "java":
-                with open(stat[:-4] + "cmdline") as f:
-                    if "kafka.Kafka" in f.read():
-                        out["kafka broker"] += used
-    return out
+class Cpu(dict):
+    """CPU microseconds per row by process (this one, PostgreSQL, the broker), per step."""
+
+    def __init__(self, settings: config.Settings):
+        super().__init__()
+        self.pids = {
+            "python": SELF,
+            "postgres": service_pid(settings, "postgres"),
+            "kafka broker": service_pid(settings, "kafka"),
+        }
 
 
-def measured(name: str, rows: int, fn, cpu: dict[str, dict[str, float]]):
+def measured(name: str, rows: int, fn, cpu: Cpu):
     """Run fn, keep CPU microseconds per row by process for ``name``."""
-    before = cpu_seconds()
+    meter = Meter(cpu.pids)
+    meter.start()
     result = fn()
-    after = cpu_seconds()
-    cpu[name] = {k: (after[k] - before[k]) / rows * 1e6 for k in before}
+    cpu[name] = per_message_us(meter.stop(), rows)
     return result
 
 
@@ -186,7 +177,7 @@ def main() -> None:
         copy_lines = [trade_line(t) for t in ts]
         del ts
 
-        cpu: dict[str, dict[str, float]] = {}
+        cpu = Cpu(s)
         kafka_rate = measured(
             "raw kafka", args.trades, lambda: raw_kafka(s, t_topic, args.trades), cpu
         )

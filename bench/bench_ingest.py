@@ -40,10 +40,8 @@ import uuid
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from bench.cpu import SELF, Meter, per_message_us
+from bench.cpu import SELF, Meter, per_message_us, service_pid
 from simulator.process import SimulatorProcess
-from stack.process import read_pid
-from stack.services import Kafka
 from tasks.core import config
 from tasks.core.kafka import admin, consumer, producer
 from tasks.ingest.live import Ingestion, plan
@@ -63,10 +61,6 @@ def _generated(sim: SimulatorProcess) -> int:
     return sum(m["generated"] for m in sim.report()["markets"].values())
 
 
-def _broker_pid(settings: config.Settings) -> int | None:
-    return read_pid(Kafka("kafka", settings).pidfile)
-
-
 def _ingest(
     settings: config.Settings, sim: SimulatorProcess, topic: str, warmup: float, seconds: float
 ) -> dict:
@@ -76,7 +70,9 @@ def _ingest(
     )
     ing.start()
     time.sleep(warmup)
-    meter = Meter({"ingestion": SELF, "simulator": sim.proc.pid, "broker": _broker_pid(settings)})
+    meter = Meter(
+        {"ingestion": SELF, "simulator": sim.proc.pid, "broker": service_pid(settings, "kafka")}
+    )
     acked0, made0 = sum(w.lane.acked for w in ing.workers), _generated(sim)
     ing.publisher.latency.reset()
     meter.start()
@@ -147,7 +143,7 @@ def _raw(
     prod = producer(settings, **PRODUCER_TUNING)
     prod.send(topic, key=messages[0][0], value=messages[0][1]).get(timeout=30)  # metadata
     send = prod.send
-    meter = Meter({"raw producer": SELF, "broker": _broker_pid(settings)})
+    meter = Meter({"raw producer": SELF, "broker": service_pid(settings, "kafka")})
     meter.start()
     t0 = time.monotonic()
     if rate is None:

@@ -12,35 +12,51 @@ import os
 import time
 from pathlib import Path
 
+from stack.process import read_pid
+from tasks.core import config
+
 _TICK = os.sysconf("SC_CLK_TCK")
 SELF = 0  # this process, all its threads (time.process_time)
 
 
-def _stat(pid: str) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # gone meanwhile
-        return None
-    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid``'s process group (a service started in its own
-    session: the broker's JVM, PostgreSQL's server and backends); of this process when
-    ``pid`` is ``SELF``; of ``pid`` alone when it leads no group."""
-    if pid == SELF:
-        return time.process_time()
-    total, found = 0, False
+def _stats() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, CPU ticks of it and of its children it has reaped) for every process."""
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fields = _stat(entry)
-        if fields and int(fields[2]) == pid:
-            total += int(fields[11]) + int(fields[12])
-            found = True
-    if not found and (fields := _stat(str(pid))):
-        total = int(fields[11]) + int(fields[12])
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        f = text[text.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        out[int(entry)] = (int(f[1]), sum(int(x) for x in f[11:15]))  # utime stime cu cs
+    return out
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of the process tree under ``pid`` (a service as the stack
+    started it: the broker's JVM, PostgreSQL's server with its backends, including those
+    that have exited, whose time their parent has reaped), or of this process, all its
+    threads, when ``pid`` is ``SELF``."""
+    if pid == SELF:
+        return time.process_time()
+    stats = _stats()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += stats[p][1]
+            todo += children.get(p, [])
     return total / _TICK
+
+
+def service_pid(settings: config.Settings, name: str) -> int | None:
+    """The pid the local stack recorded for service ``name`` (kafka, postgres), if running."""
+    return read_pid(settings.home / "run" / f"{name}.pid")
 
 
 class Meter:
