@@ -1,7 +1,7 @@
 """The layout is the architecture: these rules keep the folders telling the truth.
 
 - ``tasks/core`` imports nothing else of ours; ``tasks/venues`` only ``core``;
-- the stages (``ingest``, ``drain``, ``analytics``, ``telemetry``) only ``core`` and
+- the stages (``ingest``, ``drain``, ``analytics``, ``telemetry``, ``books``) only ``core`` and
   ``venues``; ``history`` also the stages it deliberately reuses: ingestion's publish path
   (backfilled trades reach Kafka exactly like live ones), the drain's sinks (replay) and
   the candle store (venue klines);
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("tasks", "flows", "deployments", "blocks", "stack", "simulator", "bench")
-STAGES = ("ingest", "drain", "analytics", "telemetry")
+STAGES = ("ingest", "drain", "analytics", "telemetry", "books")
 ALLOWED: dict[str, set[str]] = {
     "core": {"core"},
     "venues": {"core", "venues"},
