@@ -124,6 +124,13 @@ def _dec(name: str, v: Any, positive: bool) -> Decimal:
     return d
 
 
+def parse_decimal(name: str, v: Any, positive: bool) -> Decimal:
+    """``v`` read by the rules an event's price (``positive``: > 0) or size (>= 0) is:
+    a plain ASCII decimal string within the size limits above; CodecError otherwise.
+    For exact numbers that are not an event's fields (order-book levels)."""
+    return _dec(name, v, positive)
+
+
 def _bounded(name: str, v: str) -> Decimal:
     """A decimal string checked against the syntax and every size limit."""
     if len(v) > MAX_DECIMAL_CHARS:

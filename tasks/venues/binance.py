@@ -9,6 +9,9 @@ messages per second per connection, which the caller paces at
 
 Frames arrive as ``{"stream": ..., "data": {...}}`` envelopes (or raw payloads on
 ``/ws``). Times are epoch milliseconds, scaled to microseconds.
+
+Order books: ``parse_depth`` reads the diff depth stream (``<symbol>@depth``) and
+``depth_snapshot`` the REST ``/api/v3/depth`` reply; ``tasks.books`` keeps them in step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from tasks.core.events import Candle, Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
+from tasks.venues.depth import BookDelta, BookSnapshot, Level, level, update_id
 from tasks.venues.http import HOUR_US, Http, RestError, by_id_from, contiguous, now_us
 from tasks.venues.parsing import (
     Adapter,
@@ -165,6 +169,40 @@ class Binance(Adapter):
         if "u" in msg and (e is None or e == "bookTicker"):
             return Parsed([self._quote(msg, recv_us)])
         return self._control(msg)
+
+    def parse_depth(self, raw: str | bytes) -> BookDelta:
+        """A diff depth frame (``<symbol>@depth``; raw or in the combined envelope):
+        the levels that changed between update ids ``U`` and ``u``."""
+        msg = loads(self.name, raw)
+        if type(msg) is dict and "data" in msg:
+            msg = msg["data"]
+        if type(msg) is not dict or msg.get("e") != "depthUpdate":
+            raise FeedError(f"{self.name}: not a depthUpdate frame: {msg!r:.60}")
+        with missing_fields(self.name, "depthUpdate"):
+            first = update_id(self.name, "U", msg["U"])
+            last = update_id(self.name, "u", msg["u"])
+            if first > last:
+                raise FeedError(f"{self.name}: depthUpdate: U={first} > u={last}")
+            bids, asks = self._levels(msg["b"], "b"), self._levels(msg["a"], "a")
+            return BookDelta(self.name, self._symbol(msg["s"]), bids, asks, first, last)
+
+    def depth_snapshot(self, symbol: str, body: Any) -> BookSnapshot:
+        """A ``/api/v3/depth`` reply (as ``Http.get_json`` decodes it) for ``symbol``."""
+        if type(body) is not dict:
+            raise FeedError(f"{self.name} depth: expected an object, got {body!r:.60}")
+        with missing_fields(self.name, "depth"):
+            last = update_id(self.name, "lastUpdateId", body["lastUpdateId"])
+            bids, asks = self._levels(body["bids"], "bids"), self._levels(body["asks"], "asks")
+        return BookSnapshot(self.name, symbol, bids, asks, sequence=last)
+
+    def _levels(self, rows: Any, field: str) -> tuple[Level, ...]:
+        """[["price", "qty"], ...]"""
+        if type(rows) is not list:
+            raise FeedError(f"{self.name}: {field}: expected an array, got {rows!r:.60}")
+        for row in rows:
+            if type(row) is not list or len(row) != 2:
+                raise FeedError(f"{self.name}: {field}[]: expected [price, qty], got {row!r:.60}")
+        return tuple(level(self.name, field, price, qty) for price, qty in rows)
 
     def _trade(self, d: dict[str, Any], recv_us: int) -> Trade:
         # The hot path: one dict, then the codec's own checks (no second pass here).

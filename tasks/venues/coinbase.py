@@ -14,6 +14,9 @@ messages and product trades) as the *maker* order's side: "buy" is a down-tick w
 resting buy was hit. The Advanced Trade ``market_trades`` reference does not restate
 it, and its trades come from the same matching engine, so we read it the same way and
 flip it: our Trade.side is the taker's. ``SIDE_IS_MAKER`` holds that one decision.
+
+Order books: ``parse_level2`` reads the ``level2`` channel; ``tasks.books`` keeps each
+connection's books in step by its ``sequence_num``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from urllib.parse import quote
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
+from tasks.venues.depth import BookDelta, BookSnapshot, Level, level, update_id
 from tasks.venues.http import Http, IdsByTime, RestError, now_us
 from tasks.venues.parsing import (
     Adapter,
@@ -128,6 +132,40 @@ class Coinbase(Adapter):
         if msg.get("type") == "error":
             return Parsed(control="error", detail=str(msg.get("message"))[:500])
         raise FeedError(f"{self.name}: unknown frame, channel {channel!r:.40}")
+
+    def parse_level2(self, raw: str | bytes) -> tuple[int, list[BookSnapshot | BookDelta]]:
+        """A ``level2`` frame (channel ``l2_data``): its ``sequence_num`` and one
+        snapshot or update per event. ``new_quantity`` is the level's new size, not a
+        change; sides are "bid" and "offer"."""
+        msg = loads(self.name, raw)
+        if type(msg) is not dict or msg.get("channel") != "l2_data":
+            raise FeedError(f"{self.name}: not an l2_data frame: {msg!r:.60}")
+        seq = update_id(self.name, "sequence_num", msg.get("sequence_num"))
+        books: list[BookSnapshot | BookDelta] = []
+        for ev in self._events(msg):
+            kind = ev.get("type")
+            if kind not in ("snapshot", "update"):
+                raise FeedError(f"{self.name}: l2_data: unknown event type {kind!r:.40}")
+            with missing_fields(self.name, "l2_data"):
+                symbol = self._symbol(ev["product_id"])
+            bids, asks = self._sides(self._list(ev, "updates"))
+            if kind == "snapshot":
+                books.append(BookSnapshot(self.name, symbol, bids, asks, sequence=seq))
+            else:
+                books.append(BookDelta(self.name, symbol, bids, asks, seq, seq))
+        return seq, books
+
+    def _sides(self, updates: list[Any]) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+        sides: dict[str, list[Level]] = {"bid": [], "offer": []}
+        for u in updates:
+            if type(u) is not dict:
+                raise FeedError(f"{self.name}: updates[]: expected an object, got {u!r:.60}")
+            with missing_fields(self.name, "l2_data update"):
+                side = sides.get(u["side"]) if type(u["side"]) is str else None
+                if side is None:
+                    raise FeedError(f"{self.name}: updates[]: unknown side {u['side']!r:.40}")
+                side.append(level(self.name, "updates[]", u["price_level"], u["new_quantity"]))
+        return tuple(sides["bid"]), tuple(sides["offer"])
 
     def _events(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         events = self._list(msg, "events")

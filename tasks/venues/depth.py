@@ -9,9 +9,10 @@ zeros), because Kraken's checksum is computed over those digits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
+from tasks.core.codec import CodecError, parse_decimal
 from tasks.venues.base import FeedError
 from tasks.venues.parsing import decimal_text
 
@@ -50,15 +51,15 @@ class BookDelta:
 
 
 def level(venue: str, what: str, price: Any, qty: Any) -> Level:
-    """One (price, quantity) pair: exact, finite, price > 0, quantity >= 0."""
+    """One (price, quantity) pair, checked by the codec's rules for an event's price
+    (> 0) and size (>= 0): exact, finite and within the sizes any market has."""
     try:
-        p = Decimal(decimal_text(venue, f"{what} price", price))
-        q = Decimal(decimal_text(venue, f"{what} qty", qty))
-    except InvalidOperation:
-        raise FeedError(f"{venue}: {what}: not a decimal: {price!r:.40} {qty!r:.40}") from None
-    if not p.is_finite() or not q.is_finite() or p <= 0 or q < 0:
-        raise FeedError(f"{venue}: {what}: invalid level: {price!r:.40} {qty!r:.40}")
-    return p, q
+        return (
+            parse_decimal(f"{what} price", decimal_text(venue, f"{what} price", price), True),
+            parse_decimal(f"{what} qty", decimal_text(venue, f"{what} qty", qty), False),
+        )
+    except CodecError as e:
+        raise FeedError(f"{venue}: {e.reason}") from None
 
 
 def update_id(venue: str, field: str, v: Any) -> int:

@@ -6,7 +6,8 @@ it updates on every best-bid-offer change (the default triggers only on trades),
 is what a top-of-book Quote means. Trade ``side`` is documented as the taker's side.
 Symbols are 'BTC/USD'; Kraken's legacy asset codes (XBT, XDG) are read as BTC, DOGE.
 Trade ids are sequential per pair (documented for v2), so a hole is repaired from REST,
-which pages by time only (``KrakenRest.trades_by_id``).
+which pages by time only (``KrakenRest.trades_by_id``). ``parse_book`` reads the
+``book`` channel, whose checksum ``tasks.books`` verifies.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from tasks.core.events import Quote, Trade
 from tasks.venues.base import FeedError, Parsed, VenueConfig, VenueSpec
+from tasks.venues.depth import BookDelta, BookSnapshot, Level, level
 from tasks.venues.http import Http, IdsByTime, RestError, now_us
 from tasks.venues.parsing import (
     Adapter,
@@ -103,6 +105,41 @@ class Kraken(Adapter):
                 return Parsed(control="ack", detail=f"{method} {msg.get('result')}"[:500])
             return Parsed(control="error", detail=f"{method}: {msg.get('error')}"[:500])
         raise FeedError(f"{self.name}: unknown frame, channel {channel!r:.40}")
+
+    def parse_book(self, raw: str | bytes) -> list[BookSnapshot | BookDelta]:
+        """A ``book`` channel frame: one snapshot or update per pair in ``data``, each
+        with Kraken's checksum. Levels keep the digits Kraken sent (the checksum's input)."""
+        msg = loads(self.name, raw)
+        if type(msg) is not dict or msg.get("channel") != "book":
+            raise FeedError(f"{self.name}: not a book frame: {msg!r:.60}")
+        kind = msg.get("type")
+        if kind not in ("snapshot", "update"):
+            raise FeedError(f"{self.name}: book: unknown type {kind!r:.40}")
+        books: list[BookSnapshot | BookDelta] = []
+        for d in self._data(msg):
+            with missing_fields(self.name, "book"):
+                symbol = self._symbol(d["symbol"])
+                bids, asks = self._levels(d["bids"], "bids"), self._levels(d["asks"], "asks")
+                checksum = d["checksum"]
+            if type(checksum) is not int or not 0 <= checksum < 2**32:
+                raise FeedError(f"{self.name}: checksum: not an unsigned 32-bit {checksum!r:.40}")
+            if kind == "snapshot":
+                books.append(BookSnapshot(self.name, symbol, bids, asks, checksum=checksum))
+            else:
+                books.append(BookDelta(self.name, symbol, bids, asks, checksum=checksum))
+        return books
+
+    def _levels(self, rows: Any, field: str) -> tuple[Level, ...]:
+        """[{"price": 0.5666, "qty": 4831.75496356}, ...]"""
+        if type(rows) is not list:
+            raise FeedError(f"{self.name}: {field}: expected an array, got {rows!r:.60}")
+        levels = []
+        for row in rows:
+            if type(row) is not dict:
+                raise FeedError(f"{self.name}: {field}[]: expected an object, got {row!r:.60}")
+            with missing_fields(self.name, field):
+                levels.append(level(self.name, field, row["price"], row["qty"]))
+        return tuple(levels)
 
     def _data(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         data = msg.get("data")
