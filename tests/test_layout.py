@@ -1,10 +1,10 @@
 """The layout is the architecture: these rules keep the folders telling the truth.
 
 - ``tasks/core`` imports nothing else of ours; ``tasks/venues`` only ``core``;
-- the stages (``ingest``, ``drain``, ``analytics``, ``telemetry``, ``books``) only ``core`` and
-  ``venues``; ``history`` also the stages it deliberately reuses: ingestion's publish path
-  (backfilled trades reach Kafka exactly like live ones), the drain's sinks (replay) and
-  the candle store (venue klines);
+- the stages (``ingest``, ``drain``, ``analytics``, ``telemetry``, ``books``) only
+  ``core`` and ``venues``; ``history`` also the stages it deliberately reuses:
+  ingestion's publish path (backfilled trades reach Kafka exactly like live ones), the
+  drain's sinks (replay) and the candle store (venue klines);
 - ``tasks`` never imports ``flows``, ``deployments``, ``blocks``, ``stack`` or ``simulator``;
 - nothing imports ``flows`` except ``deployments`` (and tests);
 - venue modules are reached through the registry, never imported by the stages or flows;

@@ -66,14 +66,14 @@ class BinanceSync:
             if last <= self.update_id:
                 return None  # older than the snapshot: already in it
             if first > self.update_id + 1:
-                return self._lost(delta, SEQUENCE_GAP, f"U={first} > lastUpdateId+1")
+                return self._lost([delta], SEQUENCE_GAP, f"U={first} > lastUpdateId+1")
             self._first = False
         elif first != self.update_id + 1:
-            return self._lost(delta, SEQUENCE_GAP, f"U={first} after u={self.update_id}")
+            return self._lost([delta], SEQUENCE_GAP, f"U={first} after u={self.update_id}")
         self.book.apply(delta.bids, delta.asks)
         self.update_id = last
         if self.book.crossed():
-            return self._lost(delta, CROSSED, f"after u={last}")
+            return self._lost([delta], CROSSED, f"after u={last}")
         return None
 
     def on_snapshot(self, snapshot: BookSnapshot) -> Resync | None:
@@ -89,7 +89,7 @@ class BinanceSync:
         self.book.replace(snapshot.bids, snapshot.asks)
         self.update_id, self._first, self._buffer = last_id, True, []
         if self.book.crossed():
-            return self._lost(None, CROSSED, f"snapshot lastUpdateId={last_id}")
+            return self._lost(pending, CROSSED, f"snapshot lastUpdateId={last_id}")
         outcome = None
         for delta in pending:  # after a resync the rest are buffered again
             result = self.on_delta(delta)
@@ -106,10 +106,11 @@ class BinanceSync:
         self._buffer.append(delta)
         return None
 
-    def _lost(self, delta: BookDelta | None, reason: str, detail: str) -> Resync:
+    def _lost(self, buffer: list[BookDelta], reason: str, detail: str) -> Resync:
+        """Drop the book; ``buffer`` (contiguous deltas still to come after a snapshot)
+        waits for the next one."""
         self.book.replace((), ())
-        self.update_id, self._first = None, False
-        self._buffer = [] if delta is None else [delta]
+        self.update_id, self._first, self._buffer = None, False, buffer
         return Resync(reason, detail)
 
 
@@ -188,6 +189,8 @@ class CoinbaseSync:
     """
 
     def __init__(self, depth: int):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
         self.depth = depth
         self.books: dict[str, Book] = {}
         self.sequence: int | None = None

@@ -177,3 +177,11 @@ def test_deltas_after_a_resync_inside_on_snapshot_are_buffered_again() -> None:
     assert outcome is not None and outcome.reason == CROSSED
     assert not sync.synced
     assert sync.on_snapshot(snapshot(101)) is None and sync.update_id == 102
+
+
+def test_a_crossed_snapshot_resyncs_and_keeps_the_buffer() -> None:
+    sync = BinanceSync(depth=10)
+    sync.on_delta(delta(101, 105))
+    outcome = sync.on_snapshot(snapshot(100, bids=[("12", "1")]))
+    assert outcome is not None and outcome.reason == CROSSED and not sync.synced
+    assert sync.on_snapshot(snapshot(102)) is None and sync.update_id == 105
