@@ -13,9 +13,7 @@ from tasks.drain.postgres import PostgresSink
 
 
 @contextmanager
-def drain_running(
-    settings, schema: str, topic: str, name: str | None = None
-) -> Iterator[None]:
+def drain_running(settings, schema: str, topic: str, name: str | None = None) -> Iterator[None]:
     """The price drain on ``topic`` in the background, as the scheduled one would run
     (a failed run is simply followed by the next, as Prefect's retries would). Give the
     same ``name`` to continue where an earlier one stopped; a new name reads from the

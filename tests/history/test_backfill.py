@@ -20,10 +20,9 @@ from simulator.process import ROOT, SimulatorProcess
 from tasks.analytics import candles as cdl
 from tasks.analytics.candle_store import SeriesKey, candles_after
 from tasks.core import codec
-from tasks.core.pg import connect, table_checksum
+from tasks.core.pg import table_checksum
 from tasks.venues import venue_config
 from tasks.venues.binance import BinanceRest
-from tests.analytics.support import private_schema
 from tests.history.support import drain_running
 from tests.ingest.support import SIM_VENUE, read_topic
 
@@ -41,19 +40,6 @@ def sim():
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "400", "--no-bursts") as s:
         s.started_us = time.time_ns() // 1000
         yield s
-
-
-@pytest.fixture(scope="module")
-def schema(postgres):
-    with private_schema(postgres.pg_dsn) as name:
-        yield name
-
-
-@pytest.fixture
-def conn(postgres, schema):
-    c = connect(postgres.pg_dsn, schema)
-    yield c
-    c.close()
 
 
 def utc(us: int) -> datetime:

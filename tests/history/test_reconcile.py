@@ -20,13 +20,11 @@ from simulator.process import SimulatorProcess
 from tasks import venues
 from tasks.core import codec
 from tasks.core.params import ParameterError
-from tasks.core.pg import connect
 from tasks.history.reconcile import DAY_US
 from tasks.telemetry.exporter import newest_days
 from tasks.venues import venue_config
 from tasks.venues.binance import BinanceRest
 from tasks.venues.http import HOUR_US
-from tests.analytics.support import private_schema
 from tests.history.support import drain_running
 from tests.ingest.support import SIM_VENUE, read_topic
 
@@ -42,19 +40,6 @@ def sim():
     args = ("--symbols", ",".join(SYMBOLS), "--rate", "2", "--no-bursts")
     with SimulatorProcess(*args, "--history-hours", "26", "--history-rate", "0.6") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def schema(postgres):
-    with private_schema(postgres.pg_dsn) as name:
-        yield name
-
-
-@pytest.fixture
-def conn(postgres, schema):
-    c = connect(postgres.pg_dsn, schema)
-    yield c
-    c.close()
 
 
 def utc(us: int) -> datetime:

@@ -8,31 +8,15 @@ import uuid
 from datetime import UTC, datetime
 from decimal import Decimal as D
 
-import pytest
-
 from flows import backfill as flows
 from tasks.core import codec
 from tasks.core.events import Trade
 from tasks.core.kafka import producer
-from tasks.core.pg import connect, table_checksum
-from tests.analytics.support import private_schema
+from tasks.core.pg import table_checksum
 
 S = 1_000_000
 
 replay_topic = flows.replay_topic.with_options(retries=0)  # fail fast in tests
-
-
-@pytest.fixture(scope="module")
-def schema(postgres):
-    with private_schema(postgres.pg_dsn) as name:
-        yield name
-
-
-@pytest.fixture
-def conn(postgres, schema):
-    c = connect(postgres.pg_dsn, schema)
-    yield c
-    c.close()
 
 
 def publish(settings, topic: str, trades: list[Trade]) -> None:
