@@ -42,14 +42,19 @@ TOPICS: tuple[TopicSpec, ...] = (
 )
 
 
-def _new_topic(spec: TopicSpec, s: config.TopicSettings) -> NewTopic:
+def topic_configs(spec: TopicSpec, s: config.TopicSettings) -> dict[str, str]:
+    """The broker-side settings of one topic: the admin client here and the Kubernetes
+    ``KafkaTopic`` resources (``deployments/kubernetes``) both take them from this."""
     hours = spec.retention_hours if spec.retention_hours is not None else s.retention_hours
-    cfg = {
+    return {
         "retention.ms": str(-1 if hours < 0 else hours * 3_600_000),
         "cleanup.policy": "compact" if spec.compact else "delete",
         "min.insync.replicas": str(min(2, s.replication)),
     }
-    return NewTopic(spec.name, s.partitions, s.replication, topic_configs=cfg)
+
+
+def _new_topic(spec: TopicSpec, s: config.TopicSettings) -> NewTopic:
+    return NewTopic(spec.name, s.partitions, s.replication, topic_configs=topic_configs(spec, s))
 
 
 def ensure_topics(
