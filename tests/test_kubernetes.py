@@ -136,8 +136,12 @@ def test_kafka_topics_are_the_topics_of_the_code() -> None:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", topic["metadata"]["name"])
         assert topic["spec"]["partitions"] == int(k8s.config.DEFAULTS["TAPELINE_TOPIC_PARTITIONS"])
         assert topic["spec"]["replicas"] == 3
-        assert topic["spec"]["config"] == topics.topic_configs(spec, k8s.CLUSTER_TOPICS)
-        assert topic["spec"]["config"]["min.insync.replicas"] == "2"
+        config = topic["spec"]["config"]
+        assert config == topics.topic_configs(spec, k8s.CLUSTER_TOPICS)
+        hours = spec.retention_hours or int(k8s.config.DEFAULTS["TAPELINE_TOPIC_RETENTION_HOURS"])
+        assert config["retention.ms"] == str(hours * 3_600_000)
+        assert config["cleanup.policy"] == ("compact" if spec.compact else "delete")
+        assert config["min.insync.replicas"] == "2"
     assert found[topics.QUOTES]["spec"]["config"]["retention.ms"] == str(24 * 3_600_000)
 
 
