@@ -123,14 +123,12 @@ def check_hour(
         if not hour_us <= t.event_us < hour_us + HOUR_US or t.trade_id in listed:
             continue  # a client's page overlapping the hour's edges, or a repeated row
         listed.add(t.trade_id)
-        out.venue_trades += 1
         out.venue_volume += t.qty
-        if out.venue_first_id is None or t.trade_id < out.venue_first_id:
-            out.venue_first_id = t.trade_id
-        if out.venue_last_id is None or t.trade_id > out.venue_last_id:
-            out.venue_last_id = t.trade_id
         if t.trade_id not in stored:
             candidates.append(t)
+    out.venue_trades = len(listed)
+    if listed:
+        out.venue_first_id, out.venue_last_id = min(listed), max(listed)
     elsewhere = stored_elsewhere(conn, venue, symbol, [t.trade_id for t in candidates])
     missing = [t for t in candidates if t.trade_id not in elsewhere]
     out.missing = len(missing)
