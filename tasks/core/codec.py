@@ -25,9 +25,11 @@ from operator import attrgetter, call, index
 from typing import Any
 
 from tasks.core.events import (
+    BOOK_KINDS,
     TRADE_SIDES,
     TX_SIDES,
     TX_STATUSES,
+    BookUpdate,
     Candle,
     Event,
     Quote,
@@ -73,11 +75,15 @@ MAX_ADJUSTED = 18  # |x| < 1e19 and exponent <= 18, zero included (0E+99999): th
 # sizes and daily volumes (memecoins with ~1e15 supply) have 4 orders to spare.
 MAX_DECIMAL_CHARS = 64  # the written string: a valid value's canonical form has <= 43
 # characters ("-0." and 40 zeros); the rest is room for a venue's leading zeros or "+".
-# Any message ``decode`` reads. The largest valid event encodes to under 2.5 KiB (a
-# transaction with every string at its limit in \u-escaped control characters;
-# tests/core/test_codec.py builds it); the rest is room for fields decode ignores (the
-# candle topic's indicators). 1/64 of Kafka's default 1 MiB message.max.bytes.
-MAX_MESSAGE_BYTES = 16 * 1024
+# A book event holds at most ``MAX_BOOK_DEPTH`` levels per side (a snapshot's top levels;
+# a delta with more changes than that is published as a snapshot instead).
+MAX_BOOK_DEPTH = 100
+# Any message ``decode`` reads. The largest valid event is a book event at full depth:
+# 200 levels of at most 91 bytes as ``encode`` writes them (decimals in <= 42 characters),
+# under 19 KiB; every other event encodes to under 2.5 KiB (tests/core/test_codec.py
+# builds both). The rest is room for a writer's longer decimals (leading zeros) and fields
+# decode ignores (the candle topic's indicators). 1/32 of Kafka's 1 MiB message.max.bytes.
+MAX_MESSAGE_BYTES = 32 * 1024
 
 # Plain ASCII decimal syntax: Decimal() alone also takes "1_000", " 1 ", non-ASCII digits.
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
@@ -203,6 +209,49 @@ def _status(name: str, v: Any) -> str:
     return v
 
 
+def _kind(name: str, v: Any) -> str:
+    if type(v) is not str or v not in BOOK_KINDS:
+        raise CodecError(f"{name}: expected one of {sorted(BOOK_KINDS)}, got {v!r:.60}")
+    return v
+
+
+def _depth(name: str, v: Any) -> int:
+    if type(v) is not int or not 1 <= v <= MAX_BOOK_DEPTH:
+        raise CodecError(f"{name}: expected an integer in [1, {MAX_BOOK_DEPTH}], got {v!r:.60}")
+    return v
+
+
+def _levels(name: str, v: Any) -> tuple[tuple[Decimal, Decimal], ...]:
+    """[[price, qty], ...]: at most MAX_BOOK_DEPTH levels, price > 0, qty >= 0, each price
+    once. What a snapshot needs beyond that is checked by ``_book``."""
+    if type(v) is not list or len(v) > MAX_BOOK_DEPTH:
+        raise CodecError(f"{name}: expected a list of at most {MAX_BOOK_DEPTH} levels")
+    out = []
+    for level in v:
+        if type(level) is not list or len(level) != 2:
+            raise CodecError(f"{name}: a level is [price, qty], got {level!r:.60}")
+        out.append((_dec(f"{name} price", level[0], True), _dec(f"{name} qty", level[1], False)))
+    if len({p for p, _ in out}) != len(out):
+        raise CodecError(f"{name}: a price appears twice")
+    return tuple(out)
+
+
+def _book(e: BookUpdate) -> BookUpdate:
+    """A book event's rules across fields: no side longer than ``depth``; a snapshot's
+    levels present (qty > 0), best first, and not crossed."""
+    if len(e.bids) > e.depth or len(e.asks) > e.depth:
+        raise CodecError(f"book: more levels than depth {e.depth}")
+    if e.kind == "snapshot":
+        if any(q == 0 for _, q in (*e.bids, *e.asks)):
+            raise CodecError("book: a snapshot level with quantity 0")
+        bids, asks = [p for p, _ in e.bids], [p for p, _ in e.asks]
+        if bids != sorted(bids, reverse=True) or asks != sorted(asks):
+            raise CodecError("book: snapshot levels not best first")
+        if bids and asks and bids[0] >= asks[0]:
+            raise CodecError(f"book: crossed snapshot (bid {bids[0]} >= ask {asks[0]})")
+    return e
+
+
 Check = Callable[[str, Any], Any]
 _SCHEMAS: dict[str, tuple[type, tuple[tuple[str, Check], ...]]] = {
     "trade": (
@@ -238,6 +287,14 @@ _SCHEMAS: dict[str, tuple[type, tuple[tuple[str, Check], ...]]] = {
             ("volume", _nonneg), ("trade_count", _int), ("vwap", _nonneg), ("source", _str),
         ),
     ),
+    "book": (
+        BookUpdate,
+        (
+            ("venue", _str), ("symbol", _str), ("kind", _kind), ("seq", _int),
+            ("depth", _depth), ("bids", _levels), ("asks", _levels), ("event_us", _time),
+            ("recv_us", _time),
+        ),
+    ),
 }
 _TYPE_OF: dict[type, str] = {cls: t for t, (cls, _) in _SCHEMAS.items()}
 _FIELDS: dict[type, tuple[str, ...]] = {
@@ -250,12 +307,21 @@ def to_dict(event: Event) -> dict[str, Any]:
     out: dict[str, Any] = {"v": VERSION, "t": _TYPE_OF[type(event)]}
     for f in _FIELDS[type(event)]:
         v = getattr(event, f)
-        out[f] = str(v) if type(v) is Decimal else v
+        if type(v) is Decimal:
+            v = str(v)
+        elif type(v) is tuple:  # book levels
+            v = [[str(p), str(q)] for p, q in v]
+        out[f] = v
     return out
 
 
 def _int_or_null(v: int | None) -> str:
     return "null" if v is None else str(index(v))
+
+
+def _levels_json(levels: tuple[tuple[Decimal, Decimal], ...]) -> str:
+    text = Decimal.__str__  # refuses anything but a Decimal, like the other writers
+    return "[" + ",".join([f'["{text(p)}","{text(q)}"]' for p, q in levels]) + "]"
 
 
 # encode() writes each type from a template instead of to_dict + json: it is the ingest
@@ -265,7 +331,7 @@ _WRITERS: dict[Check, Callable[[Any], Any]] = {
     _str: encode_basestring, _side: encode_basestring, _tx_side: encode_basestring,
     _status: encode_basestring,
     _pos: Decimal.__str__, _nonneg: Decimal.__str__, _int: index, _time: index,
-    _opt_int: _int_or_null,
+    _opt_int: _int_or_null, _kind: encode_basestring, _depth: index, _levels: _levels_json,
 }  # fmt: skip
 
 
@@ -311,7 +377,8 @@ def from_dict(obj: Any) -> Event:
             else:
                 raise CodecError(f"{name}: missing") from None
         args.append(check(name, v))
-    return cls(*args)
+    event = cls(*args)
+    return _book(event) if cls is BookUpdate else event
 
 
 def decode(data: bytes | str) -> Event:

@@ -108,7 +108,43 @@ class Candle:
         return self.symbol
 
 
-Event = Trade | Quote | UserTransaction | Candle
+BookLevel = tuple[Decimal, Decimal]  # (price, quantity)
+BOOK_KINDS: frozenset[str] = frozenset({"snapshot", "delta"})
+
+
+@dataclass(frozen=True, slots=True)
+class BookUpdate:
+    """One verified change of a book's top ``depth`` levels, as ingestion publishes it.
+
+    ``kind`` "snapshot": the complete top ``depth`` levels per side (bids high to low,
+    asks low to high, every quantity > 0). "delta": the levels of that top-``depth``
+    view whose quantity changed since the previous event of this book, absolute
+    quantities, 0 removing a level; applying it to the previous view and keeping the
+    best ``depth`` levels per side gives the new view exactly.
+
+    ``seq`` numbers the events of one book (venue, symbol) one by one: a delta always
+    carries the previous event's ``seq`` + 1, so a consumer that sees anything else has
+    missed one and waits for the next snapshot. A snapshot may jump (the book was
+    rebuilt after a resync, or ingestion restarted) and always starts afresh.
+    Only books ingestion has verified are published: none while one resyncs.
+    """
+
+    venue: str
+    symbol: str
+    kind: str  # "snapshot" | "delta"
+    seq: int
+    depth: int
+    bids: tuple[BookLevel, ...]
+    asks: tuple[BookLevel, ...]
+    event_us: int
+    recv_us: int
+
+    @property
+    def key(self) -> str:
+        return self.symbol
+
+
+Event = Trade | Quote | UserTransaction | Candle | BookUpdate
 
 
 def split_symbol(symbol: str) -> tuple[str, str]:

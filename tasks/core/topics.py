@@ -18,6 +18,7 @@ from tasks.core.kafka import admin
 
 TRADES = "market.trades.raw"
 QUOTES = "market.book_ticker.raw"
+BOOKS = "market.books.raw"
 USER_TRANSACTIONS = "user.transactions"
 CANDLES = "market.candles.1m"
 ALERTS = "market.alerts"
@@ -35,6 +36,7 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(TRADES, "symbol"),
     TopicSpec(QUOTES, "symbol", retention_hours=24),
+    TopicSpec(BOOKS, "symbol", retention_hours=24),
     TopicSpec(USER_TRANSACTIONS, "user_id", retention_hours=24 * 30),
     TopicSpec(CANDLES, "symbol"),
     TopicSpec(ALERTS, "symbol"),

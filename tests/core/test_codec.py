@@ -23,7 +23,7 @@ from tasks.core.codec import (
     to_dict,
     validate,
 )
-from tasks.core.events import Candle, Quote, Trade, UserTransaction
+from tasks.core.events import BookUpdate, Candle, Quote, Trade, UserTransaction
 from tasks.core.wallets import effects
 
 NOW_US = time.time_ns() // 1000
@@ -68,7 +68,30 @@ candles = st.builds(
     Candle, names, names, names, times, positive, positive, positive, positive,
     non_negative, st.integers(0, codec.MAX_ID), non_negative, names,
 )  # fmt: skip
-events = trades | quotes | txs | candles
+
+
+@st.composite
+def books(draw) -> BookUpdate:
+    """Valid book events: a snapshot's sides best first and uncrossed, a delta's prices
+    distinct per side (quantity 0 removes)."""
+    kind = draw(st.sampled_from(["snapshot", "delta"]))
+    depth = draw(st.integers(1, codec.MAX_BOOK_DEPTH))
+    size = positive if kind == "snapshot" else non_negative
+    prices = draw(st.lists(positive, max_size=2 * depth, unique=True))
+    if kind == "snapshot":
+        prices.sort()
+        cut = draw(st.integers(0, len(prices)))
+        bids, asks = prices[:cut][::-1][:depth], prices[cut:][:depth]
+    else:
+        bids, asks = prices[:depth], prices[depth:]
+    return BookUpdate(
+        draw(names), draw(names), kind, draw(ids), depth,
+        tuple((p, draw(size)) for p in bids), tuple((p, draw(size)) for p in asks),
+        draw(times), draw(times),
+    )  # fmt: skip
+
+
+events = trades | quotes | txs | candles | books()
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
@@ -82,7 +105,8 @@ def wire_like(draw):
     """Dicts shaped like wire messages, each field either plausible or arbitrary JSON,
     some missing: they reach every check, not just the version test."""
     t = draw(st.sampled_from(sorted(codec._SCHEMAS)))
-    good = to_dict(draw({"trade": trades, "quote": quotes, "tx": txs, "candle": candles}[t]))
+    kinds = {"trade": trades, "quote": quotes, "tx": txs, "candle": candles, "book": books()}
+    good = to_dict(draw(kinds[t]))
     out = {}
     for k, v in good.items():
         choice = draw(st.integers(0, 9))
@@ -258,7 +282,7 @@ def test_transaction_status_and_fee_rules():
         (b'{"v":1,', "not JSON"),
         (b"\xff\xfe\x00", "not JSON"),
         (b"[" * 10_000, "not JSON: nested too deeply"),
-        (b"[" * 100_000, "message: 100000 bytes, more than 16384"),
+        (b"[" * 100_000, "message: 100000 bytes, more than 32768"),
         (b"[1, 2]", "expected a JSON object, got list"),
         (b"null", "expected a JSON object, got NoneType"),
     ],
@@ -293,6 +317,10 @@ WIRES = {
         Candle("binance", "BTC-USDT", "1m", T0, Decimal("1"), Decimal("2"), Decimal("0.5"),
                Decimal("1.5"), Decimal("10"), 3, Decimal("1.25"), "trades")
     ),
+    "book": to_dict(
+        BookUpdate("kraken", "BTC-USD", "snapshot", 7, 10, ((Decimal("60000.1"), Decimal("0.5")),),
+                   ((Decimal("60000.2"), Decimal("0.00100000")),), T0, T0 + 1)
+    ),
 }  # fmt: skip
 FIELDS = [(t, f, check) for t, (_, fields) in codec._SCHEMAS.items() for f, check in fields]
 STRING_FIELDS = [(t, f) for t, f, check in FIELDS if check is codec._str]
@@ -315,7 +343,7 @@ def reason(obj) -> str | None:
 
 def test_every_string_field_has_its_limit():
     assert sorted({f for _, f in STRING_FIELDS}) == sorted(codec.MAX_CHARS)
-    assert len(DECIMAL_FIELDS) == 15 and len(INT_FIELDS) == 3
+    assert len(DECIMAL_FIELDS) == 15 and len(INT_FIELDS) == 4
 
 
 @pytest.mark.parametrize(("t", "field"), STRING_FIELDS)
@@ -447,7 +475,8 @@ def test_messages_are_bounded_in_bytes():
     for data in (over.encode(), over, bytearray(over.encode())):
         with pytest.raises(CodecError) as exc:
             decode(data)
-        assert exc.value.reason == "message: 16385 bytes, more than 16384"
+        limit = codec.MAX_MESSAGE_BYTES
+        assert exc.value.reason == f"message: {limit + 1} bytes, more than {limit}"
 
 
 def _largest(t: str):
@@ -458,8 +487,21 @@ def _largest(t: str):
     values = {
         codec._pos: longest, codec._nonneg: longest, codec._int: codec.MAX_ID,
         codec._opt_int: codec.MAX_ID, codec._time: NOW_US, codec._side: "sell",
-        codec._tx_side: "deposit", codec._status: "cancelled",
+        codec._tx_side: "deposit", codec._status: "cancelled", codec._kind: "snapshot",
+        codec._depth: codec.MAX_BOOK_DEPTH,
     }  # fmt: skip
+    if t == "book":  # full depth, distinct 42-character prices, bids below asks
+        n = codec.MAX_BOOK_DEPTH
+        level = lambda i: (Decimal(f"0.{i:040d}"), longest)  # noqa: E731
+        values[codec._levels] = None
+        event = cls(*(
+            "\x1f" * codec.MAX_CHARS[f] if check is codec._str else values[check]
+            for f, check in fields
+        ))  # fmt: skip
+        bids = tuple(level(i) for i in range(n, 0, -1))
+        asks = tuple(level(n + i) for i in range(1, n + 1))
+        fields_of = {f: getattr(event, f) for f, _ in fields}
+        return BookUpdate(**{**fields_of, "bids": bids, "asks": asks})
     return cls(*(
         "\x1f" * codec.MAX_CHARS[f] if check is codec._str else values[check]
         for f, check in fields
@@ -471,7 +513,11 @@ def test_the_largest_valid_event_encodes_far_under_the_message_limit(t):
     event = validate(_largest(t))
     data = encode(event)
     assert decode(data) == event
-    assert len(data) < 2.5 * 1024 < codec.MAX_MESSAGE_BYTES / 6
+    if t == "book":
+        assert len(event.bids) == len(event.asks) == codec.MAX_BOOK_DEPTH
+        assert len(data) < 19 * 1024 < codec.MAX_MESSAGE_BYTES * 0.6
+    else:
+        assert len(data) < 2.5 * 1024 < codec.MAX_MESSAGE_BYTES / 12
 
 
 @settings(max_examples=300)
@@ -514,6 +560,9 @@ def hostile_wires(draw):
         elif check is codec._str:
             limit = codec.MAX_CHARS[f]
             value = long_text | st.text(min_size=limit - 1, max_size=limit + 1)
+        elif check is codec._levels:
+            level = st.lists(decimal_like(), min_size=2, max_size=2) | st.lists(json_values)
+            value = st.lists(level, max_size=codec.MAX_BOOK_DEPTH + 1)
         else:
             value = st.integers() | st.integers(codec.MAX_ID - 1, codec.MAX_ID + 1)
         obj[f] = draw(value | json_values) if draw(st.integers(0, 4)) == 0 else draw(value)
@@ -639,3 +688,31 @@ def test_postgres_stores_the_largest_values_the_codec_accepts(pg_conn):
             assert cur.fetchall() == [(big, small, small, codec.MAX_ID)]
     finally:
         pg_conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"kind": "trade"}, "kind: expected one of"),
+        ({"depth": 0}, "depth: expected an integer in [1, 100]"),
+        ({"depth": 101}, "depth: expected an integer in [1, 100]"),
+        ({"depth": 1, "bids": [["2", "1"], ["1", "1"]]}, "book: more levels than depth 1"),
+        ({"bids": [["1", "1"], ["2", "1"]]}, "book: snapshot levels not best first"),
+        ({"asks": [["60000.3", "1"], ["60000.2", "1"]]}, "book: snapshot levels not best first"),
+        ({"bids": [["60000.2", "1"]]}, "book: crossed snapshot"),
+        ({"bids": [["60000.1", "0"]]}, "book: a snapshot level with quantity 0"),
+        ({"bids": [["1", "1"], ["1", "2"]], "kind": "delta"}, "bids: a price appears twice"),
+        ({"bids": [["1"]]}, "bids: a level is [price, qty]"),
+        ({"bids": [["0", "1"]], "kind": "delta"}, "bids price: must be > 0"),
+        ({"asks": [["1", "-1"]], "kind": "delta"}, "asks qty: must be >= 0"),
+        ({"asks": "60000.2"}, "asks: expected a list of at most 100 levels"),
+    ],
+)
+def test_book_events_are_refused_with_a_reason(changes, expected):
+    assert reason(wire("book", **changes)).startswith(expected)
+
+
+def test_a_book_delta_may_remove_levels_in_any_order():
+    delta = from_dict(wire("book", kind="delta", bids=[["60000.3", "0"], ["59999", "2"]]))
+    assert delta.bids == ((Decimal("60000.3"), Decimal("0")), (Decimal("59999"), Decimal("2")))
+    assert decode(encode(delta)) == delta
