@@ -120,7 +120,6 @@ def _ids(delta: BookDelta) -> tuple[int, int]:
     return delta.first_seq, delta.last_seq
 
 
-KRAKEN_DEPTHS = (10, 25, 100, 500, 1000)  # the depths Kraken's book channel offers
 KRAKEN_CHECKSUM_LEVELS = 10
 
 
@@ -148,8 +147,8 @@ class KrakenSync:
     """
 
     def __init__(self, depth: int):
-        if depth not in KRAKEN_DEPTHS:
-            raise ValueError(f"Kraken book depth is one of {KRAKEN_DEPTHS}, got {depth}")
+        if depth < KRAKEN_CHECKSUM_LEVELS:
+            raise ValueError(f"a Kraken book holds at least 10 levels, got depth {depth}")
         self.book = Book(depth)
         self.synced = False
 

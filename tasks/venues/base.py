@@ -10,11 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from tasks.core.codec import CodecError
 from tasks.core.events import Quote, Trade
+
+if TYPE_CHECKING:  # depth.py imports FeedError from here
+    from tasks.venues.depth import BookDelta, BookSnapshot
 
 
 class FeedError(CodecError):
@@ -45,6 +48,9 @@ class VenueConfig:
     max_streams_per_connection: int = 1024
     max_connection_lifetime_s: float = 24 * 3600
     subscribe_rate_per_s: float = 5.0
+    # Levels a side of the books Tapeline publishes (channel 'books'); a venue that is
+    # subscribed by depth (Kraken) is asked for the smallest it offers that holds them.
+    book_depth: int = 10
     # The API token of a venue that needs one (``VenueSpec.credential``), resolved at run
     # time, never written in a file. Left out of repr: a config ends up in log lines,
     # task-run inputs and tracebacks. Redact it (``redact``) wherever text may carry it.
@@ -61,7 +67,8 @@ class Parsed:
     without which it closes the socket); the adapter stays pure, ingestion sends it.
     ``sequence`` is the frame's number where the venue numbers every message of a
     connection contiguously (Coinbase's ``sequence_num``): ingestion watches it for
-    messages that never arrived.
+    messages that never arrived. ``books``: the frame's order-book snapshots and deltas
+    (channel 'books'), for ``tasks.books`` to verify before anything is published.
     """
 
     events: list[Trade | Quote] = field(default_factory=list)
@@ -69,11 +76,12 @@ class Parsed:
     detail: str = ""
     reply: str | None = None
     sequence: int | None = None
+    books: list[BookSnapshot | BookDelta] = field(default_factory=list)
 
 
 class Venue(Protocol):
     config: VenueConfig
-    channels: tuple[str, ...]  # supported: 'trades', 'quotes'
+    channels: tuple[str, ...]  # supported: 'trades', 'quotes', 'books'
 
     def to_venue_symbol(self, symbol: str) -> str: ...
 
@@ -136,6 +144,10 @@ class VenueSpec:
     the simulator accepts ``simulator_credential`` instead, so a real token never goes there.
     ``min_stall_timeout_s``: the venue's keep-alive is slower than the default watchdog,
     so a quiet (closed) market is not taken for a dead connection.
+    ``book_sync``: how its L2 book is kept exact, the name of a procedure in
+    ``tasks.books.sync`` ("binance": REST snapshot plus update ids, its REST client
+    serving ``depth(symbol, limit)``; "kraken": checksums; "coinbase": one sequence per
+    connection); the last two resync by ``book_resync_frames``. Empty: no books.
     """
 
     name: str
@@ -150,3 +162,4 @@ class VenueSpec:
     credential: str = ""
     simulator_credential: str = ""
     min_stall_timeout_s: float = 0.0
+    book_sync: str = ""

@@ -57,7 +57,9 @@ _QUOTES = [
 ]  # fmt: skip
 QUOTE_ASSETS: tuple[str, ...] = tuple(sorted(_QUOTES, key=len, reverse=True))
 MAX_CACHED_SYMBOLS = 8192
-STREAMS: dict[str, str] = {"trades": "trade", "quotes": "bookTicker"}
+STREAMS: dict[str, str] = {"trades": "trade", "quotes": "bookTicker", "books": "depth@100ms"}
+# The ``limit`` values /api/v3/depth accepts (levels a side of the REST snapshot).
+DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000, 5000)
 _VWAP = Context(prec=28)
 
 
@@ -71,6 +73,8 @@ def default_config(name: str) -> VenueConfig:
 
 class Binance(Adapter):
     """Venue adapter for Binance-protocol spot streams; pure (no sockets, no clock)."""
+
+    channels = ("trades", "quotes", "books")
 
     def __init__(self, config: VenueConfig | None = None):
         super().__init__(config or CONFIGS["binance"])
@@ -166,6 +170,8 @@ class Binance(Adapter):
         e = msg.get("e")
         if e == "trade":
             return Parsed([self._trade(msg, recv_us)])
+        if e == "depthUpdate":
+            return Parsed(books=[self._depth(msg)])
         if "u" in msg and (e is None or e == "bookTicker"):
             return Parsed([self._quote(msg, recv_us)])
         return self._control(msg)
@@ -178,13 +184,18 @@ class Binance(Adapter):
             msg = msg["data"]
         if type(msg) is not dict or msg.get("e") != "depthUpdate":
             raise FeedError(f"{self.name}: not a depthUpdate frame: {msg!r:.60}")
+        return self._depth(msg)
+
+    def _depth(self, msg: dict[str, Any]) -> BookDelta:
         with missing_fields(self.name, "depthUpdate"):
             first = update_id(self.name, "U", msg["U"])
             last = update_id(self.name, "u", msg["u"])
             if first > last:
                 raise FeedError(f"{self.name}: depthUpdate: U={first} > u={last}")
             bids, asks = self._levels(msg["b"], "b"), self._levels(msg["a"], "a")
-            return BookDelta(self.name, self._symbol(msg["s"]), bids, asks, first, last)
+            event_us = ms_to_us(self.name, "E", msg["E"]) if "E" in msg else None
+            symbol = self._symbol(msg["s"])
+            return BookDelta(self.name, symbol, bids, asks, first, last, event_us=event_us)
 
     def depth_snapshot(self, symbol: str, body: Any) -> BookSnapshot:
         """A ``/api/v3/depth`` reply (as ``Http.get_json`` decodes it) for ``symbol``."""
@@ -356,6 +367,15 @@ class BinanceRest:
                 return
             start_ms = rows[-1][0] + 1
 
+    def depth(self, symbol: str, levels: int) -> BookSnapshot:
+        """``/api/v3/depth``: the book's snapshot with at least ``levels`` a side (the
+        smallest limit Binance accepts that holds them; at most 5000)."""
+        limit = next((n for n in DEPTH_LIMITS if n >= levels), DEPTH_LIMITS[-1])
+        body = self.http.get_json(
+            "/api/v3/depth", {"symbol": self.venue.to_venue_symbol(symbol), "limit": limit}
+        )
+        return self.venue.depth_snapshot(symbol, body)
+
     def _get(self, path: str, symbol: str, **params: Any) -> list[Any]:
         rows = self.http.get_json(path, {"symbol": self.venue.to_venue_symbol(symbol), **params})
         if type(rows) is not list:
@@ -391,6 +411,8 @@ class BinanceRest:
 
 
 SPECS = tuple(
-    VenueSpec(name, config, Binance, BinanceRest, sequential_ids=True, klines=True)
+    VenueSpec(
+        name, config, Binance, BinanceRest, sequential_ids=True, klines=True, book_sync="binance"
+    )
     for name, config in CONFIGS.items()
 )

@@ -43,7 +43,7 @@ from tasks.venues.parsing import (
 
 CONFIG = VenueConfig("coinbase", "wss://advanced-trade-ws.coinbase.com", "https://api.coinbase.com")
 REST_INTERVAL_S = 0.1  # seconds between public REST requests (the venue's limit)
-CHANNELS: dict[str, str] = {"trades": "market_trades", "quotes": "ticker"}
+CHANNELS: dict[str, str] = {"trades": "market_trades", "quotes": "ticker", "books": "level2"}
 SIDE_IS_MAKER = True
 _TAKER_SIDE = {"BUY": "sell", "SELL": "buy"} if SIDE_IS_MAKER else {"BUY": "buy", "SELL": "sell"}
 
@@ -68,6 +68,7 @@ class Coinbase(Adapter):
     """Venue adapter for Coinbase Advanced Trade; pure (no sockets, no clock)."""
 
     symbol_field, symbol_kind = "product_id", "product id"
+    channels = ("trades", "quotes", "books")
 
     def __init__(self, config: VenueConfig | None = None):
         super().__init__(config or CONFIG)
@@ -121,6 +122,8 @@ class Coinbase(Adapter):
             return Parsed(trades)
         if channel == "ticker":
             return self._tickers(msg, recv_us)
+        if channel == "l2_data":
+            return Parsed(books=self._level2(msg))
         if channel == "heartbeats":
             events = self._events(msg)
             counter = events[0].get("heartbeat_counter") if events else None
@@ -140,6 +143,9 @@ class Coinbase(Adapter):
         msg = loads(self.name, raw)
         if type(msg) is not dict or msg.get("channel") != "l2_data":
             raise FeedError(f"{self.name}: not an l2_data frame: {msg!r:.60}")
+        return update_id(self.name, "sequence_num", msg.get("sequence_num")), self._level2(msg)
+
+    def _level2(self, msg: dict[str, Any]) -> list[BookSnapshot | BookDelta]:
         seq = update_id(self.name, "sequence_num", msg.get("sequence_num"))
         books: list[BookSnapshot | BookDelta] = []
         for ev in self._events(msg):
@@ -148,12 +154,27 @@ class Coinbase(Adapter):
                 raise FeedError(f"{self.name}: l2_data: unknown event type {kind!r:.40}")
             with missing_fields(self.name, "l2_data"):
                 symbol = self._symbol(ev["product_id"])
-            bids, asks = self._sides(self._list(ev, "updates"))
+            updates = self._list(ev, "updates")
+            bids, asks = self._sides(updates)
             if kind == "snapshot":
                 books.append(BookSnapshot(self.name, symbol, bids, asks, sequence=seq))
             else:
-                books.append(BookDelta(self.name, symbol, bids, asks, seq, seq))
-        return seq, books
+                event_us = max(
+                    (rfc3339_to_us(self.name, "event_time", u["event_time"]) for u in updates
+                     if "event_time" in u),
+                    default=None,
+                )  # fmt: skip
+                books.append(BookDelta(self.name, symbol, bids, asks, seq, seq, event_us=event_us))
+        return books
+
+    def book_resync_frames(self, symbols: list[str]) -> list[str]:
+        """Unsubscribe, then subscribe again, ``level2`` for ``symbols``: the new
+        subscription starts with a snapshot of each, which is how their books are rebuilt."""
+        products = [self.to_venue_symbol(s) for s in symbols]
+        return [
+            json.dumps({"type": t, "product_ids": products, "channel": "level2"})
+            for t in ("unsubscribe", "subscribe")
+        ]
 
     def _sides(self, updates: list[Any]) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
         sides: dict[str, list[Level]] = {"bid": [], "offer": []}
@@ -280,5 +301,5 @@ class CoinbaseRest(IdsByTime):
 
 SPEC = VenueSpec(
     "coinbase", CONFIG, Coinbase, CoinbaseRest, rest_interval_s=REST_INTERVAL_S,
-    simulator_ws_path="/coinbase", sequential_ids=True,
+    simulator_ws_path="/coinbase", sequential_ids=True, book_sync="coinbase",
 )  # fmt: skip

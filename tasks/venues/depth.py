@@ -32,6 +32,7 @@ class BookSnapshot:
     asks: tuple[Level, ...]
     sequence: int | None = None
     checksum: int | None = None
+    event_us: int | None = None  # None: the venue does not date it (REST, Kraken's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class BookDelta:
     first_seq: int | None = None
     last_seq: int | None = None
     checksum: int | None = None
+    event_us: int | None = None  # when the venue made the change (Binance E, Kraken timestamp)
 
 
 def level(venue: str, what: str, price: Any, qty: Any) -> Level:

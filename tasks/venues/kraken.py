@@ -33,7 +33,8 @@ from tasks.venues.parsing import (
 
 CONFIG = VenueConfig("kraken", "wss://ws.kraken.com/v2", "https://api.kraken.com")
 REST_INTERVAL_S = 1.0  # seconds between public REST requests (the venue's limit)
-CHANNELS: dict[str, str] = {"trades": "trade", "quotes": "ticker"}
+CHANNELS: dict[str, str] = {"trades": "trade", "quotes": "ticker", "books": "book"}
+BOOK_DEPTHS = (10, 25, 100, 500, 1000)  # the depths the book channel offers
 LEGACY_ASSETS: dict[str, str] = {"XBT": "BTC", "XDG": "DOGE"}
 REST_ASSETS: dict[str, str] = {v: k for k, v in LEGACY_ASSETS.items()}  # REST pairs: XBTUSD
 SIDES = frozenset({"buy", "sell"})
@@ -49,6 +50,7 @@ class Kraken(Adapter):
     """Venue adapter for Kraken WebSocket v2; pure (no sockets, no clock)."""
 
     symbol_kind = "Kraken pair"
+    channels = ("trades", "quotes", "books")
 
     def __init__(self, config: VenueConfig | None = None):
         super().__init__(config or CONFIG)
@@ -79,8 +81,28 @@ class Kraken(Adapter):
             params: dict[str, Any] = {"channel": CHANNELS[c], "symbol": pairs}
             if c == "quotes":
                 params["event_trigger"] = "bbo"
+            if c == "books":
+                params |= {"depth": self.book_depth, "snapshot": True}
             frames.append(json.dumps({"method": "subscribe", "params": params, "req_id": n}))
         return frames
+
+    @property
+    def book_depth(self) -> int:
+        """The depth the book channel is subscribed at: the smallest Kraken offers that
+        holds ``config.book_depth`` levels. The book is kept at exactly this depth,
+        because Kraken's checksum is computed over a book truncated to it."""
+        wanted = self.config.book_depth
+        return next((d for d in BOOK_DEPTHS if d >= wanted), BOOK_DEPTHS[-1])
+
+    def book_resync_frames(self, symbols: list[str]) -> list[str]:
+        """Unsubscribe, then subscribe again, the book of ``symbols``: Kraken answers
+        the subscription with a fresh snapshot, which is how a pair's book is rebuilt."""
+        params = {"channel": "book", "symbol": [self.to_venue_symbol(s) for s in symbols]}
+        return [
+            json.dumps({"method": "unsubscribe", "params": params}),
+            json.dumps({"method": "subscribe", "params": {**params, "depth": self.book_depth,
+                                                          "snapshot": True}}),
+        ]  # fmt: skip
 
     def parse(self, raw: str | bytes, recv_us: int) -> Parsed:
         msg = loads(self.name, raw)
@@ -91,6 +113,8 @@ class Kraken(Adapter):
             return Parsed([self._trade(d, recv_us) for d in self._data(msg)])
         if channel == "ticker":
             return Parsed([self._quote(d, recv_us) for d in self._data(msg)])
+        if channel == "book":
+            return Parsed(books=self._book(msg))
         if channel == "heartbeat":
             return Parsed(control="heartbeat")
         if channel == "status":
@@ -112,6 +136,9 @@ class Kraken(Adapter):
         msg = loads(self.name, raw)
         if type(msg) is not dict or msg.get("channel") != "book":
             raise FeedError(f"{self.name}: not a book frame: {msg!r:.60}")
+        return self._book(msg)
+
+    def _book(self, msg: dict[str, Any]) -> list[BookSnapshot | BookDelta]:
         kind = msg.get("type")
         if kind not in ("snapshot", "update"):
             raise FeedError(f"{self.name}: book: unknown type {kind!r:.40}")
@@ -126,7 +153,11 @@ class Kraken(Adapter):
             if kind == "snapshot":
                 books.append(BookSnapshot(self.name, symbol, bids, asks, checksum=checksum))
             else:
-                books.append(BookDelta(self.name, symbol, bids, asks, checksum=checksum))
+                stamp = d.get("timestamp")
+                event_us = None if stamp is None else rfc3339_to_us(self.name, "timestamp", stamp)
+                books.append(
+                    BookDelta(self.name, symbol, bids, asks, checksum=checksum, event_us=event_us)
+                )
         return books
 
     def _levels(self, rows: Any, field: str) -> tuple[Level, ...]:
@@ -244,5 +275,5 @@ class KrakenRest(IdsByTime):
 
 SPEC = VenueSpec(
     "kraken", CONFIG, Kraken, KrakenRest, rest_interval_s=REST_INTERVAL_S,
-    simulator_ws_path="/kraken", sequential_ids=True,
+    simulator_ws_path="/kraken", sequential_ids=True, book_sync="kraken",
 )  # fmt: skip

@@ -43,11 +43,13 @@ def _levels(pairs) -> tuple[tuple[D, D], ...]:
 
 def test_documented_frames_parse_exactly() -> None:
     binance = Binance()
+    parsed = binance.parse(frame("depth_update_straddle.json"), 1)
+    assert parsed.books == [binance.parse_depth(frame("depth_update_straddle.json"))]
     assert binance.parse_depth(frame("depth_update_straddle.json")) == BookDelta(
         "binance", "BNB-BTC",
         ((D("4.00000000"), D("400.00000000")), (D("3.99000000"), D("0.00000000"))),
         ((D("4.00000100"), D("1.00000000")),),
-        1027020, 1027030,
+        1027020, 1027030, event_us=1672515782136000,
     )  # fmt: skip
     body = json.loads(frame("depth_snapshot.json"))
     assert binance.depth_snapshot("BNB-BTC", body) == BookSnapshot(

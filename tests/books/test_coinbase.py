@@ -35,8 +35,11 @@ def test_documented_frames_parse_exactly() -> None:
     )  # fmt: skip
     seq, (update,) = coinbase.parse_level2(frame("level2_update.json"))
     assert seq == 3 and update == BookDelta(
-        "coinbase", "BTC-USD", ((D("21921.3"), D("0")),), ((D("21921.74"), D("0.25")),), 3, 3
-    )
+        "coinbase", "BTC-USD", ((D("21921.3"), D("0")),), ((D("21921.74"), D("0.25")),), 3, 3,
+        event_us=1675974770714964,  # event_time, to the microsecond
+    )  # fmt: skip
+    parsed = coinbase.parse(frame("level2_update.json"), recv_us=0)
+    assert parsed.sequence == 3 and parsed.books == [update] and not parsed.events
 
 
 def test_the_sequence_counts_every_frame_of_the_connection() -> None:

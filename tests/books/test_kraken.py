@@ -76,6 +76,29 @@ def test_the_snapshot_fixture_parses_exactly_and_its_checksum_matches() -> None:
     assert kraken_checksum(sync.book) == reference_checksum(asks, bids)
 
 
+def test_book_frames_come_through_parse_with_their_time() -> None:
+    kraken = Kraken()
+    parsed = kraken.parse(frame("book_update.json"), recv_us=0)
+    assert parsed.books == kraken.parse_book(frame("book_update.json"))
+    assert parsed.books[0].event_us == 1696613755440295  # 2023-10-06T17:35:55.440295Z
+    assert kraken.parse(frame("book_snapshot.json"), recv_us=0).books[0].event_us is None
+
+
+def test_subscribing_asks_for_the_smallest_depth_that_holds_the_published_one() -> None:
+    from dataclasses import replace
+
+    from tasks.venues.kraken import CONFIG
+
+    kraken = Kraken(replace(CONFIG, book_depth=20))
+    (frame_,) = kraken.subscribe_frames(["BTC-USD"], ["books"])
+    assert json.loads(frame_)["params"] == {
+        "channel": "book", "symbol": ["BTC/USD"], "depth": 25, "snapshot": True
+    }  # fmt: skip
+    unsub, sub = map(json.loads, kraken.book_resync_frames(["BTC-USD"]))
+    assert unsub["method"] == "unsubscribe" and sub["method"] == "subscribe"
+    assert sub["params"]["depth"] == 25 and sub["params"]["symbol"] == ["BTC/USD"]
+
+
 def test_an_update_keeps_the_book_in_step() -> None:
     kraken, sync = Kraken(), KrakenSync(depth=10)
     sync.on_snapshot(kraken.parse_book(frame("book_snapshot.json"))[0])
@@ -132,6 +155,7 @@ def test_malformed_book_frames_are_feed_errors(name: str) -> None:
         Kraken().parse_book(frame(name))
 
 
-def test_only_the_documented_depths() -> None:
+def test_the_book_holds_at_least_the_checksummed_levels() -> None:
     with pytest.raises(ValueError):
-        KrakenSync(depth=20)
+        KrakenSync(depth=9)
+    assert Kraken().book_depth == 10  # the default published depth, one Kraken offers
