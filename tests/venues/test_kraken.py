@@ -71,7 +71,7 @@ MALFORMED = {
     "bad_trade_bad_symbol.json": "kraken: symbol: not a Kraken pair: 'BTCUSD'",
     "bad_ticker_missing_ask.json": "kraken ticker: missing field 'ask'",
     "bad_data_not_array.json": "kraken: data: expected an array",
-    "bad_unknown_frame.json": "kraken: unknown frame, channel 'book'",
+    "bad_unknown_frame.json": "kraken: unknown frame, channel 'ohlc'",
     "bad_truncated.json": "kraken: not JSON: Expecting",
 }
 
