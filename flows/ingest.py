@@ -57,8 +57,9 @@ from flows.common import (
 )
 from tasks import venues
 from tasks.core import config, metrics, params
+from tasks.core.codec import MAX_BOOK_DEPTH
 from tasks.core.events import Trade
-from tasks.core.topics import QUOTES, TRADES
+from tasks.core.topics import BOOKS, QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
 from tasks.ingest.lease import Keeper, Lease, LeaseLost, Unreachable, feed_key
@@ -110,6 +111,9 @@ def _check(
     symbols: list[str] | None,
     trades_topic: str,
     quotes_topic: str,
+    books_topic: str,
+    book_depth: int,
+    book_snapshot_s: float,
     max_in_flight: int,
     stall_timeout_s: float,
     first_message_timeout_s: float,
@@ -125,6 +129,9 @@ def _check(
             params.symbols(symbols)
     params.topic("trades_topic", trades_topic, params.NOT_PRICES)
     params.topic("quotes_topic", quotes_topic, params.NOT_PRICES)
+    params.topic("books_topic", books_topic, params.NOT_PRICES)
+    params.number("book_depth", book_depth, 1, MAX_BOOK_DEPTH)
+    params.number("book_snapshot_s", book_snapshot_s, 0.1, 3600)
     params.number("max_in_flight", max_in_flight, 1, 1_000_000)
     params.number("stall_timeout_s", stall_timeout_s, 1, 3600)
     params.number("first_message_timeout_s", first_message_timeout_s, 1, 3600)
@@ -149,21 +156,27 @@ def ingest(
     max_in_flight: int = 10_000,
     progress_every_s: float = 10.0,
     first_message_timeout_s: float = 15.0,
+    books_topic: str = BOOKS,
+    book_depth: int = 10,
+    book_snapshot_s: float = 10.0,
 ) -> dict[str, Any]:
     """Stream ``symbols`` of ``venue`` (a name in ``tasks.venues.REGISTRY``) into Kafka.
 
     ``simulator_url`` points the venue's URLs at the local simulator; ``metrics_port``
     None uses TAPELINE_METRICS_PORT, 0 serves none; ``run_seconds`` None runs until
-    cancelled. Returns the run's counts (or, with validate_mode='only', the report).
+    cancelled. Channel 'books' (asked for by name) publishes each verified order book's
+    top ``book_depth`` levels: a snapshot every ``book_snapshot_s`` of event time and the
+    deltas between. Returns the run's counts (or, with validate_mode='only', the report).
     """
     logger = get_run_logger()
     terminated = sigterm_noticed()  # a SIGTERM Python swallowed (see _watch)
     settings = config.load()
-    topics = Topics(trades_topic, quotes_topic)
+    topics = Topics(trades_topic, quotes_topic, books_topic)
     try:
         p = plan(
             venue, symbols or DEFAULT_SYMBOLS, channels, shard_size, simulator_url,
-            credential=venue_credential(venue, simulator_url),
+            credential=venue_credential(venue, simulator_url), book_depth=book_depth,
+            book_snapshot_s=book_snapshot_s,
         )  # fmt: skip
     except ValueError as e:
         if validate_mode == "only":
@@ -337,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "--symbols", default=",".join(DEFAULT_SYMBOLS), help="canonical, comma separated"
     )
     a.add_argument(
-        "--channels", default="", help=f"{','.join(CHANNELS)}; default: all the venue has"
+        "--channels", default="", help=f"{','.join(CHANNELS)},books (default: trades,quotes)"
     )
     a.add_argument("--shard-size", type=int)
     a.add_argument("--validate", choices=["off", "on_start", "only"], default="on_start")
@@ -355,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.add_argument("--trades-topic", default=TRADES)
     a.add_argument("--quotes-topic", default=QUOTES)
+    a.add_argument("--books-topic", default=BOOKS)
+    a.add_argument("--book-depth", type=int, default=10, help="levels a side published")
+    a.add_argument("--book-snapshot", type=float, default=10.0, help="seconds between snapshots")
     a.add_argument("--max-in-flight", type=int, default=10_000)
     a.add_argument("--progress-every", type=float, default=10.0)
     args = a.parse_args(argv)
@@ -373,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         run_seconds=args.seconds,
         trades_topic=args.trades_topic,
         quotes_topic=args.quotes_topic,
+        books_topic=args.books_topic,
+        book_depth=args.book_depth,
+        book_snapshot_s=args.book_snapshot,
         max_in_flight=args.max_in_flight,
         progress_every_s=args.progress_every,
     )

@@ -2,9 +2,10 @@
 
 - ``tasks/core`` imports nothing else of ours; ``tasks/venues`` only ``core``;
 - the stages (``ingest``, ``drain``, ``analytics``, ``telemetry``, ``books``) only
-  ``core`` and ``venues``; ``history`` also the stages it deliberately reuses:
-  ingestion's publish path (backfilled trades reach Kafka exactly like live ones), the
-  drain's sinks (replay) and the candle store (venue klines);
+  ``core`` and ``venues``; ``ingest`` also ``books`` (it keeps books verified through
+  the book stage's sync machines before publishing them); ``history`` also the stages
+  it deliberately reuses: ingestion's publish path (backfilled trades reach Kafka exactly
+  like live ones), the drain's sinks (replay) and the candle store (venue klines);
 - ``tasks`` never imports ``flows``, ``deployments``, ``blocks``, ``stack`` or ``simulator``;
 - nothing imports ``flows`` except ``deployments`` (and tests);
 - venue modules are reached through the registry, never imported by the stages or flows;
@@ -26,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": {"core"},
     "venues": {"core", "venues"},
     **{stage: {"core", "venues", stage} for stage in STAGES},
+    "ingest": {"core", "venues", "ingest", "books"},
     "history": {"core", "venues", "history", "ingest", "drain", "analytics"},
 }
 VENUE_MODULES = {

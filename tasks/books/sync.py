@@ -53,6 +53,7 @@ class BinanceSync:
         self.update_id: int | None = None  # the book's last applied u; None: not synced
         self._first = False  # the next delta is the first after the snapshot
         self._buffer: list[BookDelta] = []
+        self.last_applied: BookDelta | None = None  # the delta the book last took, if synced
 
     @property
     def synced(self) -> bool:
@@ -71,7 +72,7 @@ class BinanceSync:
         elif first != self.update_id + 1:
             return self._lost([delta], SEQUENCE_GAP, f"U={first} after u={self.update_id}")
         self.book.apply(delta.bids, delta.asks)
-        self.update_id = last
+        self.update_id, self.last_applied = last, delta
         if self.book.crossed():
             return self._lost([delta], CROSSED, f"after u={last}")
         return None
@@ -88,6 +89,7 @@ class BinanceSync:
             return Resync(STALE_SNAPSHOT, f"lastUpdateId={last_id} < U-1={_ids(pending[0])[0] - 1}")
         self.book.replace(snapshot.bids, snapshot.asks)
         self.update_id, self._first, self._buffer = last_id, True, []
+        self.last_applied = None
         if self.book.crossed():
             return self._lost(pending, CROSSED, f"snapshot lastUpdateId={last_id}")
         outcome = None
@@ -111,6 +113,7 @@ class BinanceSync:
         waits for the next one."""
         self.book.replace((), ())
         self.update_id, self._first, self._buffer = None, False, buffer
+        self.last_applied = None
         return Resync(reason, detail)
 
 

@@ -44,6 +44,20 @@ MESSAGES_MISSED = Counter(
     "repaired by id; quotes are not)",
     _SHARD,
 )
+BOOK_RESYNCS = Counter(
+    "tapeline_book_resyncs",
+    "Order books found out of step and rebuilt (reason: sequence_gap, stale_snapshot, "
+    "buffer_full, checksum, crossed); reason=\"checksum\" counts checksum failures",
+    ("venue", "reason"),
+)
+BOOK_AGE = Gauge(
+    "tapeline_book_age_seconds",
+    "Seconds since the venue last changed a verified book (absent while it is rebuilt)",
+    ("venue", "symbol"),
+)
+BOOKS_OUT_OF_SYNC = Gauge(
+    "tapeline_books_out_of_sync", "Books being rebuilt (nothing of them is published)", ("venue",)
+)
 INFLIGHT = Gauge("tapeline_inflight_messages", "Events sent but not yet acknowledged", ("venue",))
 LAST_MESSAGE = Gauge(
     "tapeline_last_message_timestamp_seconds", "When the last frame arrived", _SHARD

@@ -3,9 +3,11 @@
 One ``ShardWorker`` per WebSocket shard, each in its own thread: its ``Connection`` reads
 frames, the venue adapter parses them in that same thread, bad frames go to the DLQ,
 trades of sequential-id venues pass through the shard's ``GapTracker``, holes in a venue's
-per-connection message numbers are counted (``SequenceWatch``), and every event is
-published through the shard's ``Lane`` of the one shared ``Publisher``. Nothing here
-imports Prefect; the flow decides which steps show up as Prefect tasks.
+per-connection message numbers are counted (``SequenceWatch``), order books (channel
+'books') are verified and turned into book events by the shard's ``BookKeeper`` (which
+asks the shard to fetch a REST snapshot or resubscribe when a book must be rebuilt), and
+every event is published through the shard's ``Lane`` of the one shared ``Publisher``.
+Nothing here imports Prefect; the flow decides which steps show up as Prefect tasks.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks import venues
+from tasks.books.keeper import BookKeeper, keep_levels
 from tasks.core import config
+from tasks.core.codec import MAX_BOOK_DEPTH
 from tasks.core.events import Trade
 from tasks.core.kafka import producer
 from tasks.core.metrics import (
+    BOOK_AGE,
+    BOOK_RESYNCS,
+    BOOKS_OUT_OF_SYNC,
     INFLIGHT,
     MESSAGES_MISSED,
     VENDOR_FETCH_FAILURE,
@@ -34,6 +41,7 @@ from tasks.ingest.gaps import GapTracker, SequenceWatch
 from tasks.ingest.publish import PRODUCER_TUNING, Closed, Lane, Publisher, Topics
 from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
 from tasks.venues.connection import Connection, ConnectionPolicy
+from tasks.venues.http import RestError
 
 log = logging.getLogger(__name__)
 CHANNELS = ("trades", "quotes")
@@ -48,6 +56,7 @@ class Plan:
     symbols: tuple[str, ...]
     channels: tuple[str, ...]
     shards: tuple[tuple[str, ...], ...]
+    book_snapshot_s: float = 10.0  # event time between two book snapshots (channel 'books')
 
     def adapter(self) -> Venue:
         """A fresh adapter (each shard has its own: adapters keep a symbol map)."""
@@ -65,11 +74,18 @@ def plan(
     shard_size: int | None = None,
     simulator_url: str | None = None,
     credential: str = "",
+    book_depth: int = 10,
+    book_snapshot_s: float = 10.0,
 ) -> Plan:
     """Validate the configuration; raises ValueError naming what is wrong. No channels:
-    every channel the venue has (Finnhub: trades only). ``credential``: the venue's API
-    token, where it needs one (``VenueSpec.credential``)."""
-    cfg = venues.venue_config(venue, simulator_url, credential)
+    trades and quotes where the venue has them (Finnhub: trades only); 'books' is asked
+    for by name. ``credential``: the venue's API token, where it needs one
+    (``VenueSpec.credential``). ``book_depth``: levels a side of the published books."""
+    if not 1 <= book_depth <= MAX_BOOK_DEPTH:
+        raise ValueError(f"book_depth must be in [1, {MAX_BOOK_DEPTH}], got {book_depth}")
+    if not 0.1 <= book_snapshot_s <= 3600:
+        raise ValueError(f"book_snapshot_s must be in [0.1, 3600], got {book_snapshot_s}")
+    cfg = replace(venues.venue_config(venue, simulator_url, credential), book_depth=book_depth)
     spec = venues.spec(venue)
     if spec.credential and not cfg.credential:
         raise ValueError(f"{venue} needs an API token ({spec.credential}); none was given")
@@ -86,8 +102,13 @@ def plan(
         canonical.append(s.upper())
     if not canonical:
         raise ValueError("no symbols to ingest")
+    if "books" in chans and not spec.book_sync:
+        raise ValueError(f"{venue} has no book procedure; channel 'books' is not available")
     shards = adapter.shards(canonical, list(chans), shard_size)  # type: ignore[attr-defined]
-    return Plan(venue, cfg, tuple(dict.fromkeys(canonical)), chans, tuple(map(tuple, shards)))
+    return Plan(
+        venue, cfg, tuple(dict.fromkeys(canonical)), chans, tuple(map(tuple, shards)),
+        book_snapshot_s,
+    )  # fmt: skip
 
 
 class ShardWorker:
@@ -129,6 +150,19 @@ class ShardWorker:
                 {t.symbol: t.trade_id for t in mine},
                 {t.symbol: t.event_us for t in mine},
             )
+        self.books: BookKeeper | None = None
+        self.depth_rest: Any = None  # Binance: the REST client that serves book snapshots
+        if "books" in plan.channels:
+            protocol = venues.spec(plan.venue).book_sync
+            subscribed = getattr(self.adapter, "book_depth", None)
+            self.books = BookKeeper(
+                name, protocol, self.symbols, plan.config.book_depth,
+                keep=keep_levels(protocol, plan.config.book_depth, subscribed),
+                snapshot_every_s=plan.book_snapshot_s,
+            )  # fmt: skip
+            if protocol == "binance":
+                self.depth_rest = venues.rest_client(plan.venue, plan.config)
+            self._resyncs_seen: dict[str, int] = {}
         self.connection = Connection(
             self.adapter,
             self.symbols,
@@ -149,6 +183,8 @@ class ShardWorker:
 
     def on_connect(self) -> None:
         self.sequence.reset()  # numbered per connection
+        if self.books is not None:
+            self.books.on_connect()
         if self.tracker is not None:
             try:
                 self.tracker.after_connect(self.symbols)
@@ -182,6 +218,8 @@ class ShardWorker:
                 )  # fmt: skip
             if parsed.reply is not None:
                 self.connection.send(parsed.reply)
+            if self.books is not None:
+                self._books(parsed, recv_us)
             if parsed.control is not None:
                 self._control(parsed)
                 return
@@ -196,6 +234,38 @@ class ShardWorker:
         except Closed:  # fenced (or stopping): this shard reads no more; the flow ends the run
             self.connection.stop()
             raise
+
+    def _books(self, parsed: Parsed, recv_us: int) -> None:
+        """Book events through the keeper (every frame: Coinbase numbers them all), then
+        what it asks for to rebuild a book: resubscriptions, REST snapshots (fetched
+        here, in order with the stream: Binance's procedure allows the wait)."""
+        books, lane = self.books, self.lane
+        assert books is not None
+        while lane.failed_books:
+            books.failed(lane.failed_books.popleft())
+        for update in books.on_frame(parsed.books, parsed.sequence, recv_us):
+            lane.publish(update)
+        if books.protocol == "binance":
+            for symbol in books.due_fetches():
+                try:
+                    snapshot = self.depth_rest.depth(symbol, books.keep)
+                except (RestError, FeedError) as e:
+                    log.warning("%s shard %s: %s book snapshot: %s",
+                                self.source, self.shard, symbol, e)  # fmt: skip
+                    books.fetch_failed(symbol)
+                    continue
+                for update in books.on_rest_snapshot(snapshot, recv_us):
+                    lane.publish(update)
+        elif resubscribe := books.take_resubscribe():
+            for frame in self.adapter.book_resync_frames(resubscribe):  # type: ignore[attr-defined]
+                self.connection.send(frame)
+        for reason, n in books.resyncs.items():
+            seen = self._resyncs_seen.get(reason, 0)
+            if n > seen:
+                BOOK_RESYNCS.labels(venue=self.plan.config.name, reason=reason).inc(n - seen)
+                self._resyncs_seen[reason] = n
+                log.warning("%s shard %s: book resync (%s), %d so far",
+                            self.source, self.shard, reason, n)  # fmt: skip
 
     def _control(self, parsed: Parsed) -> None:
         if parsed.control == "server_shutdown":
@@ -235,6 +305,9 @@ class ShardWorker:
             "gaps_repaired": t.gaps_repaired if t else 0,
             "gaps_given_up": t.gaps_given_up if t else 0,
             "trades_repaired": t.trades_repaired if t else 0,
+            "book_snapshots": self.books.snapshots if self.books else 0,
+            "book_deltas": self.books.deltas if self.books else 0,
+            "book_resyncs": dict(self.books.resyncs) if self.books else {},
         }
 
 
@@ -261,10 +334,11 @@ def resend_failed(lane: Lane, tracker: GapTracker | None) -> int:
 
 
 ShardRunner = Callable[[ShardWorker], Any]
+_aged: set[tuple[str, str]] = set()  # the (venue, symbol) book ages currently exported
 _SUMMED = (
     "frames", "bad_frames", "venue_errors", "sent", "acked", "failed", "dead_letters",
     "connects", "duplicates_dropped", "gaps_found", "gaps_repaired", "gaps_given_up",
-    "trades_repaired", "sequence_gaps", "messages_missed",
+    "trades_repaired", "sequence_gaps", "messages_missed", "book_snapshots", "book_deltas",
 )  # fmt: skip
 
 
@@ -353,6 +427,21 @@ class Ingestion:
         inflight = self.publisher.in_flight
         self._lag.set(lag_s)
         self._inflight.set(inflight)
+        venue, unsynced = self.plan.config.name, 0
+        for w in self.workers:
+            if w.books is None:
+                continue
+            for symbol, age in w.books.ages().items():
+                if age is None:
+                    unsynced += 1
+                    if (venue, symbol) in _aged:  # no age for a book being rebuilt
+                        BOOK_AGE.remove(venue, symbol)
+                        _aged.discard((venue, symbol))
+                else:
+                    BOOK_AGE.labels(venue=venue, symbol=symbol).set(age)
+                    _aged.add((venue, symbol))
+        if "books" in self.plan.channels:
+            BOOKS_OUT_OF_SYNC.labels(venue=venue).set(unsynced)
         return lag_s, inflight
 
     def progress(self) -> str:
@@ -399,8 +488,10 @@ class Ingestion:
         shards = [w.counts() for w in self.workers]
         totals = {k: sum(s[k] for s in shards) for k in _SUMMED}
         reconnects: Counter[str] = Counter()
+        resyncs: Counter[str] = Counter()
         for s in shards:
             reconnects.update(s["reconnects"])
+            resyncs.update(s["book_resyncs"])
         return {
             "run_id": self.run_id,
             "venue": self.plan.config.name,
@@ -409,6 +500,7 @@ class Ingestion:
             "seconds": round(time.monotonic() - self._started, 3),
             **totals,
             "reconnects": dict(reconnects),
+            "book_resyncs": dict(resyncs),
             "unresolved_at_exit": unresolved,
             "peak_in_flight": self.publisher.peak_in_flight,
             "max_in_flight": self.publisher.max_in_flight,

@@ -45,9 +45,9 @@ from typing import Any
 from kafka import KafkaProducer
 
 from tasks.core import codec, dlq
-from tasks.core.events import Quote, Trade
+from tasks.core.events import BookUpdate, Quote, Trade
 from tasks.core.metrics import EVENT_TO_ACK, KAFKA_PUBLISH_FAILURE, KAFKA_PUBLISH_SUCCESS
-from tasks.core.topics import DLQ, QUOTES, TRADES
+from tasks.core.topics import BOOKS, DLQ, QUOTES, TRADES
 from tasks.ingest.lease import clock
 from tasks.ingest.resume import partition_of
 
@@ -70,6 +70,7 @@ class Topics:
 
     trades: str = TRADES
     quotes: str = QUOTES
+    books: str = BOOKS
 
 
 class Closed(Exception):
@@ -251,13 +252,15 @@ class Lane:
         venue = publisher.venue
         self._send = publisher.producer.send
         self._latency = publisher.latency
-        self._topics = {Trade: publisher.topics.trades, Quote: publisher.topics.quotes}
-        self._routes: dict[type, dict[str, tuple[str, bytes, int]]] = {Trade: {}, Quote: {}}
+        topics = publisher.topics
+        self._topics = {Trade: topics.trades, Quote: topics.quotes, BookUpdate: topics.books}
+        self._routes: dict[type, dict[str, tuple[str, bytes, int]]] = {t: {} for t in self._topics}
         self._ok = KAFKA_PUBLISH_SUCCESS.labels(venue=venue, shard=shard)
         self._fail = KAFKA_PUBLISH_FAILURE.labels(venue=venue, shard=shard)
         self._hist = {
             Trade: EVENT_TO_ACK.labels(venue=venue, channel="trades"),
             Quote: EVENT_TO_ACK.labels(venue=venue, channel="quotes"),
+            BookUpdate: EVENT_TO_ACK.labels(venue=venue, channel="books"),
         }
         self.out = 0
         self.sent = 0
@@ -268,6 +271,8 @@ class Lane:
         self.dead_letters = 0
         self._waiting = False
         self._failed_trades: deque[Trade] = deque()
+        # symbols whose book event failed: their next book event must be a snapshot
+        self.failed_books: deque[str] = deque()
         self._failed_dlq: deque[tuple[str, str, bytes | str, dict]] = deque()
 
     @property
@@ -301,7 +306,7 @@ class Lane:
         if self._waiting:
             self.room.set()
 
-    def publish(self, event: Trade | Quote, live: bool = True) -> None:
+    def publish(self, event: Trade | Quote | BookUpdate, live: bool = True) -> None:
         """Send one event; blocks while this lane's share of ``max_in_flight`` is
         unresolved. ``live=False`` (repaired history) keeps old event times out of the
         latency metric."""
@@ -329,12 +334,14 @@ class Lane:
         if not getattr(error, "retriable", False) and p.fatal is None and not p.aborted:
             p.fatal = error  # (records dropped by ``abort`` are not the producer's fault)
 
-    def _resolved(self, event: Trade | Quote, live: bool, result: Any) -> None:
+    def _resolved(self, event: Trade | Quote | BookUpdate, live: bool, result: Any) -> None:
         self._free()
         if isinstance(result, BaseException):
             self._failure(result)
             if type(event) is Trade:
                 self._failed_trades.append(event)
+            elif type(event) is BookUpdate:
+                self.failed_books.append(event.symbol)
             if (self.failed == 1 or self.failed % 1000 == 0) and not self.publisher.aborted:
                 log.error(
                     "%s shard %s: delivery failed (%d so far): %s",

@@ -31,6 +31,8 @@ def kafka_checks(settings: config.Settings, plan: Plan, names: Topics) -> list[d
         needed.append(names.trades)
     if "quotes" in plan.channels:
         needed.append(names.quotes)
+    if "books" in plan.channels:
+        needed.append(names.books)
     where = ",".join(settings.kafka.bootstrap)
     try:
         client = admin(settings, request_timeout_ms=5000)
