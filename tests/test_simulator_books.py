@@ -268,12 +268,20 @@ def test_kraken_book_rebuilds_the_truth_at_depth_and_faults_fail_the_checksum_on
         ws.send(json.dumps({"method": "subscribe", "params": params, "req_id": 1}))
         phases.check_more()
         assert phases.resyncs == []
-        for fault in ("book_gap", "book_checksum"):
-            sim.inject(fault, venue="kraken", symbol=SYM)
+        # A lost update is invisible when the next one happens to rewrite every level it
+        # changed (about 1 in 500 here): the book is then exact again (checked above
+        # after every update), so such a gap is harmless and the test injects another.
+        gaps = 0
+        while not phases.resyncs and gaps < 3:
+            sim.inject("book_gap", venue="kraken", symbol=SYM)
+            gaps += 1
             phases.check_more()
-            assert phases.resyncs == [CHECKSUM] * (1 + (fault == "book_checksum"))
+        assert phases.resyncs == [CHECKSUM]
+        sim.inject("book_checksum", venue="kraken", symbol=SYM)
+        phases.check_more()
+        assert phases.resyncs == [CHECKSUM, CHECKSUM]
     led = sim.report()["venues"]["kraken"]["symbols"][SYM]
-    assert (led["book_gap"], led["book_checksum"]) == (1, 1)
+    assert (led["book_gap"], led["book_checksum"]) == (gaps, 1)
 
 
 # ---- Coinbase -------------------------------------------------------------------------
