@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
     p.add_argument("--volatility", type=float, default=d.volatility)
     p.add_argument("--quote-ratio", type=float, default=d.quote_ratio)
     p.add_argument("--no-bursts", action="store_true")
+    p.add_argument(
+        "--books",
+        action="store_true",
+        help="keep every symbol's order book from the start (else from its first request)",
+    )
     p.add_argument("--max-queue", type=int, default=d.max_queue)
     p.add_argument("--ping-interval", type=float, default=d.ping_interval)
     p.add_argument("--ping-timeout", type=float, default=d.ping_timeout)
@@ -106,6 +111,7 @@ def parse_args(argv: list[str] | None = None) -> SimConfig:
         volatility=a.volatility,
         quote_ratio=a.quote_ratio,
         bursts=not a.no_bursts,
+        books=a.books,
         max_queue=a.max_queue,
         ping_interval=a.ping_interval,
         ping_timeout=a.ping_timeout,

@@ -4,7 +4,8 @@ Faults are per venue. Stream faults (gap, duplicate, malformed) act on each symb
 trade sequence before fan-out, so every connection of that venue sees the same thing;
 connection faults (drop, serverShutdown, stall) act on each connection by the number of
 frames written to it. Each fault has a standing "every N" setting (start-up flag or
-``/_sim/faults``) and a one-shot form (``/_sim/inject/<action>``).
+``/_sim/faults``) and a one-shot form (``/_sim/inject/<action>``). Book faults
+(``BOOK_FAULTS``) are one-shot only: the venue asks ``take`` before each book frame.
 
 The ledger records, per venue and symbol, exactly which ids went out (as contiguous
 runs), which were skipped or repeated, and the text of every malformed frame, so a test
@@ -20,6 +21,12 @@ from typing import Any
 from simulator.market import TradeRow
 
 TRADE = "trade"
+# One-shot book faults and the venues whose protocol can show each (see ``inject``).
+BOOK_FAULTS: dict[str, tuple[str, ...]] = {
+    "book_gap": ("binance", "coinbase", "kraken"),  # one book frame never sent
+    "book_checksum": ("kraken",),  # one update carries a wrong checksum
+    "stale_snapshot": ("binance",),  # the next REST depth reply is a few seconds old
+}
 MALFORMED_KINDS = ("invalid_json", "nan_price", "missing_field")
 # Lists in the ledger stop growing here (counts stay exact) so a long run with a standing
 # fault cannot exhaust memory; ``truncated`` says when that happened.
@@ -74,6 +81,11 @@ class SymbolLedger:
     malformed_count: int = 0
     quotes_sent: int = 0
     snapshot_trades: int = 0  # history replayed in subscribe snapshots (Coinbase, Kraken)
+    book_frames: int = 0  # book updates sent (one per fan-out, whatever the recipients)
+    book_snapshots: int = 0  # book snapshots sent (subscribe, resubscribe, REST depth)
+    book_gap: int = 0  # book faults carried out, by name (see BOOK_FAULTS)
+    book_checksum: int = 0
+    stale_snapshot: int = 0
     truncated: bool = False
 
     def note_sent(self, first: int, last: int) -> None:
@@ -117,6 +129,11 @@ class SymbolLedger:
             "malformed_count": self.malformed_count,
             "quotes_sent": self.quotes_sent,
             "snapshot_trades": self.snapshot_trades,
+            "book_frames": self.book_frames,
+            "book_snapshots": self.book_snapshots,
+            "book_gap": self.book_gap,
+            "book_checksum": self.book_checksum,
+            "stale_snapshot": self.stale_snapshot,
             "truncated": self.truncated,
         }
 
@@ -128,6 +145,7 @@ class _Pending:
     gap: int = 0
     dup: int = 0
     malformed: deque[str] = field(default_factory=deque)
+    book: dict[str, int] = field(default_factory=dict)  # book fault -> times still to do
 
 
 class StreamFaults:
@@ -154,6 +172,8 @@ class StreamFaults:
             pend.gap += n
         elif action == "dup":
             pend.dup += n
+        elif action in BOOK_FAULTS:
+            pend.book[action] = pend.book.get(action, 0) + n
         elif action == "malformed":
             if kind is not None and kind not in MALFORMED_KINDS:
                 raise ValueError(f"unknown malformed kind {kind!r}; known: {MALFORMED_KINDS}")
@@ -161,6 +181,17 @@ class StreamFaults:
                 pend.malformed.append(kind or self._next_kind(symbol))
         else:
             raise ValueError(f"not a stream fault: {action!r}")
+
+    def take(self, symbol: str, action: str) -> bool:
+        """Whether a one-shot book fault ``action`` is due for ``symbol``'s next book
+        frame; if so it is consumed and counted in the ledger."""
+        pend = self._pending.get(symbol)
+        if pend is None or not pend.book.get(action):
+            return False
+        pend.book[action] -= 1
+        led = self.ledger(symbol)
+        setattr(led, action, getattr(led, action) + 1)
+        return True
 
     def _next_kind(self, symbol: str) -> str:
         turn = self._kind_turn.get(symbol, 0)

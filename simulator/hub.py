@@ -22,7 +22,7 @@ from websockets.protocol import Protocol
 
 from simulator.faults import FaultSettings
 
-Key = tuple[str, str]  # (channel, canonical symbol); channel in {'trade', 'quote'}
+Key = tuple[str, str]  # (channel, canonical symbol): 'trade', 'quote', a book channel
 
 
 @dataclass(slots=True)

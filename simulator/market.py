@@ -23,9 +23,12 @@ from decimal import Decimal
 from itertools import compress
 from operator import mul
 from statistics import NormalDist
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from simulator.wire import decimals_of
+
+if TYPE_CHECKING:
+    from simulator.book import OrderBook
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,7 @@ class Market:
         self._ts = array("q")
         self._taker_buy = bytearray()
         self._trim_chunk = max(1000, params.max_history // 10)
+        self.book: OrderBook | None = None  # L2 book, made on first demand (simulator.book)
 
     # ---- generation -------------------------------------------------------------------
 

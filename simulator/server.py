@@ -13,12 +13,15 @@ Kraken's at ``/0/public/Trades``; Deribit's under ``/api/v2/public/``; Finnhub's
     GET /_sim/report
     GET /_sim/faults?venue=binance[&gap_every=N&gap_size=K&dup_every=N&malformed_every=N
                      &drop_every=N&shutdown_every=N&stall_every=N&stall_s=S]
-    GET /_sim/inject/<drop|shutdown|stall|gap|dup|malformed|throttle>
+    GET /_sim/inject/<drop|shutdown|stall|gap|dup|malformed|throttle
+                      |book_gap|book_checksum|stale_snapshot>
                      ?venue=binance[&symbol=BTC-USDT][&n=1][&kind=nan_price][&seconds=2]
                      [&retry_after=1]
+    GET /_sim/book?symbol=BTC-USDT[&event_us=N][&depth=10]
 
 (The websockets HTTP parser accepts only GET, so the control plane is GET with query
-parameters.) The endpoints that change the simulator (``faults``, ``inject``) answer only
+parameters.) The endpoints that change the simulator (``faults``, ``inject``, and
+``book``, which starts a symbol's book if it had none) answer only
 a request carrying header ``X-Sim-Control`` equal to the process's control token
 (``TAPELINE_SIM_CONTROL_TOKEN``; a random one when unset): a link or a page in a browser
 cannot set a header on a plain GET, and a cross-origin request that could would need a
@@ -52,7 +55,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from simulator.faults import FaultSettings, StreamFaults
+from simulator.book import book_of
+from simulator.faults import BOOK_FAULTS, FaultSettings, StreamFaults
 from simulator.hub import Hub
 from simulator.market import Market, MarketParams, instrument
 from simulator.venues import VenueBase
@@ -99,6 +103,9 @@ class SimConfig:
     # of trades ending now, ``history_rate`` per second over all symbols, evenly spaced.
     history_s: float = 0.0
     history_rate: float = 1.0
+    # Keep every symbol's order book from the start (else a book starts when first asked
+    # for: a book subscription, a REST depth request or ``book_at``).
+    books: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.symbols, str):
@@ -239,6 +246,8 @@ class Simulator:
             past = int(cfg.history_s * 1000)
             market = Market(instrument(sym), params, start - past)
             market.generate(round(cfg.history_rate / len(cfg.symbols) * cfg.history_s), start)
+            if cfg.books:
+                book_of(market)
             self.markets[sym] = market
         self.hub = Hub(list(VENUES), self.settings, cfg.max_queue)
         self.hub.shutdown_grace_s = cfg.shutdown_grace_s
@@ -247,7 +256,7 @@ class Simulator:
             venue = cls(self.hub, self.markets, self.faults[cls.name])
             self.venues[cls.name] = venue
             self.hub.shutdown_frame[cls.name] = venue.shutdown_frame
-        self.rest = BinanceRest(self.markets, cfg.weight_limit)
+        self.rest = BinanceRest(self.markets, cfg.weight_limit, self.faults["binance"])
         self.rest.throttle_left = cfg.throttle
         self.rest.retry_after_s = cfg.retry_after_s
         self.finnhub_rest = FinnhubRest(self.markets)
@@ -309,6 +318,11 @@ class Simulator:
                 trades, quotes = market.advance(dt, stamp)
                 if trades or quotes:
                     self._dispatch(sym, trades, quotes, stamp)
+                book = market.book  # None unless someone asked for this symbol's book
+                if book is not None:
+                    updates = book.apply(quotes) if quotes else []
+                    for venue in self.venues.values():
+                        venue.publish_book(sym, book, updates, stamp)
 
     def _dispatch(self, sym: str, trades, quotes, stamp: int) -> None:
         for name, venue in self.venues.items():
@@ -409,6 +423,13 @@ class Simulator:
                 float(args["seconds"]) if "seconds" in args else None,
                 int(args["retry_after"]) if "retry_after" in args else None,
             )
+        if what == "book":
+            symbol = query.get("symbol", "")
+            event_us = int(query["event_us"]) if query.get("event_us") else now_ms() * 1000
+            book = self._book_at(symbol, event_us, int(query.get("depth") or 10))
+            for side in ("bids", "asks"):
+                book[side] = [[str(p), str(q)] for p, q in book[side]]
+            return book
         raise ValueError(f"unknown control endpoint /_sim/{what}")
 
     # ---- control (loop thread) ----------------------------------------------------------
@@ -451,6 +472,13 @@ class Simulator:
             for sym in targets:
                 self.faults[venue].inject(sym, action, n, kind)
             done["symbols"] = targets
+        elif action in BOOK_FAULTS:
+            if venue not in BOOK_FAULTS[action]:
+                raise ValueError(f"{action} applies to {', '.join(BOOK_FAULTS[action])}")
+            targets = [symbol] if symbol else list(self.markets)
+            for sym in targets:
+                self.faults[venue].inject(sym, action, n, None)
+            done["symbols"] = targets
         elif action == "throttle":
             self.rest.throttle_left += n
             if retry_after is not None:
@@ -459,6 +487,21 @@ class Simulator:
         else:
             raise ValueError(f"unknown fault action {action!r}")
         return done
+
+    def _book_at(self, symbol: str, event_us: int, depth: int) -> dict[str, Any]:
+        market = self.markets.get(symbol)
+        if market is None:
+            raise ValueError(f"unknown symbol {symbol!r}; simulated: {list(self.markets)}")
+        if depth < 1:
+            raise ValueError("depth must be >= 1")
+        book = book_of(market)
+        levels = book.at(event_us // 1000, depth)
+        return {
+            "update_id": levels.update_id,
+            "event_us": levels.event_ms * 1000,
+            "bids": book.decimals(levels.bids),
+            "asks": book.decimals(levels.asks),
+        }
 
     def _report(self) -> dict[str, Any]:
         assert self.hub is not None and self.rest is not None
@@ -525,6 +568,16 @@ class Simulator:
         (with their text), disconnects, shutdowns; plus REST counters."""
         return self._call(self._report)
 
+    def book_at(self, symbol: str, event_us: int, depth: int = 10) -> dict[str, Any]:
+        """The truth every venue's book channel shows: ``symbol``'s best ``depth``
+        levels a side as of its newest book update with event time <= ``event_us``:
+        ``{"update_id", "event_us", "bids": [[price, qty], ...] high to low, "asks": low
+        to high}``, exact Decimals. Binance's ``U``..``u`` and ``lastUpdateId`` are these
+        update ids; Kraken's ``timestamp`` and Coinbase's ``event_time`` these event
+        times. Starts the symbol's book if it had none; ValueError for a time older than
+        the updates kept (20,000 per symbol)."""
+        return self._call(self._book_at, symbol, event_us, depth)
+
     def set_faults(self, venue: str = "binance", **settings: float) -> dict[str, Any]:
         """Change standing faults, e.g. ``set_faults('binance', gap_every=100)``."""
         return self._call(self._set_faults, venue, settings)
@@ -539,7 +592,8 @@ class Simulator:
         seconds: float | None = None,
         retry_after: int | None = None,
     ) -> dict[str, Any]:
-        """One-shot fault: drop, shutdown, stall, gap, dup, malformed, throttle."""
+        """One-shot fault: drop, shutdown, stall, gap, dup, malformed, throttle; and for
+        books (per venue, see ``BOOK_FAULTS``): book_gap, book_checksum, stale_snapshot."""
         return self._call(self._inject, action, venue, symbol, n, kind, seconds, retry_after)
 
 

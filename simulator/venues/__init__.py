@@ -5,6 +5,7 @@ a venue only speaks its protocol.
 
 from __future__ import annotations
 
+from simulator.book import BookUpdate, OrderBook
 from simulator.faults import StreamFaults
 from simulator.hub import Client, Hub
 from simulator.market import Market, QuoteRow, TradeRow
@@ -39,6 +40,12 @@ class VenueBase:
     def publish(self, symbol: str, items: Items, quotes: list[QuoteRow], now_ms: int) -> None:
         """Send one tick's stream items (after faults) and book updates of ``symbol``."""
         raise NotImplementedError
+
+    def publish_book(
+        self, symbol: str, book: OrderBook, updates: list[BookUpdate], now_ms: int
+    ) -> None:
+        """Every pacing tick of a symbol whose book exists: the updates it made (maybe
+        none); ``book`` already stands after them. Venues without a book channel ignore it."""
 
     def heartbeat(self, now_ms: int) -> None:
         """Called about once a second."""

@@ -3,7 +3,8 @@
 WebSocket: combined streams at ``/stream?streams=btcusdt@trade/btcusdt@bookTicker``
 (``{"stream":..,"data":..}`` envelope), raw streams at ``/ws`` and ``/ws/<stream>``;
 live ``SUBSCRIBE``/``UNSUBSCRIBE``/``LIST_SUBSCRIPTIONS``/``SET_PROPERTY``/``GET_PROPERTY``.
-Only ``@trade`` and ``@bookTicker`` carry data; other stream names are accepted and stay
+Only ``@trade``, ``@bookTicker`` and the diff depth streams ``@depth@100ms`` / ``@depth``
+(both batched every 100 ms here) carry data; other stream names are accepted and stay
 silent. Prices and sizes are printed with 8 decimals, as Binance does.
 
 serverShutdown is the documented form: raw ``{"e":"serverShutdown","E":ms}``, combined
@@ -11,7 +12,8 @@ serverShutdown is the documented form: raw ``{"e":"serverShutdown","E":ms}``, co
 hub's grace period (the real venue waits minutes).
 
 REST (GET only, on the same port): /api/v3/ping, time, trades, historicalTrades,
-aggTrades (one aggregate per trade: a == f == l == trade id), klines. Each response
+aggTrades (one aggregate per trade: a == f == l == trade id), klines, and depth (the
+book's snapshot with ``lastUpdateId``, to start a local book from). Each response
 carries ``X-MBX-USED-WEIGHT-1m``; the 6000/minute weight limit and the throttle fault
 answer 429 with ``Retry-After`` and ``{"code":-1003,...}``. The REST history is the very
 sequence the stream sends, so any gap on the stream is repairable from ``fromId``.
@@ -23,7 +25,8 @@ import json
 import time
 from typing import Any
 
-from simulator.faults import TRADE
+from simulator.book import BookUpdate, OrderBook, book_of
+from simulator.faults import TRADE, StreamFaults
 from simulator.hub import Client, Key
 from simulator.market import Bar, Market, QuoteRow, TradeRow
 from simulator.venues import Items, VenueBase
@@ -34,7 +37,12 @@ DP = 8  # Binance prints every spot price and size with 8 decimals
 TRADE_FMT = '{"e":"trade","E":%d,"s":"%s","t":%d,"p":"%s","q":"%s","T":%d,"m":%s,"M":true}'
 BOOK_FMT = '{"u":%d,"s":"%s","b":"%s","B":"%s","a":"%s","A":"%s"}'
 COMBINED_FMT = '{"stream":"%s","data":%s}'
-CHANNELS = {"trade": "trade", "bookTicker": "quote"}
+# depth streams are their own hub keys, so the envelope names the stream subscribed
+CHANNELS = {"trade": "trade", "bookTicker": "quote", "depth": "depth", "depth@100ms": "depth@100ms"}
+DEPTH_STREAMS = ("depth@100ms", "depth")
+DEPTH_FMT = '{"e":"depthUpdate","E":%d,"s":"%s","U":%d,"u":%d,"b":[%s],"a":[%s]}'
+DEPTH_BATCH_MS = 100  # both depth streams are served at 100 ms (the venue's @depth: 1000)
+STALE_MS = 3000  # the stale_snapshot fault answers with the book this much older
 MAX_STREAMS = 1024
 
 
@@ -73,6 +81,12 @@ class _Fmt:
             "true" if t.buyer_maker else "false",
         )
 
+    def levels(self, levels: list[tuple[int, int]]) -> list[list[str]]:
+        return [[self.price(p), self.qty(q)] for p, q in levels]
+
+    def level_text(self, levels) -> str:
+        return ",".join('["%s","%s"]' % (self.price(p), self.qty(q)) for p, q in levels)
+
     def book(self, q: QuoteRow) -> str:
         return BOOK_FMT % (
             q.update_id,
@@ -102,6 +116,9 @@ class Binance(VenueBase):
         super().__init__(hub, markets, faults)
         self.fmt = {sym: _Fmt(m) for sym, m in markets.items()}
         self._by_stream_symbol = {f.sym.lower(): sym for sym, f in self.fmt.items()}
+        # per symbol, the depth batch being gathered: [first update id, start ms,
+        # bid prices touched, ask prices touched]
+        self._batch: dict[str, list] = {}
 
     def accepts(self, path: str) -> bool:
         return path in ("/stream", "/ws") or path.startswith("/ws/")
@@ -133,6 +150,8 @@ class Binance(VenueBase):
             streams.append(stream)
         key = self._key(stream)
         if key is not None:
+            if key[0] in DEPTH_STREAMS:
+                book_of(self.markets[key[1]])  # from now on the book moves with the market
             self.hub.subscribe(c, key)
 
     def _unsubscribe(self, c: Client, stream: str) -> None:
@@ -216,6 +235,47 @@ class Binance(VenueBase):
                         self.hub.push(c, wrapped if c.combined else payload)
                 led.quotes_sent += len(quotes)
 
+    def publish_book(
+        self, symbol: str, book: OrderBook, updates: list[BookUpdate], now_ms: int
+    ) -> None:
+        """Gather the symbol's book updates and send them as one depthUpdate per
+        ``DEPTH_BATCH_MS``: ``U``..``u`` the update ids covered, each touched level with
+        its quantity now (0 deletes). A client that subscribes mid-batch gets the whole
+        batch, as Binance's own buffering rule expects."""
+        subs = self.hub.subs[self.name]
+        groups = [(s, subs.get((s, symbol))) for s in DEPTH_STREAMS]
+        if not any(g for _, g in groups):
+            self._batch.pop(symbol, None)
+            return
+        batch = self._batch.get(symbol)
+        if updates:
+            if batch is None:
+                batch = self._batch[symbol] = [updates[0].update_id, now_ms, set(), set()]
+            for up in updates:
+                batch[2].update(p for p, _ in up.bids)
+                batch[3].update(p for p, _ in up.asks)
+        if batch is None or now_ms - batch[1] < DEPTH_BATCH_MS:
+            return
+        del self._batch[symbol]
+        if self.faults.take(symbol, "book_gap"):
+            return  # the frame is never sent: the next one's U jumps
+        fmt = self.fmt[symbol]
+        bq, aq = book.bids.qty, book.asks.qty
+        payload = DEPTH_FMT % (
+            book.event_ms,
+            fmt.sym,
+            batch[0],
+            book.update_id,
+            fmt.level_text((p, bq.get(p, 0)) for p in sorted(batch[2], reverse=True)),
+            fmt.level_text((p, aq.get(p, 0)) for p in sorted(batch[3])),
+        )
+        for stream, group in groups:
+            if group:
+                wrapped = COMBINED_FMT % (f"{fmt.sym.lower()}@{stream}", payload)
+                for c in tuple(group):
+                    self.hub.push(c, wrapped if c.combined else payload)
+        self.faults.ledger(symbol).book_frames += 1
+
     def _send(self, key: Key, stream: str, items: Items, fmt: _Fmt, now_ms: int) -> None:
         group = self.hub.subscribers(self.name, key)
         push = self.hub.push
@@ -266,7 +326,7 @@ INTERVALS_MS = {
     "1d": 86_400_000,
 }
 WEIGHT_LIMIT_1M = 6000
-ENDPOINTS = ("ping", "time", "trades", "historicalTrades", "aggTrades", "klines")
+ENDPOINTS = ("ping", "time", "trades", "historicalTrades", "aggTrades", "klines", "depth")
 
 
 class ApiError(Exception):
@@ -278,7 +338,13 @@ class ApiError(Exception):
 class BinanceRest:
     """``/api/v3`` history endpoints over the shared markets, with Binance's weights."""
 
-    def __init__(self, markets: dict[str, Market], weight_limit: int = WEIGHT_LIMIT_1M):
+    def __init__(
+        self,
+        markets: dict[str, Market],
+        weight_limit: int = WEIGHT_LIMIT_1M,
+        faults: StreamFaults | None = None,
+    ):
+        self.faults = faults or StreamFaults(NAME)  # the stream's: stale_snapshot is one
         self.markets = {venue_symbol(s): m for s, m in markets.items()}
         self.fmt = {venue_symbol(s): _Fmt(m) for s, m in markets.items()}
         self.weight_limit = weight_limit
@@ -401,10 +467,35 @@ class BinanceRest:
             end = now_ms
         return [_kline_json(m, fmt, b, width) for b in m.bars(width, start, end, limit)]
 
+    def _depth(self, params, now_ms):
+        """The book's best ``limit`` levels a side (default 100, at most 5000) and the id
+        of the last update it holds. The stale_snapshot fault answers once with the book
+        of ``STALE_MS`` earlier (or the oldest it can rebuild)."""
+        m, fmt = self._market(params)
+        limit = _limit(params, 100, 5000)
+        book = book_of(m)
+        led = self.faults.ledger(m.symbol)
+        led.book_snapshots += 1
+        if self.faults.take(m.symbol, "stale_snapshot"):
+            try:
+                old = book.at(now_ms - STALE_MS, limit)
+            except ValueError:
+                old = book.at(book.base_ms, limit)
+            bids, asks, last = old.bids, old.asks, old.update_id
+        else:
+            (bids, asks), last = book.top(limit), book.update_id
+        return {"lastUpdateId": last, "bids": fmt.levels(bids), "asks": fmt.levels(asks)}
+
 
 def _weight(endpoint: str, params: dict[str, str]) -> int:
     if endpoint in ("trades", "historicalTrades"):
         return 25
+    if endpoint == "depth":
+        try:
+            limit = int(params.get("limit", 100))
+        except ValueError:
+            return 5
+        return 5 if limit <= 100 else 25 if limit <= 500 else 50 if limit <= 1000 else 250
     if endpoint == "aggTrades":
         return 4
     if endpoint == "klines":

@@ -12,6 +12,11 @@ ignored). Every message has the envelope ``{"channel","client_id","timestamp",
 - ticker: a ``snapshot`` on subscribe, then an ``update`` per tick with trades or book
   changes: last price, best bid/ask and session (since start) statistics.
 - heartbeats: one per second with ``heartbeat_counter``.
+- level2 (messages on channel ``l2_data``): a ``snapshot`` event with the whole book on
+  subscribe (again after unsubscribe + subscribe: how a client resyncs), then one
+  ``update`` event per tick with ``{"side":"bid"|"offer","event_time","price_level",
+  "new_quantity"}`` per touched level (absolute size, "0" deletes); ``event_time`` is the
+  book update's, the one ``Simulator.book_at`` answers for.
 Product ids are the canonical symbols (BTC-USDT). Coinbase has no shutdown notice; the
 shutdown fault just closes the connection (1001) after the grace.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 
+from simulator.book import BookUpdate, OrderBook, book_of
 from simulator.faults import TRADE
 from simulator.hub import Client
 from simulator.market import Market, QuoteRow, TradeRow
@@ -30,7 +36,8 @@ from simulator.wire import fmt_units, rfc3339_ms
 NAME = "coinbase"
 ENVELOPE = '{"channel":"%s","client_id":"","timestamp":"%s","sequence_num":%d,"events":%s}'
 TRADE_FMT = '{"trade_id":"%d","product_id":"%s","price":"%s","size":"%s","side":"%s","time":"%s"}'
-CHANNELS = {"market_trades": "trade", "ticker": "quote"}
+CHANNELS = {"market_trades": "trade", "ticker": "quote", "level2": "book"}
+L2_FMT = '{"side":"%s","event_time":"%s","price_level":"%s","new_quantity":"%s"}'
 SNAPSHOT_TRADES = 50
 MAX_MALFORMED_TEXTS = 8
 
@@ -87,7 +94,7 @@ class Coinbase(VenueBase):
         return path == "/coinbase"
 
     def open(self, c: Client, path: str, query: dict[str, str]) -> None:
-        c.state["channels"] = {"market_trades": [], "ticker": []}
+        c.state["channels"] = {"market_trades": [], "ticker": [], "level2": []}
         c.state["heartbeats"] = False
         c.state["beats"] = 0
 
@@ -143,6 +150,14 @@ class Coinbase(VenueBase):
                 body = ",".join(_trade(m, t) for t in rows)
                 self._send(c, channel, now, '[{"type":"snapshot","trades":[%s]}]' % body)
                 self.faults.ledger(p).snapshot_trades += len(rows)
+            elif channel == "level2":
+                book = book_of(m)
+                bids, asks = book.top(len(book.bids.prices) + len(book.asks.prices))
+                when = rfc3339_ms(book.event_ms)
+                body = _l2(m, when, bids, asks)
+                events = '[{"type":"snapshot","product_id":"%s","updates":[%s]}]' % (p, body)
+                self._send(c, "l2_data", now, events)
+                self.faults.ledger(p).book_snapshots += 1
             else:
                 ticker = _ticker(m, m.quote(now))
                 self._send(c, channel, now, '[{"type":"snapshot","tickers":[%s]}]' % ticker)
@@ -188,6 +203,39 @@ class Coinbase(VenueBase):
                     self._send(c, "ticker", now_ms, events)
                 led.quotes_sent += 1
 
+    def publish_book(
+        self, symbol: str, book: OrderBook, updates: list[BookUpdate], now_ms: int
+    ) -> None:
+        """One ``l2_data`` update per tick: every level the tick's book updates touched,
+        with its quantity now (0 deletes), stamped with the last update's event time.
+        The book_gap fault skips it and still uses up each recipient's sequence_num."""
+        if not updates:
+            return
+        group = tuple(self.hub.subscribers(self.name, ("book", symbol)))
+        if not group:
+            return
+        if self.faults.take(symbol, "book_gap"):
+            for c in group:
+                c.next_seq()
+            return
+        m = self.markets[symbol]
+        touched_b: set[int] = set()
+        touched_a: set[int] = set()
+        for up in updates:
+            touched_b.update(p for p, _ in up.bids)
+            touched_a.update(p for p, _ in up.asks)
+        bq, aq = book.bids.qty, book.asks.qty
+        body = _l2(
+            m,
+            rfc3339_ms(book.event_ms),
+            [(p, bq.get(p, 0)) for p in sorted(touched_b, reverse=True)],
+            [(p, aq.get(p, 0)) for p in sorted(touched_a)],
+        )
+        events = '[{"type":"update","product_id":"%s","updates":[%s]}]' % (symbol, body)
+        for c in group:
+            self._send(c, "l2_data", now_ms, events)
+        self.faults.ledger(symbol).book_frames += 1
+
     def heartbeat(self, now_ms: int) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now_ms // 1000))
         for c in tuple(self.hub.clients[self.name]):
@@ -200,6 +248,16 @@ class Coinbase(VenueBase):
                 c.state["beats"],
             )
             self._send(c, "heartbeats", now_ms, events)
+
+
+def _l2(m: Market, when: str, bids, asks) -> str:
+    """``level2`` levels: absolute quantities, "0" for a level gone."""
+    pdp, qdp = m.price_dp, m.qty_dp
+    return ",".join(
+        L2_FMT % (side, when, fmt_units(p, pdp), fmt_units(q, qdp) if q else "0")
+        for side, levels in (("bid", bids), ("offer", asks))
+        for p, q in levels
+    )
 
 
 def _error(message: str, reason: str) -> str:

@@ -11,6 +11,11 @@ On connect a ``status`` update (system ``online``). Subscribe with
   "trade_id","timestamp"}``; ``side`` is the taker's side; ``price``/``qty`` are JSON
   numbers written with the instrument's exact decimals (parse them with Decimal).
 - ticker: snapshot on subscribe (default on), then an update per tick with changes.
+- book (``depth`` 10, 25, 100, 500 or 1000; default 10): a snapshot of the top ``depth``
+  levels a side with ``checksum`` on every subscribe (a resubscription is how a client
+  resyncs), then per tick an ``update`` with ``timestamp`` (the book update's event time)
+  listing each changed level of the top-``depth`` view; the client truncates to
+  ``depth`` and checks the CRC32 ``checksum`` (see ``checksum``) after each message.
 - heartbeat: ``{"channel":"heartbeat"}`` every second once anything is subscribed.
 The shutdown fault sends a ``status`` update with system ``maintenance`` and then closes.
 Symbols are the canonical ones with ``/``: BTC-USDT -> BTC/USDT.
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
+from simulator.book import BookUpdate, OrderBook, book_of
 from simulator.faults import TRADE
 from simulator.hub import Client
 from simulator.market import Market, QuoteRow, TradeRow
@@ -33,8 +40,11 @@ TRADE_FMT = (
     '{"symbol":"%s","side":"%s","price":%s,"qty":%s,"ord_type":"market",'
     '"trade_id":%d,"timestamp":"%s"}'
 )
-CHANNELS = {"trade": "trade", "ticker": "quote"}
+CHANNELS = {"trade": "trade", "ticker": "quote", "book": "book"}
 SNAPSHOT_TRADES = 50
+BOOK_DEPTHS = (10, 25, 100, 500, 1000)
+CHECKSUM_LEVELS = 10
+LEVEL_FMT = '{"price":%s,"qty":%s}'
 
 
 def venue_symbol(symbol: str) -> str:
@@ -90,6 +100,40 @@ def _ticker(m: Market, q: QuoteRow) -> str:
     )
 
 
+def _digits(text: str) -> str:
+    return text.replace(".", "").lstrip("0")
+
+
+def checksum(m: Market, bids: list[tuple[int, int]], asks: list[tuple[int, int]]) -> int:
+    """Kraken's v2 book checksum of a book (already truncated to the subscribed depth):
+    CRC32 of the top 10 asks low to high then the top 10 bids high to low, each price
+    and quantity as printed on the wire with '.' removed and leading zeros stripped."""
+    pdp, qdp = m.price_dp, m.qty_dp
+    text = "".join(
+        _digits(fmt_units(p, pdp)) + _digits(fmt_units(q, qdp))
+        for p, q in (*asks[:CHECKSUM_LEVELS], *bids[:CHECKSUM_LEVELS])
+    )
+    return zlib.crc32(text.encode("ascii"))
+
+
+def _levels(m: Market, levels) -> str:
+    pdp, qdp = m.price_dp, m.qty_dp
+    return ",".join(
+        LEVEL_FMT % (fmt_units(p, pdp), fmt_units(q, qdp) if q else "0") for p, q in levels
+    )
+
+
+def _book_entry(m: Market, bids, asks, check: int, ts_ms: int | None) -> str:
+    stamp = "" if ts_ms is None else ',"timestamp":"%s"' % rfc3339_ms(ts_ms)
+    return '{"symbol":"%s","bids":[%s],"asks":[%s],"checksum":%d%s}' % (
+        venue_symbol(m.symbol),
+        _levels(m, bids),
+        _levels(m, asks),
+        check,
+        stamp,
+    )
+
+
 def _now_iso() -> str:
     return rfc3339_ms(time.time_ns() // 1_000_000)
 
@@ -100,6 +144,8 @@ class Kraken(VenueBase):
     def __init__(self, hub, markets, faults):
         super().__init__(hub, markets, faults)
         self._by_pair = {venue_symbol(s): s for s in markets}
+        # (symbol, depth) -> the top-depth (bids, asks) its subscribers were last shown
+        self._views: dict[tuple[str, int], tuple[dict[int, int], dict[int, int]]] = {}
 
     def accepts(self, path: str) -> bool:
         return path in ("/kraken", "/kraken/v2")
@@ -159,7 +205,12 @@ class Kraken(VenueBase):
         if not isinstance(pairs, list) or not pairs:
             self._reply(c, base | {"error": "Missing symbol", "success": False}, time_in)
             return
-        snapshot = bool(params.get("snapshot", channel == "ticker"))
+        snapshot = bool(params.get("snapshot", channel != "trade"))
+        depth = params.get("depth", 10)
+        if channel == "book" and depth not in BOOK_DEPTHS:
+            err = f"Invalid depth {depth}: one of {', '.join(map(str, BOOK_DEPTHS))}"
+            self._reply(c, base | {"error": err, "success": False}, time_in)
+            return
         for pair in pairs:
             sym = self._by_pair.get(pair) if isinstance(pair, str) else None
             if sym is None:
@@ -168,13 +219,21 @@ class Kraken(VenueBase):
                 continue
             key = (CHANNELS[channel], sym)
             result = {"channel": channel, "symbol": pair}
+            if channel == "book":
+                result["depth"] = depth
             if method == "unsubscribe":
                 self.hub.unsubscribe(c, key)
+                c.state.get("book_depth", {}).pop(sym, None)
                 self._reply(c, base | {"result": result, "success": True}, time_in)
                 continue
             result["snapshot"] = snapshot
             self._reply(c, base | {"result": result, "success": True}, time_in)
-            if snapshot:
+            if channel == "book":
+                # a (re)subscription always starts from a snapshot: it is how the client
+                # resyncs, and its updates make sense only on top of one
+                c.state.setdefault("book_depth", {})[sym] = depth
+                self._book_snapshot(c, sym, depth)
+            elif snapshot:
                 self._snapshot(c, channel, sym)
             self.hub.subscribe(c, key)
             c.state["heartbeat"] = True
@@ -192,6 +251,64 @@ class Kraken(VenueBase):
         else:
             data = _ticker(m, m.quote(time.time_ns() // 1_000_000))
         self.push(c, '{"channel":"%s","type":"snapshot","data":[%s]}' % (channel, data))
+
+    def _book_snapshot(self, c: Client, sym: str, depth: int) -> None:
+        m = self.markets[sym]
+        book = book_of(m)
+        view = self._views.get((sym, depth))
+        if view is None:
+            bids, asks = book.top(depth)
+            view = self._views[(sym, depth)] = (dict(bids), dict(asks))
+        # the view is the book's top now: books move only in the pacing loop, which
+        # refreshes every view it keeps (see publish_book)
+        bids, asks = _sorted(view)
+        entry = _book_entry(m, bids, asks, checksum(m, bids, asks), None)
+        self.push(c, '{"channel":"book","type":"snapshot","data":[%s]}' % entry)
+        self.faults.ledger(sym).book_snapshots += 1
+
+    def publish_book(
+        self, symbol: str, book: OrderBook, updates: list[BookUpdate], now_ms: int
+    ) -> None:
+        """One update per tick and subscribed depth: every level of the top-``depth``
+        view that changed, a level that entered it included, and a deletion (qty 0) for
+        a level gone from the book; a level only pushed below the depth is not sent (the
+        client truncates, as Kraken documents), so the checksum is over the truncated
+        book."""
+        if not updates:
+            return
+        group = self.hub.subs[self.name].get(("book", symbol))
+        by_depth: dict[int, list[Client]] = {}
+        for c in group or ():
+            by_depth.setdefault(c.state["book_depth"][symbol], []).append(c)
+        for key in [k for k in self._views if k[0] == symbol and k[1] not in by_depth]:
+            del self._views[key]  # nobody to keep it for; a new subscriber starts afresh
+        if not by_depth:
+            return
+        m = self.markets[symbol]
+        frames: list[tuple[list[Client], tuple[list, list], int]] = []
+        for depth, clients in by_depth.items():
+            old_b, old_a = self._views[(symbol, depth)]
+            bids, asks = book.top(depth)
+            new_b, new_a = dict(bids), dict(asks)
+            changed_b = _changes(old_b, new_b, book.bids.qty)
+            changed_a = _changes(old_a, new_a, book.asks.qty)
+            self._views[(symbol, depth)] = (new_b, new_a)
+            if changed_b or changed_a:
+                check = checksum(m, bids, asks)
+                frames.append((clients, (changed_b, changed_a), check))
+        if not frames:
+            return
+        if self.faults.take(symbol, "book_gap"):
+            return  # never sent: the client's checksum fails on the next one
+        wrong = self.faults.take(symbol, "book_checksum")
+        for clients, (changed_b, changed_a), check in frames:
+            if wrong:
+                check = (check + 1) % 2**32
+            entry = _book_entry(m, changed_b, changed_a, check, book.event_ms)
+            frame = '{"channel":"book","type":"update","data":[%s]}' % entry
+            for c in clients:
+                self.hub.push(c, frame)
+        self.faults.ledger(symbol).book_frames += 1
 
     def publish(self, symbol: str, items: Items, quotes: list[QuoteRow], now_ms: int) -> None:
         m = self.markets[symbol]
@@ -227,6 +344,19 @@ class Kraken(VenueBase):
         for c in tuple(self.hub.clients[self.name]):
             if c.state.get("heartbeat"):
                 self.push(c, '{"channel":"heartbeat"}')
+
+
+def _sorted(view: tuple[dict[int, int], dict[int, int]]) -> tuple[list, list]:
+    bids, asks = view
+    return sorted(bids.items(), reverse=True), sorted(asks.items())
+
+
+def _changes(old: dict[int, int], new: dict[int, int], book: dict[int, int]) -> list:
+    """Levels of ``new`` that ``old`` lacks or shows another size of, and levels of
+    ``old`` gone from the book itself (qty 0)."""
+    out = [(p, q) for p, q in new.items() if old.get(p) != q]
+    out += [(p, 0) for p in old if p not in new and p not in book]
+    return out
 
 
 # ---- REST ---------------------------------------------------------------------------------
