@@ -41,7 +41,7 @@ from tasks.analytics import indicators as ind
 from tasks.analytics.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
 from tasks.core import params
 from tasks.core.codec import MAX_CHARS
-from tasks.core.topics import ALERTS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
+from tasks.core.topics import ALERTS, BOOKS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
 
 DEFAULT_INTERVALS = list(cdl.DEFAULT_INTERVALS)
 
@@ -136,7 +136,7 @@ def evaluate_alerts(t: Target, alerts_topic: str) -> dict[str, int]:
 
 
 # Topics aggregation publishes to: never an input topic, users' transactions or the DLQ.
-NOT_OUTPUTS = frozenset({TRADES, QUOTES, USER_TRANSACTIONS, DLQ})
+NOT_OUTPUTS = frozenset({TRADES, QUOTES, BOOKS, USER_TRANSACTIONS, DLQ})
 
 
 def _check(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from tasks.core.codec import MAX_CHARS, MIN_TIME_US
-from tasks.core.topics import ALERTS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
+from tasks.core.topics import ALERTS, BOOKS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
 
 
 class ParameterError(ValueError):
@@ -26,7 +26,7 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # What each kind of flow may read: a price drain or a replay must never copy users'
 # transactions into price tables or the DLQ, and nothing drains the DLQ or its own output.
 NOT_PRICES = frozenset({USER_TRANSACTIONS, DLQ, CANDLES, ALERTS})
-NOT_TRANSACTIONS = frozenset({TRADES, QUOTES, DLQ, CANDLES, ALERTS})
+NOT_TRANSACTIONS = frozenset({TRADES, QUOTES, BOOKS, DLQ, CANDLES, ALERTS})
 # An unquoted, lower-case PostgreSQL identifier that is not a reserved key word.
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 # PostgreSQL's reserved key words (``SELECT word FROM pg_get_keywords() WHERE catcode
