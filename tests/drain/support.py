@@ -215,6 +215,24 @@ def run_crashing(kind: str, target: str, consumer: str, topics: list[str], fault
     return res.returncode
 
 
+def store_books(dsn: str, schema: str, events: list[BookUpdate]) -> dict[str, int]:
+    """Write book events through the price drain's batch and sink, as records of one
+    partition of a topic no other call uses (no Kafka); returns the rows written."""
+    from types import SimpleNamespace
+
+    topic = f"books.{uuid.uuid4().hex[:8]}"
+    recs = [SimpleNamespace(topic=topic, partition=0, offset=i, value=encode(e))
+            for i, e in enumerate(events)]  # fmt: skip
+    sink = PostgresSink(dsn, schema, retry_seconds=10)
+    try:
+        batch = sink.open_batch()
+        rejects = batch.add(topic, 0, recs)
+        assert rejects == [], rejects
+        return sink.write(f"test-{topic}", batch, {(topic, 0): (None, len(recs))}).rows
+    finally:
+        sink.close()
+
+
 def mongo_client(settings: config.Settings) -> pymongo.MongoClient:
     return pymongo.MongoClient(settings.mongo_url, serverSelectionTimeoutMS=5000)
 
