@@ -90,11 +90,11 @@ Minute = tuple[str, str, int]  # venue, symbol, minute_us
 
 
 def bands(values: Iterable[int]) -> list[int]:
-    """Band widths in basis points: whole numbers in [1, 10000], each once."""
-    out = sorted(set(values))
+    """Band widths in basis points: a list of whole numbers in [1, 10000]; sorted, once each."""
+    out = list(values) if isinstance(values, list | tuple) else []
     if not out or any(type(b) is not int or not 1 <= b <= 10_000 for b in out):
-        raise ValueError(f"book bands: expected whole basis points in [1, 10000], got {out}")
-    return out
+        raise ValueError(f"expected a list of whole basis points in [1, 10000], got {values!r:.60}")
+    return sorted(set(out))
 
 
 def recompute(cur, minutes: Sequence[Minute], band_bps: Iterable[int]) -> int:
