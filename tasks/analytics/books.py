@@ -45,7 +45,7 @@ WITH m AS (
       ON b.venue = m.venue AND b.symbol = m.symbol
      AND b.event_us >= m.minute_us AND b.event_us < m.minute_us + 60000000
     WHERE cardinality(b.bid_prices) > 0 AND cardinality(b.ask_prices) > 0
-), d AS (
+), d AS MATERIALIZED (  -- each depth summed once (inlined, every use would sum again)
     -- p >= mid * (1 - bps/10^4)  <=>  p * 2 * 10^4 >= twice_mid * (10^4 - bps)
     SELECT s.venue, s.symbol, s.minute_us, s.event_us, s.spread, s.twice_mid, x.bps,
            (SELECT coalesce(sum(l.q), 0) FROM unnest(s.bid_prices, s.bid_qtys) AS l(p, q)
