@@ -18,6 +18,9 @@ two reads (median and 95th percentile over ``--queries`` random times): the book
 time T for one symbol, and an hour's spread/mid/depth history for one symbol. Prints the
 numbers; never aborts on a slow or odd result.
 
+Then, in the shape chosen (migration 0700), the per-minute aggregation of every minute
+the snapshots touched (``tasks.analytics.books``, bands 10 and 50 bps), timed.
+
     TAPELINE_PG_DSN=... .venv/bin/python -m bench.bench_books [--snapshots 50000]
         [--symbols 5] [--depth 20] [--batch 2000] [--queries 200]        # from the repo root
 """
@@ -34,8 +37,10 @@ import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from tasks.analytics import books as book_minutes
 from tasks.core import config
 from tasks.core.pg import connect
+from tasks.drain.migrate import migrate
 
 T0 = 1_790_000_000_000_000  # epoch microseconds
 STEP_US = 1_000_000  # one snapshot a second per book
@@ -212,6 +217,32 @@ def measure(conn, shape: str, snaps: list[Snap], a: argparse.Namespace) -> Resul
     return r
 
 
+def aggregate_minutes(dsn: str, snaps: list[Snap], a: argparse.Namespace) -> None:
+    """Store the snapshots in the migrated table (its trigger marks the minutes), then
+    time aggregating every minute they touched."""
+    schema = f"bench_minutes_{uuid.uuid4().hex[:8]}"
+    migrate(dsn, schema)
+    try:
+        with contextlib.closing(connect(dsn, schema)) as conn, conn.cursor() as cur:
+            lines = [line for s in snaps for line in snapshot_lines(s)]
+            for i in range(0, len(lines), a.batch):
+                data = b"\n".join(lines[i : i + a.batch]) + b"\n"
+                cur.copy_expert("COPY book_snapshots FROM STDIN", io.BytesIO(data), size=len(data))
+                conn.commit()
+            t0 = time.perf_counter()
+            now_us = snaps[-1].event_us + 2 * book_minutes.MINUTE_US
+            out = book_minutes.aggregate_final(conn, now_us, 0, [10, 50])
+            secs = time.perf_counter() - t0
+        print(
+            f"\nbook_minutes: {out['minutes']:,} minutes x 2 bands from {len(snaps):,} snapshots"
+            f" in {secs:.2f} s ({len(snaps) / secs:,.0f} snapshots/s)"
+        )
+    finally:
+        with contextlib.closing(connect(dsn)) as conn, conn.cursor() as cur:
+            cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            conn.commit()
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -267,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
             f"\n1 h history: {results[0].history_rows:,} snapshots a query; py us/snap: CPU to"
             " build the COPY lines; snap/s, rows/s: staged COPY + INSERT, committed"
         )
+    try:
+        aggregate_minutes(dsn, snaps, a)
+    except Exception as e:  # a benchmark reports, it does not abort
+        print(f"book_minutes: failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
