@@ -38,7 +38,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from tasks.core import config
 from tasks.core.params import ParameterError
-from tasks.core.topics import DLQ, TRADES, USER_TRANSACTIONS
+from tasks.core.topics import BOOKS, DLQ, TRADES, USER_TRANSACTIONS
 from tasks.telemetry.prefect_api import PrefectApi
 
 METRICS_PAGES = ("9108", "9110", "9091")  # ingestion, exporter, Pushgateway on loopback
@@ -317,9 +317,13 @@ def bad_parameters() -> list[tuple[str, Any, dict[str, Any]]]:
         ("drain-prices: batch size 0", prices, {"batch_size": 0}),
         ("drain-prices: consumer with spaces", prices, {"consumer": "a b"}),
         ("drain-prices: NaN seconds", prices, {"max_seconds": float("nan")}),
+        ("drain-prices: DLQ as books topic", prices, {"books_topic": DLQ}),
         ("drain-transactions: prices topic", txs, {"topic": TRADES}),
+        ("drain-transactions: books topic", txs, {"topic": BOOKS}),
         ("aggregate: DLQ as output", agg, {"alerts_topic": DLQ}),
+        ("aggregate: books topic as output", agg, {"candles_topic": BOOKS}),
         ("aggregate: negative SMA", agg, {"sma": -1}),
+        ("aggregate: a zero-bps book band", agg, {"book_bands_bps": [0]}),
         ("rebuild: unicode symbol", rebuild, rng | {"symbols": ["BTC-ÜSD"]}),
         ("ingest: DLQ as trades topic", feed, {"trades_topic": DLQ}),
         ("ingest: unknown venue", feed, {"venue": "nasdaq"}),

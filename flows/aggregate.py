@@ -1,4 +1,5 @@
-"""Candles, indicators and alerts from stored trades, on event time.
+"""Candles, indicators and alerts from stored trades, book minutes from stored order-book
+snapshots, on event time.
 
 ``aggregate`` (scheduled every minute, one run at a time) — runbook of one run:
 
@@ -10,7 +11,9 @@
    published to ``market.candles.1m``. Windows not final yet stay pending.
 3. Alerts: evaluate every enabled rule on the candles since its last run, publish what
    fired to ``market.alerts``.
-4. A table artifact of what changed.
+4. Book minutes: recompute every final minute that stored snapshots touched (spread, mid,
+   depth and imbalance within each band; ``tasks.analytics.books``).
+5. A table artifact of what changed.
 
 ``rebuild_candles`` (ad hoc): recompute a venue's symbols over any time range from the
 trades stored, e.g. after a backfill or a replay, or to apply new indicator parameters.
@@ -35,13 +38,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import Target, checked, iso, target, to_us
 from tasks.analytics import alerts
+from tasks.analytics import books as book_minutes
 from tasks.analytics import candle_store as store
 from tasks.analytics import candles as cdl
 from tasks.analytics import indicators as ind
 from tasks.analytics.aggregate import PUBLISHED_INTERVAL, Outcome, rebuild, recompute_windows
 from tasks.core import params
 from tasks.core.codec import MAX_CHARS
-from tasks.core.topics import ALERTS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
+from tasks.core.topics import ALERTS, BOOKS, CANDLES, DLQ, QUOTES, TRADES, USER_TRANSACTIONS
 
 DEFAULT_INTERVALS = list(cdl.DEFAULT_INTERVALS)
 
@@ -135,8 +139,16 @@ def evaluate_alerts(t: Target, alerts_topic: str) -> dict[str, int]:
     return {"rules": len(rules), "fired": fired, "published": published}
 
 
+@task(name="book-minutes", cache_policy=NO_CACHE)
+def aggregate_book_minutes(t: Target, grace_s: float, bands_bps: list[int]) -> dict[str, int]:
+    """Every final minute that stored book snapshots touched, recomputed into book_minutes."""
+    with closing(t.connect()) as conn:
+        now_us = time.time_ns() // 1000
+        return book_minutes.aggregate_final(conn, now_us, int(grace_s * 1_000_000), bands_bps)
+
+
 # Topics aggregation publishes to: never an input topic, users' transactions or the DLQ.
-NOT_OUTPUTS = frozenset({TRADES, QUOTES, USER_TRANSACTIONS, DLQ})
+NOT_OUTPUTS = frozenset({TRADES, QUOTES, BOOKS, USER_TRANSACTIONS, DLQ})
 
 
 def _check(
@@ -149,6 +161,7 @@ def _check(
     change: int,
     rolling: int,
     alerts_topic: str = ALERTS,
+    book_bands_bps: list[int] | None = None,
     **_: Any,
 ) -> None:
     """What aggregate and rebuild-candles take (checked by Prefect's validation)."""
@@ -167,6 +180,11 @@ def _check(
     for name, value in (("sma", sma), ("ewma_span", ewma_span), ("change", change)):
         params.number(name, value, 1, 100_000)
     params.number("rolling", rolling, 1, 100_000)
+    if book_bands_bps is not None:
+        try:
+            book_minutes.bands(book_bands_bps)
+        except ValueError as e:
+            raise params.ParameterError(f"parameter book_bands_bps: {e}") from None
 
 
 def _check_rebuild(
@@ -189,6 +207,7 @@ def aggregate(
     change: int = 60,
     rolling: int = 60,
     evaluate_alert_rules: bool = True,
+    book_bands_bps: list[int] | None = None,
     candles_topic: str = CANDLES,
     alerts_topic: str = ALERTS,
     kafka_block: str | None = None,
@@ -196,7 +215,8 @@ def aggregate(
     schema: str = "public",
 ) -> dict[str, Any]:
     """Recompute every window touched by trades stored since the last run once it is
-    final, store candles and indicators, publish changed 1 m candles, evaluate alerts.
+    final, store candles and indicators, publish changed 1 m candles, evaluate alerts;
+    recompute the book minutes touched by stored snapshots once final.
 
     Args:
         intervals: Candle intervals, whole minutes/hours/days (default 1m, 5m, 1h).
@@ -206,6 +226,8 @@ def aggregate(
         change: Percent change over this many windows.
         rolling: Rolling min/max/volume over this many windows.
         evaluate_alert_rules: Evaluate the rules in alert_rules after the candles.
+        book_bands_bps: Bands around the mid for book depth and imbalance, in basis
+            points (default 10 and 50).
         candles_topic: Where changed 1 m candles are published.
         alerts_topic: Where fired alerts are published.
         kafka_block: Name of a Tapeline Kafka block (default: environment settings).
@@ -221,6 +243,8 @@ def aggregate(
     for interval in intervals:
         rows += recompute_interval(t, interval, grace_s, spec, candles_topic)
     fired = evaluate_alerts(t, alerts_topic) if evaluate_alert_rules else {}
+    bands = list(book_bands_bps or book_minutes.DEFAULT_BANDS_BPS)
+    books = aggregate_book_minutes(t, grace_s, bands)
     summary = {
         "dirty_claimed": claimed,
         "series": len(rows),
@@ -228,6 +252,7 @@ def aggregate(
         "candles_changed": sum(r["changed"] for r in rows),
         "published": sum(r["published"] for r in rows),
         "alerts": fired,
+        "book_minutes": books,
     }
     logger.info("aggregate: %s", json.dumps(summary))
     create_table_artifact(

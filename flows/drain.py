@@ -4,7 +4,8 @@
 — runbook of one run:
 
 1. Apply pending PostgreSQL migrations.
-2. Drain ``market.trades.raw`` and ``market.book_ticker.raw`` in batches until caught
+2. Drain ``market.trades.raw``, ``market.book_ticker.raw`` and ``market.books.raw``
+   (snapshots stored, deltas counted as skipped) in batches until caught
    up (following: until the next run takes over) or a record/time budget is spent
    (``tasks.drain.loop``; the exactly-once mechanism
    is written down in ``tasks/drain/contract.py`` and ``tasks/drain/postgres.py``). Bad
@@ -33,7 +34,7 @@ from prefect.states import Completed
 from blocks import settings as block_settings
 from flows.common import RETRIES, checked, migrate_schema
 from tasks.core import config, params
-from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS
+from tasks.core.topics import BOOKS, QUOTES, TRADES, USER_TRANSACTIONS
 from tasks.drain.contract import Sink
 from tasks.drain.loop import DrainResult, OffsetOutOfLog, drain, record_metrics
 from tasks.drain.mongo import MongoSink
@@ -111,6 +112,7 @@ def summarize(flow_name: str, result: DrainResult) -> dict[str, Any]:
         "records": dict(result.records),
         "rows": dict(result.written.rows),
         "duplicates": dict(result.written.duplicates),
+        "skipped": dict(result.written.skipped),
         "rejects": dict(result.rejects),
         "lag": result.lag_by_topic(),
         "fenced": result.fenced,
@@ -171,10 +173,13 @@ def _ranges(partitions: list[int]) -> str:
     return ",".join(out)
 
 
-def _check_prices(trades_topic: str, quotes_topic: str, schema: str, **rest: Any) -> None:
+def _check_prices(
+    trades_topic: str, quotes_topic: str, books_topic: str, schema: str, **rest: Any
+) -> None:
     _check(**rest)
     params.topic("trades_topic", trades_topic, params.NOT_PRICES)
     params.topic("quotes_topic", quotes_topic, params.NOT_PRICES)
+    params.topic("books_topic", books_topic, params.NOT_PRICES)
     params.schema(schema)
 
 
@@ -190,6 +195,7 @@ def _check_transactions(topic: str, database: str | None, **rest: Any) -> None:
 def drain_prices(
     trades_topic: str = TRADES,
     quotes_topic: str = QUOTES,
+    books_topic: str = BOOKS,
     consumer: str = "tapeline-drain-prices",
     schema: str = "public",
     max_records: int | None = None,
@@ -202,7 +208,8 @@ def drain_prices(
     kafka_block: str | None = None,
     postgres_block: str | None = None,
 ) -> dict[str, Any]:
-    """Trades and top-of-book quotes from Kafka into PostgreSQL, exactly once in effect.
+    """Trades, top-of-book quotes and order-book snapshots from Kafka into PostgreSQL,
+    exactly once in effect (book deltas are read and counted, not stored).
 
     ``partitions`` ("0-2,5"; default all) splits the work between deployments;
     ``allow_gaps`` skips (and counts) records deleted from Kafka before they were stored
@@ -212,7 +219,7 @@ def drain_prices(
     settings = block_settings(kafka=kafka_block, postgres=postgres_block)
     migrate_schema(settings, schema)
     sink = PostgresSink(settings.pg_writer_dsn, schema)
-    topics = [trades_topic, quotes_topic]
+    topics = [trades_topic, quotes_topic, books_topic]
     return run_drain("drain-prices", sink, settings, consumer, topics, _options(locals()))
 
 

@@ -445,3 +445,24 @@ TRADE_PATTERN = re.compile(
     + rb',"trade_id":' + _uint_at_most(MAX_ID) + rb',"price":' + _D + rb',"qty":' + _D
     + rb',"side":"(buy|sell|unknown)","event_us":' + _T + rb',"recv_us":' + _T + rb"\}"
 )  # fmt: skip
+
+
+# The drain's other shortcut: book deltas are not stored (only snapshots are), so the
+# price drain skips them by the opening ``encode`` writes instead of decoding each.
+# Safe: the venue and symbol strings hold no escape and the rest of the message no
+# backslash and no "v", "t" or "kind" key, so a JSON parser reads v 1, t "book" and kind
+# "delta" from such a message: ``decode`` gives a delta or refuses it, never a snapshot
+# or another event. Anything else takes the full path.
+BOOK_DELTA_PREFIX = re.compile(
+    rb'\{"v":1,"t":"book","venue":"[^"\\]+","symbol":"[^"\\]+","kind":"delta",'
+)
+_RESET_KEYS = (b"\\", b'"kind"', b'"t"', b'"v"')
+
+
+def is_book_delta(value: bytes) -> bool:
+    """True for a book delta as ``encode`` writes it (see above): nothing to store."""
+    m = BOOK_DELTA_PREFIX.match(value)
+    if m is None:
+        return False
+    end = m.end()
+    return all(value.find(k, end) < 0 for k in _RESET_KEYS)

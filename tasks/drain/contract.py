@@ -71,10 +71,15 @@ class Written:
 
     rows: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # read, deliberately not stored
     newest_us: dict[tuple[str, str], int] = field(default_factory=dict)  # (venue, symbol)
 
     def add(self, other: Written) -> None:
-        for mine, theirs in ((self.rows, other.rows), (self.duplicates, other.duplicates)):
+        for mine, theirs in (
+            (self.rows, other.rows),
+            (self.duplicates, other.duplicates),
+            (self.skipped, other.skipped),
+        ):
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0) + v
         for k, v in other.newest_us.items():

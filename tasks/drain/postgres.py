@@ -1,4 +1,5 @@
-"""The PostgreSQL sink of ``drain_prices``: trades and quotes, exactly-once in effect.
+"""The PostgreSQL sink of ``drain_prices``: trades, quotes and order-book snapshots,
+exactly-once in effect.
 
 Delivery guarantee, kept here: one batch is one SERIALIZABLE transaction that
 1. locks this consumer's offset rows and checks they still hold the offsets the batch
@@ -9,6 +10,8 @@ Delivery guarantee, kept here: one batch is one SERIALIZABLE transaction that
    stored (natural keys make replays harmless),
 3. upserts ``quotes_latest`` only forwards in (event_us, update_id, recv_us),
 4. stores the batch's next offsets.
+Book deltas are read and counted (``Written.skipped``) but not stored: only snapshots
+are, one row each in ``book_snapshots`` (key venue, symbol, event_us; the first wins).
 A crash before COMMIT leaves nothing; after COMMIT the offsets say the batch is done, so
 Kafka's own committed offsets are only a lag display. Serialization failures, deadlocks
 and lost connections are retried here (reconnecting), within a deadline.
@@ -28,8 +31,15 @@ import psycopg2.errorcodes
 import psycopg2.errors
 import psycopg2.extensions
 
-from tasks.core.codec import MAX_FUTURE_US, MIN_TIME_US, TRADE_PATTERN, CodecError, decode
-from tasks.core.events import Quote, Trade
+from tasks.core.codec import (
+    MAX_FUTURE_US,
+    MIN_TIME_US,
+    TRADE_PATTERN,
+    CodecError,
+    decode,
+    is_book_delta,
+)
+from tasks.core.events import BookLevel, BookUpdate, Quote, Trade
 from tasks.core.pg import connect
 from tasks.drain.contract import Fenced, Rejected, Written
 
@@ -80,19 +90,40 @@ def quote_line(q: Quote) -> bytes:
     ).encode()
 
 
+def _array(values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of decimals (no quoting needed: digits, '.', 'E', sign)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _side(levels: tuple[BookLevel, ...]) -> str:
+    return f"{_array(p for p, _ in levels)}\t{_array(q for _, q in levels)}"
+
+
+def book_line(b: BookUpdate) -> bytes:
+    """One COPY text line in the column order of ``book_snapshots`` (a snapshot)."""
+    return (
+        f"{_text(b.venue)}\t{_text(b.symbol)}\t{b.event_us}\t{b.seq}\t{b.depth}\t{b.recv_us}\t"
+        f"{_side(b.bids)}\t{_side(b.asks)}"
+    ).encode()
+
+
 class PriceBatch:
-    """Trades and quotes of one batch as COPY lines; anything else is a reject."""
+    """Trades, quotes and book snapshots of one batch as COPY lines; book deltas are
+    counted in ``skipped`` and dropped (they stay on Kafka); anything else is a reject."""
 
     def __init__(self) -> None:
         self.trades: list[bytes] = []
         self.quotes: list[bytes] = []
+        self.books: list[bytes] = []
         # the Kafka record of each line, so a line the table refuses goes to the DLQ
         self.trade_records: list[Any] = []
         self.quote_records: list[Any] = []
+        self.book_records: list[Any] = []
+        self.skipped = 0  # book deltas: read, not stored
         self._max_time = str(time.time_ns() // 1000 + MAX_FUTURE_US).encode()
 
     def __len__(self) -> int:
-        return len(self.trades) + len(self.quotes)
+        return len(self.trades) + len(self.quotes) + len(self.books)
 
     def add(self, topic: str, partition: int, records: Iterable[Any]) -> list[tuple[Any, str]]:
         """Take one partition's records; returns ``(record, reason)`` for each reject."""
@@ -120,6 +151,9 @@ class PriceBatch:
         return rejects
 
     def _slow(self, rec: Any) -> str | None:
+        if type(rec.value) is bytes and is_book_delta(rec.value):
+            self.skipped += 1  # a delta, or malformed after its opening: never a snapshot
+            return None
         try:
             event = decode(rec.value)
         except CodecError as e:
@@ -130,13 +164,23 @@ class PriceBatch:
         elif type(event) is Quote:
             self.quotes.append(quote_line(event))
             self.quote_records.append(rec)
+        elif type(event) is BookUpdate:
+            if event.kind != "snapshot":
+                self.skipped += 1
+            else:
+                self.books.append(book_line(event))
+                self.book_records.append(rec)
         else:
             return f"unexpected event type {type(event).__name__} for the price history"
         return None
 
     def drop(self, records: list[Any]) -> None:
         gone = {id(r) for r in records}
-        pairs = ((self.trades, self.trade_records), (self.quotes, self.quote_records))
+        pairs = (
+            (self.trades, self.trade_records),
+            (self.quotes, self.quote_records),
+            (self.books, self.book_records),
+        )
         for lines, sources in pairs:
             kept = [(line, r) for line, r in zip(lines, sources, strict=True) if id(r) not in gone]
             lines[:] = [line for line, _ in kept]
@@ -149,6 +193,8 @@ class PriceBatch:
 _STAGE = (
     "CREATE TEMP TABLE IF NOT EXISTS stage_trades (LIKE trades) ON COMMIT DELETE ROWS;"
     "CREATE TEMP TABLE IF NOT EXISTS stage_quotes (LIKE quotes) ON COMMIT DELETE ROWS;"
+    "CREATE TEMP TABLE IF NOT EXISTS stage_book_snapshots (LIKE book_snapshots)"
+    " ON COMMIT DELETE ROWS;"
 )
 _QUOTES_LATEST = """
 INSERT INTO quotes_latest
@@ -288,9 +334,15 @@ class PostgresSink:
 
     def _write_once(self, conn, consumer, batch: PriceBatch, offsets) -> Written:
         out = Written()
+        if batch.skipped:
+            out.skipped["book_deltas"] = batch.skipped
         with conn, conn.cursor() as cur:
             if self._fence(cur, consumer, offsets):
-                out.duplicates = {"trades": len(batch.trades), "quotes": len(batch.quotes)}
+                out.duplicates = {
+                    "trades": len(batch.trades),
+                    "quotes": len(batch.quotes),
+                    "book_snapshots": len(batch.books),
+                }
                 return out  # this exact batch is already stored (an ambiguous commit)
             if batch.trades:
                 inserted = _copy_insert(cur, "trades", batch.trades)
@@ -304,6 +356,10 @@ class PostgresSink:
                 out.duplicates["quotes"] = len(batch.quotes) - inserted
                 cur.execute(_QUOTES_LATEST)
                 out.rows["quotes_latest"] = cur.rowcount
+            if batch.books:
+                inserted = _copy_insert(cur, "book_snapshots", batch.books)
+                out.rows["book_snapshots"] = inserted
+                out.duplicates["book_snapshots"] = len(batch.books) - inserted
             cur.executemany(
                 "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset)"
                 " VALUES (%s, %s, %s, %s) ON CONFLICT (consumer, topic, partition)"
@@ -374,6 +430,7 @@ class PostgresSink:
                 for table, lines, sources in (
                     ("trades", batch.trades, batch.trade_records),
                     ("quotes", batch.quotes, batch.quote_records),
+                    ("book_snapshots", batch.books, batch.book_records),
                 ):
                     for i, reason in _refused_lines(cur, table, lines):
                         refused.append((sources[i], f"postgres refused the {table} row: {reason}"))

@@ -170,3 +170,29 @@ def test_rebuild_restores_lost_candles(kafka, prefect_server, new_topic, conn, s
 
 def utc(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC)
+
+
+def test_book_minutes_step(kafka, prefect_server, postgres, new_topic, conn, schema):
+    """PREFECT SERVER: the aggregate flow recomputes the book minutes snapshots touched
+    (values: tests/analytics/test_book_minutes.py)."""
+    from tasks.core.events import BookUpdate
+    from tests.drain.support import store_books
+
+    sym = symbol()
+    snaps = [
+        BookUpdate("binance", sym, "snapshot", i, 2, ((D("99.99"), D(1)),),
+                   ((D("100.01"), D(3)),), T0 + i * 20_000_000, T0 + i * 20_000_000 + 1)
+        for i in range(6)
+    ]  # fmt: skip
+    store_books(postgres.pg_dsn, schema, snaps)  # minutes 0 and 1, three snapshots each
+    summary = aggregate(
+        candles_topic=new_topic(1), evaluate_alert_rules=False, book_bands_bps=[5], schema=schema
+    )
+    assert summary["book_minutes"]["minutes"] >= 2
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT minute_us, snapshots, mean_mid, imbalance FROM book_minutes"
+            " WHERE symbol = %s ORDER BY minute_us",
+            (sym,),
+        )
+        assert cur.fetchall() == [(T0, 3, D(100), D("-0.5")), (T0 + M, 3, D(100), D("-0.5"))]

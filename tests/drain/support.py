@@ -23,7 +23,7 @@ import pymongo
 
 from tasks.core import config
 from tasks.core.codec import encode
-from tasks.core.events import Quote, Trade, UserTransaction
+from tasks.core.events import BookUpdate, Quote, Trade, UserTransaction
 from tasks.core.kafka import producer
 from tasks.core.pg import connect, table_checksum
 from tasks.drain.loop import DrainResult, drain
@@ -68,6 +68,24 @@ def quotes(n: int, venue: str = "binance") -> list[Quote]:
             Quote(venue, s, s.replace("-", ""), 10_000 + i, bid, Decimal("1.5"),
                   bid + Decimal("0.1"), Decimal("2"), t0 + i * 1000, t0 + i * 1000 + 300)
         )  # fmt: skip
+    return out
+
+
+def books(n: int, venue: str = "binance", every: int = 5) -> list[BookUpdate]:
+    """One book's events: a snapshot every ``every`` events (the first is one), deltas
+    between them (seq one by one), 3 levels a side around 100."""
+    t0 = now_us() - 3_600_000_000
+    out = []
+    for i in range(n):
+        bid, ask = Decimal(100) - Decimal(i % 7) / 100, Decimal(101) + Decimal(i % 5) / 100
+        if i % every == 0:
+            bids = tuple((bid - k, Decimal(f"{k + 1}.5")) for k in range(3))
+            asks = tuple((ask + k, Decimal(f"{k + 2}.25")) for k in range(3))
+            kind = "snapshot"
+        else:
+            bids, asks, kind = ((bid, Decimal("0.1")),), (), "delta"
+        out.append(BookUpdate(venue, "BTC-USDT", kind, i + 1, 3, bids, asks, t0 + i * 1000,
+                              t0 + i * 1000 + 500))  # fmt: skip
     return out
 
 
@@ -195,6 +213,24 @@ def run_crashing(kind: str, target: str, consumer: str, topics: list[str], fault
     if res.returncode not in (0, 75):
         raise AssertionError(res.stderr.decode()[-3000:])
     return res.returncode
+
+
+def store_books(dsn: str, schema: str, events: list[BookUpdate]) -> dict[str, int]:
+    """Write book events through the price drain's batch and sink, as records of one
+    partition of a topic no other call uses (no Kafka); returns the rows written."""
+    from types import SimpleNamespace
+
+    topic = f"books.{uuid.uuid4().hex[:8]}"
+    recs = [SimpleNamespace(topic=topic, partition=0, offset=i, value=encode(e))
+            for i, e in enumerate(events)]  # fmt: skip
+    sink = PostgresSink(dsn, schema, retry_seconds=10)
+    try:
+        batch = sink.open_batch()
+        rejects = batch.add(topic, 0, recs)
+        assert rejects == [], rejects
+        return sink.write(f"test-{topic}", batch, {(topic, 0): (None, len(recs))}).rows
+    finally:
+        sink.close()
 
 
 def mongo_client(settings: config.Settings) -> pymongo.MongoClient:

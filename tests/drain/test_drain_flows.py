@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from tests.drain.support import pg_schema, publish, quotes, trades, transactions
+from tests.drain.support import books, pg_schema, publish, quotes, trades, transactions
 
 
 def _artifact(key: str, state):
@@ -37,13 +37,16 @@ def test_drain_flows_run_on_the_server_and_leave_an_artifact(
     from flows.drain import drain_prices, drain_transactions
 
     t_topic, q_topic, x_topic = new_topic(2), new_topic(1), new_topic(2)
+    b_topic = new_topic(1)
     publish(kafka, t_topic, [*trades(500), (b"k", b"junk")])
     publish(kafka, q_topic, quotes(50))
+    publish(kafka, b_topic, books(10))  # 2 snapshots, 8 deltas
     publish(kafka, x_topic, transactions(users=5, n=200))
     with pg_schema(postgres.pg_dsn) as schema:
         prices_state = drain_prices(
             trades_topic=t_topic,
             quotes_topic=q_topic,
+            books_topic=b_topic,
             consumer=f"test-flow-{uuid.uuid4().hex[:8]}",
             schema=schema,
             max_seconds=20,
@@ -51,9 +54,12 @@ def test_drain_flows_run_on_the_server_and_leave_an_artifact(
         )
     prices = prices_state.result()
     assert prices["stopped"] == "caught up"
-    assert prices["rows"] == {"trades": 500, "quotes": 50, "quotes_latest": 3}
+    assert prices["rows"] == {
+        "trades": 500, "quotes": 50, "quotes_latest": 3, "book_snapshots": 2
+    }  # fmt: skip
+    assert prices["skipped"] == {"book_deltas": 8}
     assert prices["rejects"] == {t_topic: 1}
-    assert prices["lag"] == {t_topic: 0, q_topic: 0}
+    assert prices["lag"] == {t_topic: 0, q_topic: 0, b_topic: 0}
 
     txs_state = drain_transactions(
         topic=x_topic,

@@ -193,12 +193,12 @@ def test_a_drain_flow_run_pushes_its_metrics(gateway: str, kafka, postgres, new_
     """The real drain flow, in its own process like a worker's flow run, pushes on success."""
     from tests.drain.support import pg_schema, publish, trades
 
-    topic, quotes = new_topic(partitions=2), new_topic(partitions=1)
+    topic, quotes, books = new_topic(partitions=2), new_topic(partitions=1), new_topic(1)
     publish(kafka, topic, trades(25, venue="pushtest"))
     with pg_schema(kafka.pg_dsn) as schema:
         code = (
             "from flows.drain import drain_prices\n"
-            f"drain_prices(trades_topic={topic!r}, quotes_topic={quotes!r},"
+            f"drain_prices(trades_topic={topic!r}, quotes_topic={quotes!r}, books_topic={books!r},"
             f" consumer='push-{uuid.uuid4().hex[:8]}', schema={schema!r}, max_seconds=20)\n"
         )
         env = {**os.environ, "TAPELINE_PUSHGATEWAY_URL": gateway}
