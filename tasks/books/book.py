@@ -11,11 +11,13 @@ Why dropping is safe, and where it is not:
   no deletion for a level pushed out of scope and documents that the client must
   truncate, so its checksum only matches a book truncated this way.
 - Binance and Coinbase send every level's changes (Binance's REST snapshot itself stops
-  at 5000 levels). A level dropped by the cap is gone until the venue changes it again;
-  when levels above it are then deleted, the book's tail has holes where levels exist.
-  Quantities it holds stay exact, and the top stays exact as long as fewer levels were
-  deleted than the margin between ``depth`` and what is read: read ``top(n)`` with ``n``
-  well below ``depth``, and resync (a fresh snapshot) restores the full tail.
+  at its ``limit``). A level dropped by the cap is gone until the venue changes it
+  again; when the levels before it are then deleted (a price move through the whole
+  window), the book has holes where levels exist. So each side remembers its ``limit``:
+  the best price that may be missing (the best level ever dropped, or the worst level of
+  a snapshot that filled the window: the venue may have cut it there). Every level
+  strictly better than the limit is exact; ``exact(n)`` says whether the best ``n`` are
+  all such, and when they are not, only a fresh snapshot helps.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ Level = tuple[Decimal, Decimal]
 class _Side:
     """One side's levels, kept sorted ascending by price (bids are read from the end)."""
 
-    __slots__ = ("levels", "prices", "reverse")
+    __slots__ = ("levels", "limit", "prices", "reverse")
 
     def __init__(self, reverse: bool):
         self.levels: dict[Decimal, Decimal] = {}
         self.prices: list[Decimal] = []  # ascending
         self.reverse = reverse  # bids: best is the highest price
+        self.limit: Decimal | None = None  # the best price that may be missing (None: none)
 
     def set(self, price: Decimal, qty: Decimal) -> None:
         if qty == 0:
@@ -55,10 +58,27 @@ class _Side:
         worst = self.prices[:extra] if self.reverse else self.prices[-extra:]
         for price in worst:
             del self.levels[price]
+        self.cut(worst[-1] if self.reverse else worst[0])
         if self.reverse:
             del self.prices[:extra]
         else:
             del self.prices[-extra:]
+
+    def cut(self, price: Decimal) -> None:
+        """Levels at ``price`` and beyond may be missing from now on."""
+        if self.limit is None or (price > self.limit if self.reverse else price < self.limit):
+            self.limit = price
+
+    def exact(self, n: int) -> bool:
+        """The best ``n`` levels are all strictly better than the limit (and there are
+        ``n``, unless nothing was ever cut)."""
+        if self.limit is None:
+            return True
+        best = self.top(n)
+        if len(best) < n:
+            return False
+        worst = best[-1][0]
+        return worst > self.limit if self.reverse else worst < self.limit
 
     def top(self, n: int) -> list[Level]:
         best = self.prices[: -n - 1 : -1] if self.reverse else self.prices[:n]
@@ -81,9 +101,14 @@ class Book:
         self._asks = _Side(reverse=False)
 
     def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
-        """Become the snapshot ``bids``/``asks`` (levels of quantity 0 are skipped)."""
+        """Become the snapshot ``bids``/``asks`` (levels of quantity 0 are skipped). A
+        side that fills the window (``depth`` levels or more) may have been cut by the
+        venue: its worst level becomes the side's limit."""
         self._bids, self._asks = _Side(reverse=True), _Side(reverse=False)
         self.apply(bids, asks)
+        for side in (self._bids, self._asks):
+            if len(side.prices) >= self.depth:
+                side.cut(side.prices[0] if side.reverse else side.prices[-1])
 
     def apply(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
         """Set each level's quantity in order (0 deletes it), then drop levels beyond
@@ -107,6 +132,11 @@ class Book:
     def top(self, n: int) -> tuple[list[Level], list[Level]]:
         """The best ``n`` levels of each side: (bids high to low, asks low to high)."""
         return self.bids(n), self.asks(n)
+
+    def exact(self, n: int) -> bool:
+        """The best ``n`` levels of each side are known to be the venue's (see the
+        module docstring): False once a price move went through the kept window."""
+        return self._bids.exact(n) and self._asks.exact(n)
 
     def best_bid(self) -> Decimal | None:
         return self._bids.best()

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from tasks.books.book import Book, Level
-from tasks.books.sync import BinanceSync, CoinbaseSync, KrakenSync, Resync
+from tasks.books.sync import DEPTH, BinanceSync, CoinbaseSync, KrakenSync, Resync
 from tasks.core.events import BookUpdate
 from tasks.venues.depth import BookDelta, BookSnapshot
 
@@ -43,11 +43,13 @@ FETCH_RETRY_S = 1.0  # a REST snapshot that failed or was stale is asked again a
 def keep_levels(protocol: str, depth: int, subscribed: int | None = None) -> int:
     """Levels a side a book is kept at to publish ``depth`` of them exactly. Kraken: the
     subscribed depth (its checksum is over a book truncated to it). Binance and Coinbase
-    send every level's changes: the book keeps a margin (5x, at least 100) so that levels
-    the cap dropped never reach the published top (see ``tasks.books.book``)."""
+    send every level's changes: the book keeps 1000 levels (Binance's REST snapshot at
+    limit 1000), so a price move must go through all of them before the published top is
+    no longer known (``Book.exact``; the book is then rebuilt, reason ``depth``). 100
+    levels were too few: the simulator's moves went through them within seconds."""
     if protocol == "kraken":
         return subscribed or depth
-    return max(5 * depth, 100)
+    return max(10 * depth, 1000)
 
 
 @dataclass(slots=True)
@@ -238,6 +240,15 @@ class BookKeeper:
                 self._publish(symbol, sync.books[symbol], event_us, recv_us, out)
         return out
 
+    def _drop(self, symbol: str, outcome: Resync) -> None:
+        """The sync machine holds the book as exact, but it cannot be published: forget it
+        and rebuild it."""
+        if self.protocol == "binance":
+            self.binance[symbol].drop()
+        else:
+            self.coinbase.drop(symbol)
+        self._lost(symbol, outcome)
+
     def _lost(self, symbol: str, outcome: Resync) -> None:
         self.resyncs[outcome.reason] += 1
         self.views[symbol].snapshot_us = None
@@ -259,6 +270,9 @@ class BookKeeper:
         view.updated_mono = time.monotonic()
         if event_us is None:
             return  # undated: wait for the next dated update
+        if self.protocol != "kraken" and not book.exact(self.depth):
+            self._drop(symbol, Resync(DEPTH, f"the kept {self.keep} levels no longer cover it"))
+            return
         bids, asks = book.top(self.depth)
         if view.snapshot_us is None or event_us - view.snapshot_us >= self.every_us:
             self._emit(view, symbol, "snapshot", bids, asks, bids, asks, event_us, recv_us, out)

@@ -23,7 +23,8 @@ STALE_SNAPSHOT = "stale_snapshot"  # the snapshot predates every buffered update
 BUFFER_FULL = "buffer_full"  # too many updates waited for a snapshot
 CHECKSUM = "checksum"  # the venue's checksum disagrees with our book
 CROSSED = "crossed"  # best bid >= best ask: our book lost an update
-REASONS = (SEQUENCE_GAP, STALE_SNAPSHOT, BUFFER_FULL, CHECKSUM, CROSSED)
+DEPTH = "depth"  # the kept levels no longer cover the published top (``Book.exact``)
+REASONS = (SEQUENCE_GAP, STALE_SNAPSHOT, BUFFER_FULL, CHECKSUM, CROSSED, DEPTH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,11 @@ class BinanceSync:
             return Resync(BUFFER_FULL, f"{self.max_buffer} deltas waited for a snapshot")
         self._buffer.append(delta)
         return None
+
+    def drop(self) -> None:
+        """Forget the book (the caller found it unusable): the next deltas are buffered
+        for a fresh snapshot."""
+        self._lost([], DEPTH, "dropped")
 
     def _lost(self, buffer: list[BookDelta], reason: str, detail: str) -> Resync:
         """Drop the book; ``buffer`` (contiguous deltas still to come after a snapshot)
@@ -199,6 +205,10 @@ class CoinbaseSync:
 
     def synced(self, symbol: str) -> bool:
         return symbol in self.books
+
+    def drop(self, symbol: str) -> None:
+        """Forget ``symbol``'s book (the caller found it unusable) until its next snapshot."""
+        self.books.pop(symbol, None)
 
     def on_frame(
         self, sequence: int, events: Sequence[BookSnapshot | BookDelta] = ()

@@ -69,3 +69,25 @@ def test_a_locked_or_crossed_book_is_crossed(bid: str) -> None:
 def test_depth_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Book(depth=0)
+
+
+def test_the_top_is_exact_only_while_the_kept_window_covers_it() -> None:
+    """A price move through every kept level brings unknown levels to the top: the book
+    must say so rather than show a top with holes."""
+    book = Book(depth=4)
+    book.replace([], [(D(100 + i), D(1)) for i in range(6)])  # 104, 105 dropped
+    assert book.asks() == [(D(100), D(1)), (D(101), D(1)), (D(102), D(1)), (D(103), D(1))]
+    assert book.exact(3) and not book.exact(4)  # 103 filled the window: 104 may follow it
+    book.apply([], [(D(100), D(0))])
+    assert book.exact(2) and not book.exact(3)
+    book.apply([], [(D(99), D(2)), (D(98), D(2))])  # new levels at the touch push 103 out
+    assert [p for p, _ in book.asks()] == [D(98), D(99), D(101), D(102)] and book.exact(4)
+    book.apply([], [(D(p), D(0)) for p in (98, 99, 101)])
+    assert book.asks() == [(D(102), D(1))] and book.exact(1) and not book.exact(2)
+
+
+def test_a_snapshot_shorter_than_the_window_is_complete() -> None:
+    book = Book(depth=10)
+    book.replace([(D(1), D(1))], [(D(2), D(1))])
+    book.apply([(D(1), D(0))], [])
+    assert book.exact(10)  # nothing was ever cut: an empty side is the venue's

