@@ -41,7 +41,8 @@ def scram_kafka(settings, kafka):  # the shared Kafka proves the jars are instal
 def _refused(s: config.Settings) -> str:
     """What a client with these settings gets: the error it raised (it must raise)."""
     try:
-        client = admin(s, request_timeout_ms=10_000)
+        # refused at once; 8 s of retrying is plenty to see it (the default is 30)
+        client = admin(s, request_timeout_ms=8_000, bootstrap_timeout_ms=8_000)
         try:
             client.list_topics()
         finally:
@@ -91,7 +92,8 @@ def test_scram_clients_work_and_others_are_refused(scram_kafka, postgres, caplog
     plain = replace(s, kafka=replace(s.kafka, security_protocol="PLAINTEXT", sasl_mechanism=""))
     _refused(plain)
     with pytest.raises(KafkaError):  # the producer cannot even bootstrap
-        producer(wrong, max_block_ms=5000).send(topic, b"x").get(timeout=30)
+        sender = producer(wrong, max_block_ms=5000, bootstrap_timeout_ms=8000)
+        sender.send(topic, b"x").get(timeout=30)
 
     logs = [f for f in broker.dir.parent.rglob("*") if f.is_file() and f.suffix in (".log", ".out")]
     assert logs, "the broker wrote no log"
