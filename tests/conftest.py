@@ -33,6 +33,16 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 _started: dict[str, str] = {}
+# A test that asks for any of these (directly or through another fixture) needs the stack.
+SERVICE_FIXTURES = frozenset({"settings", "kafka", "postgres", "mongo", "prefect_server"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that needs the stack ``services``: scripts/test.sh runs the rest
+    (CPU-bound: properties, parsers, manifests) beside them, in a second process."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
 
 
 def _need(name: str) -> None:
