@@ -34,7 +34,7 @@ from stack.services import services, up
 from tasks import venues
 from tasks.core import config
 from tasks.core.kafka import admin
-from tasks.core.topics import QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
+from tasks.core.topics import BOOKS, QUOTES, TRADES, USER_TRANSACTIONS, ensure_topics
 from tasks.core.wallets import fold_transactions, wallet_balances
 from tasks.ingest.resume import last_trades
 from tasks.telemetry import verify
@@ -100,7 +100,7 @@ def snapshot(settings: config.Settings) -> dict[str, Any]:
     finally:
         client.close()
     with psycopg2.connect(settings.pg_reader_dsn) as conn, conn.cursor() as cur:
-        for table in ("trades", "quotes", "candles"):
+        for table in ("trades", "quotes", "candles", "book_snapshots"):
             try:
                 cur.execute(f"SELECT count(*) FROM {table}")
                 out[table] = cur.fetchone()[0]
@@ -261,7 +261,8 @@ def watch(settings: config.Settings, minutes: float | None, every: float) -> Non
             print(
                 f"[{stamp}] in: trades {s[TRADES]} quotes {s[QUOTES]} txs"
                 f" {s[USER_TRANSACTIONS]} | stored: trades {s['trades']} quotes {s['quotes']}"
-                f" candles {s['candles']} txs {s['transactions']} wallets {s['wallets']}"
+                f" candles {s['candles']} books {s['book_snapshots']} txs {s['transactions']}"
+                f" wallets {s['wallets']}"
                 f" | lag {s['lag']}",
                 flush=True,
             )
@@ -279,6 +280,7 @@ def report(settings: config.Settings, venue: str, since_us: int) -> int:
     """Verify what this run stored; 0 when nothing was lost or doubled."""
     with psycopg2.connect(settings.pg_reader_dsn) as conn:
         verdict = verify.verify_trades(conn, settings, venue, TRADES, since_us)
+        books = verify.verify_books(conn, settings, venue, BOOKS, since_us)
     for c in verdict.symbols:
         print(
             f"  {c.symbol}: {c.stored} trades stored, ids {c.first_id}..{c.last_id},"
@@ -288,13 +290,21 @@ def report(settings: config.Settings, venue: str, since_us: int) -> int:
         db = m[settings.mongo_db]
         wallets_ok = wallet_balances(db) == fold_transactions(db)
     print(f"  wallets {'equal' if wallets_ok else 'DIFFER FROM'} the fold of stored transactions")
+    if books.books:
+        print(
+            f"  books: {books.books}, {books.snapshots_in_kafka} snapshots and"
+            f" {books.deltas_in_kafka} deltas in Kafka, {books.stored} snapshots stored,"
+            f" {books.missing_from_store} missing, {books.seq_breaks} deltas out of sequence"
+        )
     problems = verdict.problems or ([] if verdict.symbols else ["no trades stored"])
+    problems += books.problems
     if not wallets_ok:
         problems.append("wallet balances differ from the stored transactions")
     if problems:
         print("LOSS OR DUPLICATION:\n  " + "\n  ".join(problems))
         return 1
-    print("zero loss: every trade id once, no holes; wallets match their transactions")
+    also = "; every book snapshot stored once, every delta in sequence" if books.books else ""
+    print(f"zero loss: every trade id once, no holes; wallets match their transactions{also}")
     return 0
 
 
