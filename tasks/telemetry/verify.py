@@ -134,6 +134,30 @@ def kafka_trade_ids(
     return ids
 
 
+def verify_trades(
+    conn, settings: config.Settings, venue: str, topic: str, since_us: int = 0
+) -> Verdict:
+    """Trades received since ``since_us`` (e.g. the start of a run): stored without holes,
+    in Kafka once each (sequential ids); or each id in Kafka stored (other venues)."""
+    stored = stored_ranges(conn, venue, since_us)
+    in_kafka = kafka_trade_ids(settings, topic, venue, since_us)
+    contiguous = sequential(venue)
+    kept = {} if contiguous else stored_ids(conn, venue, since_us)
+    verdict = Verdict()
+    for symbol in sorted(set(stored) | set(in_kafka)):
+        n, lo, hi = stored.get(symbol, (0, 0, -1))
+        ids = in_kafka.get(symbol, Counter())
+        check = SymbolCheck(symbol, n, lo, hi, sequential=contiguous)
+        check.in_kafka = len(ids)
+        check.duplicates_in_kafka = sum(c - 1 for c in ids.values() if c > 1)
+        if contiguous:
+            check.missing_from_store = sum(1 for i in ids if not lo <= i <= hi)
+        else:
+            check.missing_from_store = len(set(ids) - kept.get(symbol, set()))
+        verdict.symbols.append(check)
+    return verdict
+
+
 @dataclass
 class BookCheck:
     """Books of one venue since a point in time: the snapshots Kafka holds against those
