@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -145,7 +146,10 @@ class Kafka(Service):
 
     @property
     def lib(self) -> Path:
-        return CACHE / "kafka-lib"
+        """The resolved jars, one folder per pom: a checkout with another Kafka version
+        resolves beside it, never over the jars a running broker has open."""
+        pom = (STACK_DIR / "pom.xml").read_bytes()
+        return CACHE / f"kafka-lib-{hashlib.sha256(pom).hexdigest()[:12]}"
 
     def install(self) -> None:
         lib = self.lib
@@ -247,16 +251,18 @@ class Kafka(Service):
                 ]
             )
         )
-        (self.dir / "log4j.properties").write_text(
+        # Kafka 4 logs through log4j 2 (log4j 1 and its properties are gone).
+        (self.dir / "log4j2.properties").write_text(
             "\n".join(
                 [
-                    "log4j.rootLogger=INFO, file",
-                    "log4j.logger.kafka=INFO",
-                    "log4j.logger.org.apache.kafka=INFO",
-                    "log4j.appender.file=org.apache.log4j.FileAppender",
-                    f"log4j.appender.file.File={self.log}",
-                    "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
-                    "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+                    "status = warn",
+                    "appender.file.type = File",
+                    "appender.file.name = file",
+                    f"appender.file.fileName = {self.log}",
+                    "appender.file.layout.type = PatternLayout",
+                    "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                    "rootLogger.level = INFO",
+                    "rootLogger.appenderRef.file.ref = file",
                     "",
                 ]
             )
@@ -269,7 +275,7 @@ class Kafka(Service):
             f"-Xmx{heap}",
             "-cp",
             str(self.lib / "*"),
-            f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
             main,
             *args,
         ]
