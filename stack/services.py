@@ -412,7 +412,8 @@ class Kafka(Service):
                 brokers = client.describe_cluster()["brokers"]
             finally:
                 client.close()
-            if len(brokers) < len(nodes):
+            # a node killed and started again is fenced until it has caught up
+            if sum(not b.get("is_fenced") for b in brokers) < len(nodes):
                 return False
         return kafka_round_trip(self.settings, replication=self.replication)
 

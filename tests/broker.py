@@ -17,15 +17,17 @@ from stack.services import Kafka, up
 from tasks.core import config
 
 
-def kill(broker: Kafka) -> None:
-    """SIGKILL the broker's process group: an outage, not a polite shutdown."""
-    pid = read_pid(broker.pidfile)
-    if pid is not None:
-        os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    broker.pidfile.unlink(missing_ok=True)
+def kill(broker: Kafka, node: int | None = None) -> None:
+    """SIGKILL the process group of one node (its id), or of every node: an outage, not a
+    polite shutdown."""
+    for n in broker.nodes if node is None else [broker.node(node)]:
+        pid = read_pid(n.pidfile)
+        if pid is not None:
+            os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        n.pidfile.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
