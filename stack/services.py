@@ -20,8 +20,10 @@ import sys
 import tempfile
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import quote, unquote, urlsplit
 
 from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
@@ -155,6 +157,8 @@ class Kafka(Service):
     bootstrap address."""
 
     start_timeout = 120.0
+    # Broker settings added to every node's server.properties (tests: shorter timeouts).
+    overrides: Mapping[str, str] = MappingProxyType({})
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -299,6 +303,7 @@ class Kafka(Service):
                     f"transaction.state.log.min.isr={min(2, replicas)}",
                     "group.initial.rebalance.delay.ms=0",
                     "auto.create.topics.enable=false",
+                    *(f"{k}={v}" for k, v in self.overrides.items()),
                     "",
                 ]
             )

@@ -32,10 +32,11 @@ def kill(broker: Kafka, node: int | None = None) -> None:
 
 @contextlib.contextmanager
 def private_broker(
-    shared: config.Settings, port: int, **env: str
+    shared: config.Settings, port: int, properties: dict[str, str] | None = None, **env: str
 ) -> Iterator[tuple[dict[str, str], config.Settings, Kafka]]:
     """A running broker on ``port`` with ``env`` on top of this session's settings (the
-    shared PostgreSQL's roles included: their local passwords live with its home)."""
+    shared PostgreSQL's roles included: their local passwords live with its home), and
+    ``properties`` added to its server.properties."""
     home = shared.home / f"test-broker-{uuid.uuid4().hex[:8]}"
     full = {
         **os.environ,
@@ -48,6 +49,7 @@ def private_broker(
     }
     s = config.load(full)
     broker = Kafka("kafka", s)
+    broker.overrides = properties or {}
     try:
         up([broker])  # healthy() is a produce and read-back with these settings
         yield full, s, broker
