@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import sys
 import tempfile
 import urllib.request
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import quote, unquote, urlsplit
 
 from stack.process import StackError, port_open, read_pid, spawn, stop, wait_until
@@ -130,22 +133,76 @@ class Service:
         return stop(self.pidfile)
 
 
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node of the local cluster: a broker and a controller in one process,
+    clients on ``port``, the controller on ``port + 1``. Node 1 keeps the one-node stack's
+    folder, log and pid file, so a one-node home reads the same as before nodes existed."""
+
+    id: int
+    host: str
+    port: int
+    dir: Path
+    log: Path
+    pidfile: Path
+
+    @property
+    def controller(self) -> str:
+        return f"{self.id}@{self.host}:{self.port + 1}"
+
+
 class Kafka(Service):
-    """Apache Kafka in KRaft mode (one broker+controller), jars resolved by Maven."""
+    """Apache Kafka in KRaft mode, jars resolved by Maven: ``TAPELINE_KAFKA_NODES`` nodes
+    (default one), each broker and controller, on consecutive port pairs from the first
+    bootstrap address."""
 
     start_timeout = 120.0
+    # Broker settings added to every node's server.properties (tests: shorter timeouts).
+    overrides: Mapping[str, str] = MappingProxyType({})
 
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.settings.kafka.bootstrap[0].rpartition(":")
         return host, int(port)
 
+    @property
+    def nodes(self) -> list[KafkaNode]:
+        host, port = self.host_port
+        home = self.settings.home
+        return [
+            KafkaNode(
+                id=i + 1,
+                host=host,
+                port=port + 2 * i,
+                dir=self.dir if i == 0 else home / f"{self.name}-{i + 1}",
+                log=self.log if i == 0 else home / "logs" / f"{self.name}-{i + 1}.log",
+                pidfile=self.pidfile if i == 0 else home / "run" / f"{self.name}-{i + 1}.pid",
+            )
+            for i in range(self.settings.kafka.nodes)
+        ]
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.nodes[node_id - 1]
+
+    @property
+    def replication(self) -> int:
+        """Replicas of the internal topics (consumer offsets, transactions, health)."""
+        return min(len(self.nodes), 3)
+
     def where(self) -> str:
-        return ",".join(self.settings.kafka.bootstrap)
+        nodes = self.nodes
+        if len(nodes) == 1:
+            return ",".join(self.settings.kafka.bootstrap)
+        down = [str(n.id) for n in nodes if not port_open(n.host, n.port)]
+        state = f"node {','.join(down)} not listening" if down else "all listening"
+        return f"{nodes[0].host}:{nodes[0].port}+{len(nodes)} nodes ({state})"
 
     @property
     def lib(self) -> Path:
-        return CACHE / "kafka-lib"
+        """The resolved jars, one folder per pom: a checkout with another Kafka version
+        resolves beside it, never over the jars a running broker has open."""
+        pom = (STACK_DIR / "pom.xml").read_bytes()
+        return CACHE / f"kafka-lib-{hashlib.sha256(pom).hexdigest()[:12]}"
 
     def install(self) -> None:
         lib = self.lib
@@ -221,80 +278,164 @@ class Kafka(Service):
             )
         return ["--add-scram", f'{self.scram}=[name={k.username},password="{k.password}"]']
 
-    def _write_config(self) -> Path:
-        host, port = self.host_port
-        data = self.dir / "data"
+    def _write_config(self, node: KafkaNode) -> Path:
+        data = node.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        props = self.dir / "server.properties"
+        replicas = self.replication
+        props = node.dir / "server.properties"
         props.touch(mode=0o600)  # it may hold the SCRAM user's password
         props.chmod(0o600)
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
-                    "node.id=1",
-                    f"controller.quorum.voters=1@{host}:{port + 1}",
-                    *self._listener_lines(host, port),
+                    f"node.id={node.id}",
+                    # A static quorum (kraft.version 0) still works in Kafka 4; all voters
+                    # are known before any starts, so nothing joins dynamically.
+                    f"controller.quorum.voters={','.join(n.controller for n in self.nodes)}",
+                    *self._listener_lines(node.host, node.port),
                     "controller.listener.names=CONTROLLER",
                     f"log.dirs={data}",
                     f"num.partitions={self.settings.topics.partitions}",
-                    "offsets.topic.replication.factor=1",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
+                    f"default.replication.factor={replicas}",
+                    f"offsets.topic.replication.factor={replicas}",
+                    f"transaction.state.log.replication.factor={replicas}",
+                    f"transaction.state.log.min.isr={min(2, replicas)}",
                     "group.initial.rebalance.delay.ms=0",
                     "auto.create.topics.enable=false",
+                    *(f"{k}={v}" for k, v in self.overrides.items()),
                     "",
                 ]
             )
         )
-        (self.dir / "log4j.properties").write_text(
+        # Kafka 4 logs through log4j 2 (log4j 1 and its properties are gone).
+        (node.dir / "log4j2.properties").write_text(
             "\n".join(
                 [
-                    "log4j.rootLogger=INFO, file",
-                    "log4j.logger.kafka=INFO",
-                    "log4j.logger.org.apache.kafka=INFO",
-                    "log4j.appender.file=org.apache.log4j.FileAppender",
-                    f"log4j.appender.file.File={self.log}",
-                    "log4j.appender.file.layout=org.apache.log4j.PatternLayout",
-                    "log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n",
+                    "status = warn",
+                    "appender.file.type = File",
+                    "appender.file.name = file",
+                    f"appender.file.fileName = {node.log}",
+                    "appender.file.layout.type = PatternLayout",
+                    "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+                    "rootLogger.level = INFO",
+                    "rootLogger.appenderRef.file.ref = file",
                     "",
                 ]
             )
         )
         return props
 
-    def _java(self, main: str, *args: str, heap: str = "256m") -> list[str]:
+    def _java(self, node: KafkaNode, main: str, *args: str, heap: str = "256m") -> list[str]:
         return [
             "java",
             f"-Xmx{heap}",
             "-cp",
             str(self.lib / "*"),
-            f"-Dlog4j.configuration=file:{self.dir / 'log4j.properties'}",
+            f"-Dlog4j2.configurationFile={node.dir / 'log4j2.properties'}",
             main,
             *args,
         ]
 
-    def launch(self) -> int:
-        props = self._write_config()
+    def _formatted_for(self) -> int | None:
+        """How many nodes the existing data was formatted for (None: no data yet)."""
         if not (self.dir / "data" / "meta.properties").exists():
-            cid = _cluster_id()
-            _run(
-                self._java(
-                    "kafka.tools.StorageTool",
-                    *("format", "-t", cid, "-c", str(props), *self._scram_user()),
-                ),
-                "formatting Kafka storage",
-                self.log,
-                hide=(self.settings.kafka.password,),
+            return None
+        stamp = self.dir / "nodes"
+        return int(stamp.read_text()) if stamp.exists() else 1
+
+    def _cluster_id(self) -> str:
+        """The cluster's id: the one already formatted on a node, else a new one."""
+        for node in self.nodes:
+            meta = node.dir / "data" / "meta.properties"
+            if meta.exists():
+                found = re.search(r"^cluster\.id=(\S+)", meta.read_text(), re.MULTILINE)
+                if found:
+                    return found.group(1)
+        return _cluster_id()
+
+    def start(self) -> int | None:
+        """As ``Service.start``, node by node: only the nodes not running are launched
+        (after a node was killed, ``up`` brings that one back)."""
+        (self.settings.home / "run").mkdir(parents=True, exist_ok=True)
+        self._check_layout()
+        if self.answers():
+            return None
+        nodes = self.nodes
+        if all(read_pid(n.pidfile) is not None for n in nodes):
+            return read_pid(nodes[0].pidfile)
+        self.install()
+        return self.launch()
+
+    def _check_layout(self) -> None:
+        formatted, nodes = self._formatted_for(), len(self.nodes)
+        if formatted is not None and formatted != nodes:
+            raise StackError(
+                f"Kafka's data in {self.settings.home} is for {formatted} node(s), and"
+                f" TAPELINE_KAFKA_NODES={nodes}: its quorum cannot change in place."
+                " Start over with `python -m stack down --purge` (deletes the data)."
             )
-        cmd = self._java("kafka.Kafka", str(props), heap="1g")
-        cmd[1:1] = ["-Xms256m", "-XX:+UseG1GC"]
-        return spawn(cmd, self.log.with_suffix(".out"), self.pidfile)
+
+    def launch(self) -> int:
+        self._check_layout()
+        nodes = self.nodes
+        cid = self._cluster_id()
+        pids = []
+        for node in nodes:
+            props = self._write_config(node)
+            if not (node.dir / "data" / "meta.properties").exists():
+                _run(
+                    self._java(
+                        node,
+                        "kafka.tools.StorageTool",
+                        *("format", "-t", cid, "-c", str(props), *self._scram_user()),
+                    ),
+                    "formatting Kafka storage",
+                    node.log,
+                    hide=(self.settings.kafka.password,),
+                )
+            pid = read_pid(node.pidfile)
+            if pid is None:
+                heap = "1g" if len(nodes) == 1 else "512m"
+                cmd = self._java(node, "kafka.Kafka", str(props), heap=heap)
+                cmd[1:1] = ["-Xms256m", "-XX:+UseG1GC"]
+                pid = spawn(cmd, node.log.with_suffix(".out"), node.pidfile)
+            pids.append(pid)
+        (self.dir / "nodes").write_text(str(len(nodes)))
+        return pids[0]
 
     def healthy(self) -> bool:
-        if not port_open(*self.host_port):
+        """Every node listens and is a registered broker, and a record goes round."""
+        nodes = self.nodes
+        if not all(port_open(n.host, n.port) for n in nodes):
             return False
-        return kafka_round_trip(self.settings)
+        if len(nodes) > 1:
+            from tasks.core.kafka import admin
+
+            client = admin(self.settings, request_timeout_ms=5000)
+            try:
+                brokers = client.describe_cluster()["brokers"]
+            finally:
+                client.close()
+            # a node killed and started again is fenced until it has caught up
+            if sum(not b.get("is_fenced") for b in brokers) < len(nodes):
+                return False
+        return kafka_round_trip(self.settings, replication=self.replication)
+
+    def down(self) -> bool:
+        stopped = [stop(n.pidfile) for n in reversed(self.nodes)]
+        return any(stopped)
+
+    def active_controller(self) -> int:
+        """The node id leading the KRaft quorum (the active controller)."""
+        from tasks.core.kafka import admin
+
+        client = admin(self.settings, request_timeout_ms=5000)
+        try:
+            quorum = client.describe_metadata_quorum()
+        finally:
+            client.close()
+        return quorum["topics"][0]["partitions"][0]["leader_id"]
 
     def version(self) -> str:
         """What the broker itself says: its start-up banner and its DescribeFeatures."""
@@ -306,7 +447,10 @@ class Kafka(Service):
         finally:
             client.close()
         banner = re.findall(r"Kafka version: (\S+)", self.log.read_text(errors="replace"))
-        return f"Apache Kafka {banner[-1] if banner else '?'} (metadata.version level {level})"
+        where = f"metadata.version level {level}"
+        if len(self.nodes) > 1:
+            where += f"; {len(self.nodes)} nodes, active controller {self.active_controller()}"
+        return f"Apache Kafka {banner[-1] if banner else '?'} ({where})"
 
 
 def _jaas_quote(value: str) -> str:
@@ -319,7 +463,9 @@ def _properties_escape(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
-def kafka_round_trip(settings: config.Settings, topic: str = "_tapeline.health") -> bool:
+def kafka_round_trip(
+    settings: config.Settings, topic: str = "_tapeline.health", replication: int = 1
+) -> bool:
     """Produce a unique record and read it back: the broker really works end to end."""
     from kafka import TopicPartition
     from kafka.admin import NewTopic
@@ -331,7 +477,7 @@ def kafka_round_trip(settings: config.Settings, topic: str = "_tapeline.health")
     try:
         if topic not in client.list_topics():
             with contextlib.suppress(TopicAlreadyExistsError):
-                client.create_topics([NewTopic(topic, 1, 1)])
+                client.create_topics([NewTopic(topic, 1, replication)])
     finally:
         client.close()
     token = uuid.uuid4().hex.encode()

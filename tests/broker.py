@@ -17,23 +17,26 @@ from stack.services import Kafka, up
 from tasks.core import config
 
 
-def kill(broker: Kafka) -> None:
-    """SIGKILL the broker's process group: an outage, not a polite shutdown."""
-    pid = read_pid(broker.pidfile)
-    if pid is not None:
-        os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    broker.pidfile.unlink(missing_ok=True)
+def kill(broker: Kafka, node: int | None = None) -> None:
+    """SIGKILL the process group of one node (its id), or of every node: an outage, not a
+    polite shutdown."""
+    for n in broker.nodes if node is None else [broker.node(node)]:
+        pid = read_pid(n.pidfile)
+        if pid is not None:
+            os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        n.pidfile.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def private_broker(
-    shared: config.Settings, port: int, **env: str
+    shared: config.Settings, port: int, properties: dict[str, str] | None = None, **env: str
 ) -> Iterator[tuple[dict[str, str], config.Settings, Kafka]]:
     """A running broker on ``port`` with ``env`` on top of this session's settings (the
-    shared PostgreSQL's roles included: their local passwords live with its home)."""
+    shared PostgreSQL's roles included: their local passwords live with its home), and
+    ``properties`` added to its server.properties."""
     home = shared.home / f"test-broker-{uuid.uuid4().hex[:8]}"
     full = {
         **os.environ,
@@ -46,6 +49,7 @@ def private_broker(
     }
     s = config.load(full)
     broker = Kafka("kafka", s)
+    broker.overrides = properties or {}
     try:
         up([broker])  # healthy() is a produce and read-back with these settings
         yield full, s, broker

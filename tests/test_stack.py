@@ -49,7 +49,7 @@ def test_restart_keeps_data_and_teardown_leaves_no_listener(private_env):
     s = config.load(private_env)
     up = _stack(private_env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
-    assert "Apache Kafka 3.9" in up.stdout
+    assert "Apache Kafka 4.3" in up.stdout
 
     token = uuid.uuid4().hex
     with psycopg2.connect(s.pg_dsn) as conn, conn.cursor() as cur:

@@ -26,8 +26,12 @@ DEFAULTS: dict[str, str] = {
     # How long a produced record may wait for the broker's ack before it is reported
     # failed (then handed back to gap repair or sent again, never dropped).
     "TAPELINE_KAFKA_DELIVERY_TIMEOUT_MS": "120000",
+    # KRaft nodes (each broker and controller) ``python -m stack up`` runs, on consecutive
+    # port pairs from the first bootstrap address; a one-address bootstrap lists them all.
+    "TAPELINE_KAFKA_NODES": "1",
     "TAPELINE_TOPIC_PARTITIONS": "6",
-    "TAPELINE_TOPIC_REPLICATION": "1",
+    # Empty: the node count, at most 3 (``min.insync.replicas`` is then 2 where it can be).
+    "TAPELINE_TOPIC_REPLICATION": "",
     "TAPELINE_TOPIC_RETENTION_HOURS": "168",
     # The owner: migrations. Empty: the local stack's owner ``tapeline`` on 127.0.0.1:15432,
     # with a password made once in $TAPELINE_HOME/secrets/pg-owner (``local_secret``).
@@ -78,6 +82,7 @@ class KafkaSettings:
     username: str = ""
     password: str = field(default="", repr=False)
     delivery_timeout_ms: int = 120_000
+    nodes: int = 1  # of the local stack (``TAPELINE_KAFKA_NODES``)
 
     def client_kwargs(self) -> dict[str, object]:
         """kafka-python keyword arguments shared by producers, consumers and admin."""
@@ -266,7 +271,9 @@ def prefect_auth(env: dict[str, str], home: Path) -> str:
     return f"tapeline:{local_secret(home, 'prefect-api')}"
 
 
-def _bootstrap(env: dict[str, str]) -> list[str]:
+def _bootstrap(env: dict[str, str], nodes: int) -> list[str]:
+    """The bootstrap addresses; with several local nodes and one address given, every
+    node's (``host:port``, ``host:port+2``, ...), so a client starts with any node down."""
     name = "TAPELINE_KAFKA_BOOTSTRAP"
     servers = [s.strip() for s in _get(env, name).split(",") if s.strip()]
     if not servers:
@@ -275,7 +282,17 @@ def _bootstrap(env: dict[str, str]) -> list[str]:
         host, _, port = s.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"{name}: {s!r} is not host:port")
+    if len(servers) == 1 and nodes > 1:
+        host, _, port = servers[0].rpartition(":")
+        servers = [f"{host}:{int(port) + 2 * i}" for i in range(nodes)]
     return servers
+
+
+def _replication(env: dict[str, str], nodes: int) -> int:
+    """``TAPELINE_TOPIC_REPLICATION``, else one replica per node up to three."""
+    if _get(env, "TAPELINE_TOPIC_REPLICATION"):
+        return _int(env, "TAPELINE_TOPIC_REPLICATION", 1, 10)
+    return min(nodes, 3)
 
 
 def load(env: dict[str, str] | None = None) -> Settings:
@@ -291,22 +308,24 @@ def load(env: dict[str, str] | None = None) -> Settings:
     if mechanism and not password:
         raise ConfigError("TAPELINE_KAFKA_PASSWORD: required with SASL")
     home = Path(_get(env, "TAPELINE_HOME"))
+    nodes = _int(env, "TAPELINE_KAFKA_NODES", 1, 5)
     pg_dsn = _owner_dsn(env, home)
     if urlsplit(pg_dsn).password is None and "PGPASSWORD" not in env:
         raise ConfigError("TAPELINE_PG_DSN: no password (put it in the URL or PGPASSWORD)")
     return Settings(
         home=home,
         kafka=KafkaSettings(
-            bootstrap=_bootstrap(env),
+            bootstrap=_bootstrap(env, nodes),
             security_protocol=protocol,
             sasl_mechanism=mechanism,
             username=_get(env, "TAPELINE_KAFKA_USERNAME"),
             password=password,
             delivery_timeout_ms=_int(env, "TAPELINE_KAFKA_DELIVERY_TIMEOUT_MS", 1000, 3_600_000),
+            nodes=nodes,
         ),
         topics=TopicSettings(
             partitions=_int(env, "TAPELINE_TOPIC_PARTITIONS", 1, 1000),
-            replication=_int(env, "TAPELINE_TOPIC_REPLICATION", 1, 10),
+            replication=_replication(env, nodes),
             retention_hours=_int(env, "TAPELINE_TOPIC_RETENTION_HOURS", -1, 24 * 3650),
         ),
         pg_dsn=pg_dsn,
