@@ -16,7 +16,15 @@ Guarantee (what consumers of ``market.books.raw`` are promised):
 
 The keeper never does I/O. It says what the shard must do to rebuild a book: fetch a REST
 snapshot (``due_fetches``, Binance) or resubscribe (``take_resubscribe``, Kraken and
-Coinbase), and the shard hands the result back.
+Coinbase), and the shard hands the result back. A request that brings no rebuilt book
+within ``REBUILD_WAIT_S`` (refused, lost, or a snapshot that fails again) is made again,
+each time after a longer pause (``RETRY_S`` doubling up to ``MAX_RETRY_S``), so a venue
+is never asked in a loop; the pause resets once the book is published again. A new
+connection's books are expected within ``REBUILD_WAIT_S`` too, else they are asked for.
+
+``seq`` starts at the keeper's creation time in microseconds: a later ingestion run's
+events of the same book always carry higher numbers than an earlier run's, so a consumer
+never applies a new run's delta to the old run's book.
 
 Memory per book: the sync machine's book (``keep`` levels a side; Binance's buffer at most
 ``max_buffer`` deltas) and the last published view (``depth`` levels a side).
@@ -31,13 +39,23 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from tasks.books.book import Book, Level
-from tasks.books.sync import DEPTH, BinanceSync, CoinbaseSync, KrakenSync, Resync
+from tasks.books.sync import (
+    DEPTH,
+    SEQUENCE_GAP,
+    BinanceSync,
+    CoinbaseSync,
+    KrakenSync,
+    Resync,
+)
 from tasks.core.events import BookUpdate
 from tasks.venues.depth import BookDelta, BookSnapshot
 
 PROTOCOLS = ("binance", "kraken", "coinbase")
 _ZERO = Decimal(0)
-FETCH_RETRY_S = 1.0  # a REST snapshot that failed or was stale is asked again after this
+RETRY_S = 1.0  # the pause before asking again for a book that failed to rebuild; doubles
+MAX_RETRY_S = 60.0
+REBUILD_WAIT_S = 10.0  # a request (or a new connection) that rebuilt nothing by then: again
+FIRST_FETCH_S = 1.0  # Binance: a book no delta has started yet is fetched after this
 
 
 def keep_levels(protocol: str, depth: int, subscribed: int | None = None) -> int:
@@ -87,11 +105,12 @@ class BookKeeper:
         self.symbols = list(dict.fromkeys(symbols))
         self.every_us = int(snapshot_every_s * 1_000_000)
         self.max_buffer = max_buffer
-        self.views = {s: _View() for s in self.symbols}
+        seq0 = time.time_ns() // 1000  # see the module docstring
+        self.views = {s: _View(seq=seq0) for s in self.symbols}
         self.resyncs: Counter[str] = Counter()  # reason -> count, since this keeper began
         self.snapshots = self.deltas = 0
-        self._fetch_after: dict[str, float] = {}  # Binance: symbol -> when to fetch
-        self._resubscribe: dict[str, None] = {}  # Kraken/Coinbase: symbols to resubscribe
+        self._due: dict[str, float] = {}  # symbol -> when to ask for its rebuild (monotonic)
+        self._tries: Counter[str] = Counter()  # rebuild requests since it was last published
         self._start()
 
     def _start(self) -> None:
@@ -103,9 +122,13 @@ class BookKeeper:
         else:
             self.coinbase = CoinbaseSync(self.keep)
         for view in self.views.values():
-            view.snapshot_us = None
-        self._fetch_after.clear()
-        self._resubscribe.clear()
+            view.snapshot_us = view.updated_mono = None
+        # Kraken and Coinbase send snapshots for the new subscription (asked again if they
+        # do not come); Binance's books are fetched once the stream has begun buffering.
+        wait = FIRST_FETCH_S if self.protocol == "binance" else REBUILD_WAIT_S
+        now = time.monotonic()
+        self._due = {s: now + wait for s in self.symbols}
+        self._tries.clear()
 
     # -- what the shard calls ------------------------------------------------------------
 
@@ -134,7 +157,7 @@ class BookKeeper:
     def on_rest_snapshot(self, snapshot: BookSnapshot, recv_us: int) -> list[BookUpdate]:
         """A REST snapshot the shard fetched for a ``due_fetches`` symbol (Binance)."""
         sync = self.binance[snapshot.symbol]
-        self._fetch_after.pop(snapshot.symbol, None)
+        self._due.pop(snapshot.symbol, None)
         outcome = sync.on_snapshot(snapshot)
         out: list[BookUpdate] = []
         if outcome is not None:
@@ -144,22 +167,31 @@ class BookKeeper:
         return out
 
     def fetch_failed(self, symbol: str) -> None:
-        """The REST snapshot could not be had: ask again after ``FETCH_RETRY_S``."""
-        self._fetch_after[symbol] = time.monotonic() + FETCH_RETRY_S
+        """The REST snapshot could not be had: ask again after a pause."""
+        self._ask(symbol)
 
     def due_fetches(self) -> list[str]:
         """Binance symbols whose REST snapshot the shard should fetch now."""
-        now = time.monotonic()
-        due = [s for s, after in self._fetch_after.items() if after <= now]
-        for s in due:  # asked once; ``on_rest_snapshot`` or ``fetch_failed`` follows
-            self._fetch_after[s] = float("inf")
-        return due
+        return self._take_due() if self.protocol == "binance" else []
 
     def take_resubscribe(self) -> list[str]:
         """Kraken/Coinbase symbols whose book the shard should resubscribe now."""
-        symbols = list(self._resubscribe)
-        self._resubscribe.clear()
-        return symbols
+        return self._take_due() if self.protocol != "binance" else []
+
+    def _ask(self, symbol: str) -> None:
+        """Ask for ``symbol``'s rebuild: now the first time, after a doubling pause when
+        the previous requests rebuilt nothing."""
+        tries = self._tries[symbol]
+        pause = min(MAX_RETRY_S, RETRY_S * 2 ** (tries - 1)) if tries else 0.0
+        self._due[symbol] = time.monotonic() + pause
+
+    def _take_due(self) -> list[str]:
+        now = time.monotonic()
+        due = [s for s, when in self._due.items() if when <= now]
+        for s in due:  # if nothing is rebuilt by then, it is due again
+            self._tries[s] += 1
+            self._due[s] = now + REBUILD_WAIT_S
+        return due
 
     def failed(self, symbol: str) -> None:
         """One of ``symbol``'s events never reached Kafka: consumers saw a hole in its
@@ -193,13 +225,17 @@ class BookKeeper:
             self._lost(event.symbol, outcome)
         elif sync.synced and sync.last_applied is event:
             self._publish(event.symbol, sync.book, event.event_us, recv_us, out)
-        elif not sync.synced and event.symbol not in self._fetch_after:
-            self._fetch_after[event.symbol] = 0.0  # buffered: the snapshot can come now
+        elif (
+            not sync.synced
+            and not self._tries[event.symbol]
+            and self._due.get(event.symbol, 0.0) > time.monotonic()
+        ):
+            self._due[event.symbol] = 0.0  # buffered: the first snapshot can come now
 
     def _kraken(self, event: BookSnapshot | BookDelta, recv_us: int, out: list) -> None:
         sync = self.kraken[event.symbol]
         if isinstance(event, BookSnapshot):
-            self._resubscribe.pop(event.symbol, None)
+            self._due.pop(event.symbol, None)
             self.views[event.symbol].snapshot_us = None
             outcome = sync.on_snapshot(event)
         elif not sync.synced:
@@ -215,18 +251,21 @@ class BookKeeper:
         self, books: Sequence[BookSnapshot | BookDelta], sequence: int, recv_us: int
     ) -> list[BookUpdate]:
         sync = self.coinbase
-        before = {s for s in self.symbols if sync.synced(s)}
         mine = [e for e in books if e.symbol in self.views]
+        touched = {s for s in self.symbols if sync.synced(s)} | {e.symbol for e in mine}
+        for e in mine:
+            if isinstance(e, BookSnapshot):
+                self._due.pop(e.symbol, None)  # the (re)subscription answered
         outcome = sync.on_frame(sequence, mine)
         if outcome is not None:
             self.resyncs[outcome.reason] += 1
             # after lost messages any book may be wrong, and a snapshot may be among them
-            dropped = self.symbols if outcome.reason == "sequence_gap" else [
-                s for s in before if not sync.synced(s)
-            ]  # fmt: skip
-            for s in dropped:
-                self.views[s].snapshot_us = None
-                self._resubscribe[s] = None
+            lost = self.symbols if outcome.reason == SEQUENCE_GAP else touched
+            for s in lost:
+                if not sync.synced(s) or outcome.reason == SEQUENCE_GAP:
+                    sync.drop(s)
+                    self._forget(s)
+                    self._ask(s)
         out: list[BookUpdate] = []
         dated: dict[str, int] = {}
         for e in mine:
@@ -251,13 +290,14 @@ class BookKeeper:
 
     def _lost(self, symbol: str, outcome: Resync) -> None:
         self.resyncs[outcome.reason] += 1
-        self.views[symbol].snapshot_us = None
-        if self.protocol == "binance":
-            self._fetch_after[symbol] = time.monotonic() + (
-                FETCH_RETRY_S if outcome.reason == "stale_snapshot" else 0.0
-            )
-        else:
-            self._resubscribe[symbol] = None
+        self._forget(symbol)
+        self._ask(symbol)
+
+    def _forget(self, symbol: str) -> None:
+        """The published view no longer stands: the next event is a snapshot, and the
+        book has no age until it is rebuilt."""
+        view = self.views[symbol]
+        view.snapshot_us = view.updated_mono = None
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -311,6 +351,7 @@ class BookKeeper:
             event_us, recv_us,
         )  # fmt: skip
         out.append(event)
+        self._tries.pop(symbol, None)  # published again: the next failure asks at once
 
 
 def _diff(old: dict[Decimal, Decimal], new: list[Level]) -> list[Level]:

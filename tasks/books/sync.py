@@ -217,7 +217,8 @@ class CoinbaseSync:
         if self.sequence is not None and sequence != self.sequence + 1:
             self.books.clear()
             outcome = Resync(SEQUENCE_GAP, f"sequence_num {sequence} after {self.sequence}")
-        self.sequence = sequence
+        # a late (lower) number is one gap, not two: the next in-order frame follows the max
+        self.sequence = sequence if self.sequence is None else max(self.sequence, sequence)
         touched = []
         for event in events:
             book = self.books.get(event.symbol)

@@ -47,7 +47,7 @@ MESSAGES_MISSED = Counter(
 BOOK_RESYNCS = Counter(
     "tapeline_book_resyncs",
     "Order books found out of step and rebuilt (reason: sequence_gap, stale_snapshot, "
-    "buffer_full, checksum, crossed); reason=\"checksum\" counts checksum failures",
+    "buffer_full, checksum, crossed, depth); reason=\"checksum\" counts checksum failures",
     ("venue", "reason"),
 )
 BOOK_AGE = Gauge(

@@ -41,7 +41,7 @@ from tasks.ingest.gaps import GapTracker, SequenceWatch
 from tasks.ingest.publish import PRODUCER_TUNING, Closed, Lane, Publisher, Topics
 from tasks.venues.base import FeedError, Parsed, Venue, VenueConfig
 from tasks.venues.connection import Connection, ConnectionPolicy
-from tasks.venues.http import RestError
+from tasks.venues.http import Http, RestError
 
 log = logging.getLogger(__name__)
 CHANNELS = ("trades", "quotes")
@@ -161,7 +161,10 @@ class ShardWorker:
                 snapshot_every_s=plan.book_snapshot_s,
             )  # fmt: skip
             if protocol == "binance":
-                self.depth_rest = venues.rest_client(plan.venue, plan.config)
+                # One quick try, no waiting for the venue's weight budget: the fetch runs in
+                # the reader thread, and a failed one is asked again later (BookKeeper).
+                http = Http(plan.config.rest_url, timeout_s=5.0, attempts=1, weight_slowdown=2.0)
+                self.depth_rest = venues.spec(plan.venue).rest(plan.config, http)
             self._resyncs_seen: dict[str, int] = {}
         self.connection = Connection(
             self.adapter,
@@ -238,7 +241,8 @@ class ShardWorker:
     def _books(self, parsed: Parsed, recv_us: int) -> None:
         """Book events through the keeper (every frame: Coinbase numbers them all), then
         what it asks for to rebuild a book: resubscriptions, REST snapshots (fetched
-        here, in order with the stream: Binance's procedure allows the wait)."""
+        here, in order with the stream, one try of at most 5 s each: the socket buffers
+        meanwhile, and Binance's procedure allows the wait)."""
         books, lane = self.books, self.lane
         assert books is not None
         while lane.failed_books:

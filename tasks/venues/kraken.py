@@ -97,12 +97,15 @@ class Kraken(Adapter):
     def book_resync_frames(self, symbols: list[str]) -> list[str]:
         """Unsubscribe, then subscribe again, the book of ``symbols``: Kraken answers
         the subscription with a fresh snapshot, which is how a pair's book is rebuilt."""
-        params = {"channel": "book", "symbol": [self.to_venue_symbol(s) for s in symbols]}
+        params = {
+            "channel": "book",
+            "symbol": [self.to_venue_symbol(s) for s in symbols],
+            "depth": self.book_depth,  # an unsubscription names the depth it ends (default 10)
+        }
         return [
             json.dumps({"method": "unsubscribe", "params": params}),
-            json.dumps({"method": "subscribe", "params": {**params, "depth": self.book_depth,
-                                                          "snapshot": True}}),
-        ]  # fmt: skip
+            json.dumps({"method": "subscribe", "params": {**params, "snapshot": True}}),
+        ]
 
     def parse(self, raw: str | bytes, recv_us: int) -> Parsed:
         msg = loads(self.name, raw)

@@ -102,3 +102,11 @@ def test_a_crossed_book_is_dropped() -> None:
 def test_malformed_level2_frames_are_feed_errors(name: str) -> None:
     with pytest.raises(FeedError):
         Coinbase().parse_level2(frame(name))
+
+
+def test_a_late_number_is_one_gap_not_two() -> None:
+    sync = CoinbaseSync(depth=10)
+    outcomes = [sync.on_frame(n) for n in (1, 2, 4, 3, 5, 6)]
+    assert [o.reason if o else None for o in outcomes] == [
+        None, None, "sequence_gap", "sequence_gap", None, None
+    ]  # fmt: skip

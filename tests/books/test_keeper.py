@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import time
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def test_a_consumer_of_the_events_holds_the_true_top_of_book_after_every_event(s
     snaps = [e.event_us for e in consumer.events if e.kind == "snapshot"]
     assert all(b - a >= 2_000_000 for a, b in itertools.pairwise(snaps))
     assert len(snaps) >= (venue.event_us - T0) // 2_000_000 // 2
-    assert [e.seq for e in consumer.events] == list(range(1, len(consumer.events) + 1))
+    first = consumer.events[0].seq  # the keeper's creation time in microseconds, plus one
+    assert abs(first - time.time_ns() // 1000) < 600_000_000  # (the test takes seconds)
+    assert [e.seq for e in consumer.events] == list(range(first, first + len(consumer.events)))
     assert not keeper.resyncs and keeper.snapshots + keeper.deltas == len(consumer.events)
 
 
@@ -159,8 +162,8 @@ def test_a_stale_snapshot_is_asked_for_again_later() -> None:
     assert keeper.due_fetches() == [SYM]
     assert keeper.on_rest_snapshot(stale, T0) == []
     assert keeper.resyncs == {"stale_snapshot": 1} and not keeper.synced(SYM)
-    assert keeper.due_fetches() == []  # not at once: after FETCH_RETRY_S
-    keeper._fetch_after[SYM] = 0.0  # (time passes)
+    assert keeper.due_fetches() == []  # not at once: after a pause
+    keeper._due[SYM] = 0.0  # (time passes)
     assert keeper.due_fetches() == [SYM]
     assert keeper.on_rest_snapshot(venue.snapshot(), T0) == [] and keeper.synced(SYM)
     (first,) = keeper.on_frame([venue.delta()], None, T0)
@@ -203,7 +206,7 @@ def test_kraken_resubscribes_a_pair_whose_checksum_fails_and_waits_for_its_snaps
     assert keeper.take_resubscribe() == []  # asked once
     keeper.on_frame(kraken.parse(frame("kraken", "book_snapshot.json"), 0).books, None, T0)
     (again,) = keeper.on_frame(update, None, T0)
-    assert again.kind == "snapshot" and again.seq == 2
+    assert again.kind == "snapshot" and again.seq == consumer.events[0].seq + 1
 
 
 def test_a_coinbase_sequence_gap_rebuilds_every_book_of_the_connection() -> None:
@@ -220,6 +223,57 @@ def test_a_coinbase_sequence_gap_rebuilds_every_book_of_the_connection() -> None
     assert keeper.resyncs == {"sequence_gap": 1}
     assert sorted(keeper.take_resubscribe()) == ["BTC-USD", "ETH-USD"]
     assert not keeper.synced("BTC-USD") and msg["sequence_num"] == seq
+
+
+def test_a_later_keeper_numbers_each_book_above_an_earlier_one() -> None:
+    """A restarted ingestion's first delta can never follow the old run's last event."""
+    venue, consumer = Venue(2), Consumer()
+    old = binance_keeper()
+    sync(old, venue, consumer)
+    for _ in range(200):
+        for e in old.on_frame([venue.delta()], None, T0):
+            consumer.apply(e)
+    last_old = consumer.events[-1].seq
+    time.sleep(0.001)
+    new = binance_keeper()
+    sync(new, venue, consumer)
+    while not (events := new.on_frame([venue.delta()], None, T0)):
+        pass
+    assert events[0].kind == "snapshot" and events[0].seq > last_old + 1
+
+
+def test_a_rebuild_that_keeps_failing_is_asked_for_less_and_less_often() -> None:
+    kraken = Kraken()
+    keeper = BookKeeper("kraken", "kraken", ["BTC-USD"], 10, keep=10)
+    snapshot = kraken.parse(frame("kraken", "book_snapshot.json"), 0).books
+    wrong = kraken.parse(frame("kraken", "book_update_wrong_checksum.json"), 0).books
+    pauses = []
+    for _ in range(5):
+        keeper.on_frame(snapshot, None, T0)
+        keeper.on_frame(wrong, None, T0)  # fails again after each rebuild
+        pause = keeper._due["BTC-USD"] - time.monotonic()
+        pauses.append(round(pause))
+        if pause > 0.5:
+            assert keeper.take_resubscribe() == []
+            keeper._due["BTC-USD"] = 0.0  # (the pause passes)
+        assert keeper.take_resubscribe() == ["BTC-USD"]
+    assert pauses == [0, 1, 2, 4, 8], pauses
+    assert keeper.resyncs == {"checksum": 5}
+
+
+def test_a_subscription_that_never_answers_is_made_again() -> None:
+    keeper = BookKeeper("coinbase", "coinbase", ["BTC-USD"], 2, keep=100)
+    assert keeper.take_resubscribe() == []  # the connection's own subscription first
+    keeper._due["BTC-USD"] = 0.0  # (REBUILD_WAIT_S passes without a snapshot)
+    assert keeper.take_resubscribe() == ["BTC-USD"]
+
+
+def test_a_crossed_first_snapshot_is_asked_for_again() -> None:
+    keeper = BookKeeper("coinbase", "coinbase", ["BTC-USD"], 2, keep=100)
+    crossed = BookSnapshot("coinbase", "BTC-USD", ((D(101), D(1)),), ((D(100), D(1)),), 1)
+    assert keeper.on_frame([], 1, T0) == []
+    assert keeper.on_frame([crossed], 2, T0) == []
+    assert keeper.resyncs == {"crossed": 1} and keeper.take_resubscribe() == ["BTC-USD"]
 
 
 def test_wrong_settings_are_refused() -> None:
