@@ -1,0 +1,147 @@
+"""Ingestion across child processes (``processes`` > 1) against the simulator and the real
+local Kafka: every trade id once and in order per symbol with two processes; a SIGKILLed
+process is restarted and its downtime repaired from REST; a process that keeps dying
+fails the run with its name and exit status, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.ingest import ingest
+from simulator.process import SimulatorProcess
+from tasks.ingest import processes
+from tests.ingest.support import assert_contiguous, end_offsets, first_sent, trade_ids
+
+SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
+
+
+def _sim(*faults: str, rate: int = 400) -> SimulatorProcess:
+    args = ["--symbols", ",".join(SYMBOLS), "--rate", str(rate), "--shutdown-grace", "0.3"]
+    for f in faults:
+        args += ["--fault", f]
+    return SimulatorProcess(*args)
+
+
+def _children() -> list[int]:
+    """Running ingestion child processes of this (the test's) process, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == os.getpid() and state != "Z" and b"tasks.ingest.processes" in cmdline:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _run(sim: SimulatorProcess, trades: str, seconds: float) -> dict:
+    return ingest(
+        venue="binance", symbols=SYMBOLS, channels=["trades"], shard_size=1, processes=2,
+        simulator_url=sim.http_url, validate_mode="off", metrics_port=0, stall_timeout_s=3,
+        run_seconds=seconds, trades_topic=trades, progress_every_s=2,
+    )  # fmt: skip
+
+
+def test_two_processes_publish_every_trade_once_in_id_order(
+    kafka, postgres, prefect_server, new_topic
+):
+    trades = new_topic(3)
+    with _sim("binance:gap_every=97,gap_size=3,dup_every=89") as sim:
+        report = _run(sim, trades, 6)
+        final = sim.report()
+
+    assert report["sent"] == report["acked"] > 500 and report["failed"] == 0
+    assert report["unresolved_at_exit"] == 0 and not report["shard_errors"]
+    assert report["gaps_repaired"] >= 1 and report["duplicates_dropped"] >= 1
+    procs = report["processes"]
+    assert [p["shards"] for p in procs] == [[0, 2], [1, 3]]
+    assert all(p["restarts"] == 0 and p["report"]["acked"] > 0 for p in procs), procs
+    assert [s["shard"] for s in report["shards"]] == ["0", "1", "2", "3"]
+    assert len({p["lives"][0]["pid"] for p in procs} | {os.getpid()}) == 3
+
+    ids = trade_ids(kafka, trades)
+    assert sorted(ids) == sorted(SYMBOLS)
+    for symbol in SYMBOLS:
+        assert_contiguous(ids[symbol], symbol)
+        assert ids[symbol][0] == first_sent(final, symbol)
+    assert sum(map(len, ids.values())) == report["acked"]
+    assert report["last_trade_ids"] == {s: i[-1] for s, i in ids.items()}
+    assert _children() == []
+
+
+def test_a_killed_process_is_restarted_and_its_downtime_repaired(
+    kafka, postgres, prefect_server, new_topic
+):
+    trades = new_topic(3)
+    killed: dict = {}
+
+    def kill_one() -> None:
+        deadline = time.monotonic() + 60  # liveness: two process starts on a busy machine
+        while time.monotonic() < deadline:
+            kids = _children()
+            if len(kids) == 2 and sum(end_offsets(kafka, trades).values()) >= 400:
+                killed["pid"] = kids[0]
+                os.kill(kids[0], signal.SIGKILL)
+                killed["at"] = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
+                return
+            time.sleep(0.2)
+
+    with _sim(rate=400) as sim:
+        killer = threading.Thread(target=kill_one, daemon=True)
+        killer.start()
+        report = _run(sim, trades, 12)
+        killer.join(5)
+        final = sim.report()
+
+    assert "pid" in killed, "no child was killed"
+    [hit] = [p for p in report["processes"] if p["lives"][0]["pid"] == killed["pid"]]
+    [other] = [p for p in report["processes"] if p is not hit]
+    assert hit["restarts"] == 1 and other["restarts"] == 0, report["processes"]
+    assert hit["lives"][0]["ended"] == "killed by SIGKILL"
+    assert hit["lives"][1]["exit"] == 0 and hit["report"]["trades_repaired"] > 0
+    assert report["failed"] == 0 and report["unresolved_at_exit"] == 0
+
+    ids = trade_ids(kafka, trades)
+    for symbol in SYMBOLS:
+        assert_contiguous(ids[symbol], symbol)  # the downtime was repaired, nothing twice
+        assert ids[symbol][0] == first_sent(final, symbol)
+    for symbol in hit["symbols"]:
+        assert ids[symbol][-1] > killed["at"][symbol] + 50  # it went on after the kill
+    assert _children() == []
+
+
+def test_a_process_that_keeps_dying_fails_the_run(
+    kafka, postgres, prefect_server, new_topic, monkeypatch
+):
+    trades = new_topic(3)
+    real = processes.child_command
+    broken = [
+        sys.executable, "-c",
+        "import sys; print('cannot start: tasks.ingest.processes broken', file=sys.stderr); "
+        "sys.exit(3)",
+    ]  # fmt: skip
+    monkeypatch.setattr(processes, "child_command", lambda i: broken if i == 0 else real(i))
+    with _sim(rate=100) as sim:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError) as failed:
+            _run(sim, trades, 60)
+        took = time.monotonic() - t0
+
+    message = str(failed.value)
+    assert "ingestion process 0 (shards 0,2: BTC-USDT, SOL-USDT)" in message, message
+    assert "exit status 3" in message and "cannot start" in message, message
+    assert "died 4 times within 60 s" in message, message
+    assert took < 30, f"gave up only after {took:.0f} s"
+    assert _children() == []  # process 1 was stopped too
