@@ -466,7 +466,8 @@ class Supervisor:
         self.stopping = True
         msg = {"fence": self.fenced} if self.fenced else {"stop": flush_timeout_s}
         self._broadcast(msg)
-        deadline = time.monotonic() + flush_timeout_s + join_timeout_s
+        grace = FENCE_KILL_S if self.fenced else flush_timeout_s + join_timeout_s
+        deadline = time.monotonic() + grace
         for slot in self.slots:
             life = slot.current
             if life is None:
@@ -477,7 +478,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     self.logger.error(
                         "%s, pid %d: no report %.0f s after stop: killed",
-                        slot.name(), life.proc.pid, flush_timeout_s + join_timeout_s,
+                        slot.name(), life.proc.pid, grace,
                     )  # fmt: skip
                     life.proc.kill()
                     life.proc.wait(10)
@@ -497,7 +498,8 @@ class Supervisor:
         resyncs: Counter[str] = Counter()
         sections, shards, errors, producer_errors = [], [], [], []
         last_ids: dict[str, int] = {}
-        unresolved = peak = 0
+        unresolved: int | None = 0
+        peak = 0
         for slot in self.slots:
             for life in slot.lives:
                 c = life.counts or {}
@@ -511,7 +513,10 @@ class Supervisor:
             errors += final.get("shard_errors", [])
             if final.get("producer_error"):
                 producer_errors.append(f"process {slot.index}: {final['producer_error']}")
-            unresolved += final.get("unresolved_at_exit") or 0
+            if unresolved is not None and final.get("unresolved_at_exit") is not None:
+                unresolved += final["unresolved_at_exit"]
+            else:  # a child ended without its report (killed): unknown, Kafka knows
+                unresolved = None
             peak += final.get("peak_in_flight") or 0
             sections.append(
                 {
@@ -679,11 +684,12 @@ def child_main() -> int:
     if not line:
         return 0  # the parent went away before it wrote the spec
     spec: ChildSpec = pickle.loads(base64.b64decode(line))
-    logging.basicConfig(
-        level=logging.INFO,
+    logging.basicConfig(  # libraries' warnings, our own info (as a flow run logs them)
+        level=logging.WARNING,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("tasks").setLevel(logging.INFO)
     child = _Child(spec, out)
     signal.signal(signal.SIGTERM, lambda *_: child.commands.put({"stop": None, "why": "SIGTERM"}))
     return child.run()

@@ -17,7 +17,16 @@ import pytest
 from flows.ingest import ingest
 from simulator.process import SimulatorProcess
 from tasks.ingest import processes
-from tests.ingest.support import assert_contiguous, end_offsets, first_sent, trade_ids
+from tasks.ingest.lease import clock
+from tasks.ingest.live import plan
+from tasks.ingest.publish import Topics
+from tests.ingest.support import (
+    assert_contiguous,
+    end_offsets,
+    first_sent,
+    read_topic,
+    trade_ids,
+)
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 
@@ -119,6 +128,39 @@ def test_a_killed_process_is_restarted_and_its_downtime_repaired(
         assert ids[symbol][0] == first_sent(final, symbol)
     for symbol in hit["symbols"]:
         assert ids[symbol][-1] > killed["at"][symbol] + 50  # it went on after the kill
+    assert _children() == []
+
+
+def test_children_publish_only_until_the_fence_point_the_parent_sent(kafka, new_topic):
+    """The lease's fence point reaches the children: each renewal (``extend``) lets them
+    publish longer, and without one they stop by themselves at the last point sent:
+    no record of theirs is stamped later (kafka-python stamps a record in ``send``, which
+    the lane calls only after its fence check)."""
+    trades = new_topic(3)
+    with _sim(rate=400) as sim:
+        p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url=sim.http_url)
+        sup = processes.Supervisor(p, kafka, 2, run_id="fence-test", topics=Topics(trades))
+        sup.extend(clock() + 6)  # the point the children start with
+        first_wall = time.time() + 6
+        sup.start()
+        try:
+            time.sleep(3)
+            until = clock() + 5  # a renewal: 2 s beyond the first point
+            sup.extend(until)
+            fence_wall = time.time() + (until - clock())
+            deadline = time.monotonic() + 30  # liveness: process starts on a busy machine
+            while sup.alive:
+                assert time.monotonic() < deadline, "still publishing 30 s on"
+                time.sleep(0.05)
+        finally:
+            report = sup.stop()
+    assert sup.fenced is not None and sup.fenced.startswith("fenced: "), sup.fenced
+    assert time.time() >= fence_wall - 0.5
+    lives = [life for proc in report["processes"] for life in proc["lives"]]
+    assert [life["exit"] for life in lives] == [processes.EXIT_FENCED] * 2, lives
+    stamps = [r.timestamp for recs in read_topic(kafka, trades).values() for r in recs]
+    assert stamps and max(stamps) <= fence_wall * 1000 + 5, max(stamps) - fence_wall * 1000
+    assert max(stamps) > first_wall * 1000, "the renewal did not reach the children"
     assert _children() == []
 
 
