@@ -143,7 +143,7 @@ def _check(
     params.number("first_message_timeout_s", first_message_timeout_s, 1, 3600)
     if run_seconds is not None:
         params.number("run_seconds", run_seconds, 0, 366 * 86_400)
-    params.number("processes", processes, 1, MAX_PROCESSES)
+    params.whole("processes", processes, 1, MAX_PROCESSES)
 
 
 @checked(_check)

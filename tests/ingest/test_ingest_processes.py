@@ -187,3 +187,19 @@ def test_a_process_that_keeps_dying_fails_the_run(
     assert "died 4 times within 60 s" in message, message
     assert took < 30, f"gave up only after {took:.0f} s"
     assert _children() == []  # process 1 was stopped too
+
+
+def test_processes_is_checked_like_the_other_parameters():
+    from flows.ingest import _check
+    from tasks.core.params import ParameterError
+
+    given = {
+        "venue": "binance", "symbols": None, "trades_topic": "t.trades",
+        "quotes_topic": "t.quotes", "books_topic": "t.books", "book_depth": 10,
+        "book_snapshot_s": 10.0, "max_in_flight": 100, "stall_timeout_s": 30.0,
+        "first_message_timeout_s": 15.0, "run_seconds": None, "validate_mode": "off",
+    }  # fmt: skip
+    _check(**given, processes=2)
+    for bad in (0, 65, True, 2.5):
+        with pytest.raises(ParameterError, match="processes"):
+            _check(**given, processes=bad)
