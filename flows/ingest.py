@@ -252,6 +252,8 @@ def ingest(
         ended = threading.Event()  # the server ended this run (see watch_ending)
         watch_ending(ended)
         try:
+            if isinstance(ingestion, Supervisor) and not ingestion.wait_started(60.0):
+                logger.warning("not every process streams after 60 s: %s", ingestion.progress())
             _watch(ingestion, run_seconds, progress_every_s, logger, ended, terminated)
         finally:
             ended.set()  # the watch thread stops too

@@ -91,7 +91,7 @@ from tasks.ingest.live import _SUMMED, Ingestion, Plan
 from tasks.ingest.publish import Topics
 from tasks.venues.connection import ConnectionPolicy
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tasks.ingest.processes")  # also when run as __main__
 
 EXIT_FENCED = 75  # the child stopped publishing because the lease's fence point passed
 EXIT_FAILED = 70  # the child stopped by itself: a shard died, or its producer did
@@ -240,6 +240,22 @@ class Supervisor:
         except BaseException:  # none left running behind a run that did not start
             self._kill_all("the run could not start all of its processes")
             raise
+
+    def wait_started(self, timeout_s: float = 60.0) -> bool:
+        """Supervise until every child streams (has sent its first status line), one gave
+        up, the run was fenced or ``timeout_s`` passed; True when all stream. A child's
+        start (imports, producer) takes a second or more, several on a busy machine: the
+        flow waits, so ``run_seconds`` counts streaming time, not process starts."""
+        deadline = time.monotonic() + timeout_s
+        while self.alive and time.monotonic() < deadline:
+            if all(s.current and s.current.status for s in self.slots):
+                self.logger.info(
+                    "%d processes streaming after %.1f s: pids %s",
+                    len(self.slots), time.monotonic() - self._started, self.pids(),
+                )  # fmt: skip
+                return True
+            time.sleep(0.05)
+        return False
 
     def _spawn(self, slot: _Slot, first: bool) -> None:
         share = max(
@@ -610,12 +626,14 @@ class _Child:
         last = spec.last_trades
         if last is None and spec.plan.repairs_gaps:
             symbols = [s for i in spec.shards for s in spec.plan.shards[i]]
+            t0 = time.monotonic()
             last = resume.last_trades(
                 spec.settings, spec.topics.trades, spec.plan.config.name, symbols
             )
             log.info(
-                "restarted: resuming from trade ids %s", {s: t.trade_id for s, t in last.items()}
-            )
+                "restarted: resuming from trade ids %s (read back from Kafka in %.1f s)",
+                {s: t.trade_id for s, t in last.items()}, time.monotonic() - t0,
+            )  # fmt: skip
         ing = Ingestion(
             spec.plan, spec.settings, run_id=spec.run_id, topics=spec.topics,
             max_in_flight=spec.max_in_flight, policy=spec.policy, last_trades=last,

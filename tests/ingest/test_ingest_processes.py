@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,13 +19,7 @@ from tasks.ingest import processes
 from tasks.ingest.lease import clock
 from tasks.ingest.live import plan
 from tasks.ingest.publish import Topics
-from tests.ingest.support import (
-    assert_contiguous,
-    end_offsets,
-    first_sent,
-    read_topic,
-    trade_ids,
-)
+from tests.ingest.support import assert_contiguous, first_sent, read_topic, trade_ids
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 
@@ -68,7 +61,7 @@ def test_two_processes_publish_every_trade_once_in_id_order(
 ):
     trades = new_topic(3)
     with _sim("binance:gap_every=97,gap_size=3,dup_every=89") as sim:
-        report = _run(sim, trades, 6)
+        report = _run(sim, trades, 5)
         final = sim.report()
 
     assert report["sent"] == report["acked"] > 500 and report["failed"] == 0
@@ -90,36 +83,53 @@ def test_two_processes_publish_every_trade_once_in_id_order(
     assert _children() == []
 
 
-def test_a_killed_process_is_restarted_and_its_downtime_repaired(
-    kafka, postgres, prefect_server, new_topic
-):
+def _until(what: str, done, sup: processes.Supervisor, timeout_s: float = 60.0) -> None:
+    """Supervise until ``done()`` (liveness bound: process starts on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert sup.alive, f"the run ended while waiting for {what}: {sup.failed or sup.fenced}"
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
+        time.sleep(0.05)
+
+
+def _streaming(sup: processes.Supervisor) -> bool:
+    """Every child's current process has had a trade acknowledged."""
+    return all(s.current and (s.current.status or {}).get("acked", 0) > 0 for s in sup.slots)
+
+
+def _supervisor(kafka, sim: SimulatorProcess, trades: str) -> processes.Supervisor:
+    p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url=sim.http_url)
+    return processes.Supervisor(
+        p, kafka, 2, run_id=f"test-{trades}", topics=Topics(trades), status_every_s=0.2
+    )
+
+
+def test_a_killed_process_is_restarted_and_its_downtime_repaired(kafka, new_topic):
+    """SIGKILL one child: the supervisor starts it again, the new process reads its
+    symbols' last trades back from Kafka and repairs the downtime from REST first."""
     trades = new_topic(3)
-    killed: dict = {}
-
-    def kill_one() -> None:
-        deadline = time.monotonic() + 60  # liveness: two process starts on a busy machine
-        while time.monotonic() < deadline:
-            kids = _children()
-            if len(kids) == 2 and sum(end_offsets(kafka, trades).values()) >= 400:
-                killed["pid"] = kids[0]
-                os.kill(kids[0], signal.SIGKILL)
-                killed["at"] = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
-                return
-            time.sleep(0.2)
-
     with _sim(rate=400) as sim:
-        killer = threading.Thread(target=kill_one, daemon=True)
-        killer.start()
-        report = _run(sim, trades, 12)
-        killer.join(5)
+        sup = _supervisor(kafka, sim, trades)
+        sup.start()
+        try:
+            _until("both processes to publish", lambda: _streaming(sup), sup)
+            victim = sup.slots[0]
+            os.kill(victim.current.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            at_kill = {s: m["last_id"] for s, m in sim.report()["markets"].items()}
+            back = lambda: len(victim.lives) == 2 and _streaming(sup)  # noqa: E731
+            _until("the killed process to be back", back, sup)
+            time.sleep(1)  # and streaming live for a while
+        finally:
+            report = sup.stop()
         final = sim.report()
 
-    assert "pid" in killed, "no child was killed"
-    [hit] = [p for p in report["processes"] if p["lives"][0]["pid"] == killed["pid"]]
-    [other] = [p for p in report["processes"] if p is not hit]
+    hit, other = report["processes"]
     assert hit["restarts"] == 1 and other["restarts"] == 0, report["processes"]
-    assert hit["lives"][0]["ended"] == "killed by SIGKILL"
-    assert hit["lives"][1]["exit"] == 0 and hit["report"]["trades_repaired"] > 0
+    assert [life["ended"] for life in hit["lives"]] == [
+        "killed by SIGKILL",
+        "exit status 0 (stopped)",
+    ]
+    assert hit["report"]["trades_repaired"] > 0  # the downtime, from REST
     assert report["failed"] == 0 and report["unresolved_at_exit"] == 0
 
     ids = trade_ids(kafka, trades)
@@ -127,7 +137,8 @@ def test_a_killed_process_is_restarted_and_its_downtime_repaired(
         assert_contiguous(ids[symbol], symbol)  # the downtime was repaired, nothing twice
         assert ids[symbol][0] == first_sent(final, symbol)
     for symbol in hit["symbols"]:
-        assert ids[symbol][-1] > killed["at"][symbol] + 50  # it went on after the kill
+        assert ids[symbol][-1] > at_kill[symbol]  # it went on after the kill
+    assert report["last_trade_ids"] == {s: i[-1] for s, i in ids.items()}
     assert _children() == []
 
 
@@ -138,17 +149,17 @@ def test_children_publish_only_until_the_fence_point_the_parent_sent(kafka, new_
     the lane calls only after its fence check)."""
     trades = new_topic(3)
     with _sim(rate=400) as sim:
-        p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url=sim.http_url)
-        sup = processes.Supervisor(p, kafka, 2, run_id="fence-test", topics=Topics(trades))
-        sup.extend(clock() + 6)  # the point the children start with
-        first_wall = time.time() + 6
+        sup = _supervisor(kafka, sim, trades)
         sup.start()
         try:
-            time.sleep(3)
-            until = clock() + 5  # a renewal: 2 s beyond the first point
+            _until("both processes to publish", lambda: _streaming(sup), sup)
+            sup.extend(clock() + 1.5)  # the lease is taken: a first fence point
+            first_wall = time.time() + 1.5
+            time.sleep(0.5)
+            until = clock() + 2.5  # a renewal: 1.5 s beyond the first point
             sup.extend(until)
             fence_wall = time.time() + (until - clock())
-            deadline = time.monotonic() + 30  # liveness: process starts on a busy machine
+            deadline = time.monotonic() + 30  # liveness: a busy machine
             while sup.alive:
                 assert time.monotonic() < deadline, "still publishing 30 s on"
                 time.sleep(0.05)
