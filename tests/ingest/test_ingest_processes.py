@@ -61,7 +61,7 @@ def test_two_processes_publish_every_trade_once_in_id_order(
 ):
     trades = new_topic(3)
     with _sim("binance:gap_every=97,gap_size=3,dup_every=89") as sim:
-        report = _run(sim, trades, 5)
+        report = _run(sim, trades, 3)
         final = sim.report()
 
     assert report["sent"] == report["acked"] > 500 and report["failed"] == 0
