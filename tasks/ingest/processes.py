@@ -33,7 +33,10 @@ run (``run_seconds``, cancellation, SIGTERM) sends every child "stop", waits for
 flush and report (then kills what is left) and returns the summed report with one
 section per process (``processes``). A killed child's counts are those of its last
 status line (at most ``status_every_s`` old); what it published is in Kafka whatever
-its counts say.
+its counts say. The new child reads its resume point back only after the old one's exit
+was seen and a new interpreter has started (a second or more): a produce request the
+dead process had already written to its socket has reached the broker by then, so the
+read-back sees it, and no record of the old producer can land behind the new one's.
 
 The lease still fences, across processes. Only the parent holds the feed's lease
 (``tasks.ingest.lease``) and renews it; a child never talks to PostgreSQL. The fence
