@@ -36,7 +36,8 @@ status line (at most ``status_every_s`` old); what it published is in Kafka what
 its counts say. The new child reads its resume point back only after the old one's exit
 was seen and a new interpreter has started (a second or more): a produce request the
 dead process had already written to its socket has reached the broker by then, so the
-read-back sees it, and no record of the old producer can land behind the new one's.
+read-back sees it. (A broker stalled longer than that could append such a record after
+the new child's copy of it: a duplicate, which the drains' natural keys absorb.)
 
 The lease still fences, across processes. Only the parent holds the feed's lease
 (``tasks.ingest.lease``) and renews it; a child never talks to PostgreSQL. The fence
