@@ -28,25 +28,38 @@ depends on the rate). A benchmark never aborts because the machine is slow: when
 is sustained it reports the best one it measured, marked as such.
 
     .venv/bin/python -m bench.bench_ingest [--seconds 5] [--latency-rate 2000]
+
+``--processes N`` (N >= 2) runs phase 1 only, twice over the same two-or-more shards: in
+one process (what ``processes=1`` runs: one thread per shard, one producer) and spread
+over N child processes (``tasks.ingest.processes.Supervisor``, what ``processes=N`` runs,
+without a lease). Acked messages are counted from the topic's end offsets in both, and
+next to the rates it prints each process's CPU us/msg and how many cores it kept busy,
+and the sum over the machine's: whether N processes reach >= 1.7x one, or the CPU
+accounting shows the cores are the limit (then the rate is the machine's, not the code's).
+
+    .venv/bin/python -m bench.bench_ingest --processes 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import uuid
 
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from bench.cpu import SELF, Meter, per_message_us, service_pid
+from bench.cpu import MACHINE_ID, SELF, Meter, per_message_us, service_pid
 from simulator.process import SimulatorProcess
 from tasks.core import config
 from tasks.core.kafka import admin, consumer, producer
 from tasks.ingest.live import Ingestion, plan
+from tasks.ingest.processes import Supervisor
 from tasks.ingest.publish import PRODUCER_TUNING, Topics
 
+MACHINE = "machine"  # every process on the host, ours and anyone else's (/proc/stat)
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
 
 
@@ -93,15 +106,98 @@ def _ingest(
     }
 
 
-def _sustained(settings: config.Settings, topic: str, args: argparse.Namespace) -> dict:
+def _end(settings: config.Settings, topic: str) -> int:
+    c = consumer(None, settings)
+    try:
+        tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
+        return sum(c.end_offsets(tps).values())
+    finally:
+        c.close()
+
+
+def _ingest_procs(
+    settings: config.Settings,
+    sim: SimulatorProcess,
+    topic: str,
+    warmup: float,
+    seconds: float,
+    processes: int,
+    shard_size: int,
+) -> dict:
+    """Phase 1's step with the shards in one process (``processes`` 1: an in-process
+    ``Ingestion``) or over ``processes`` children; acked = growth of the topic's end
+    offsets, CPU per process (each child, this parent, simulator, broker)."""
+    p = plan("binance", SYMBOLS, ["trades"], shard_size=shard_size, simulator_url=sim.http_url)
+    run_id = f"bench-{uuid.uuid4().hex[:8]}"
+    topics = Topics(topic, topic)
+    ing: Ingestion | Supervisor
+    if processes == 1:
+        ing = Ingestion(p, settings, run_id=run_id, topics=topics)
+        ing.start()
+        pids = {"ingestion": SELF}
+    else:
+        ing = Supervisor(p, settings, processes, run_id=run_id, topics=topics, status_every_s=0.5)
+        ing.start()
+        deadline = time.monotonic() + 60  # every child up and publishing
+        while not all(s.current and s.current.status and s.current.status["acked"]
+                      for s in ing.slots):  # fmt: skip
+            assert ing.alive and time.monotonic() < deadline, ing.progress()
+            time.sleep(0.1)
+        pids = {f"ingestion[{i}]": pid for i, pid in enumerate(ing.pids())}
+        pids["parent"] = SELF
+    try:
+        time.sleep(warmup)
+        broker = service_pid(settings, "kafka")
+        meter = Meter({**pids, "simulator": sim.proc.pid, "broker": broker, MACHINE: MACHINE_ID})
+        acked0, made0 = _end(settings, topic), _generated(sim)
+        p99s: list[float] = []
+        if isinstance(ing, Ingestion):
+            ing.publisher.latency.reset()
+        meter.start()
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(0.5)
+            if isinstance(ing, Supervisor):
+                assert ing.alive, ing.progress()
+                p99s += [s.current.status["p99_ms"] or 0.0 for s in ing.slots]  # type: ignore[union-attr]
+        acked, made = _end(settings, topic) - acked0, _generated(sim) - made0
+        elapsed = time.monotonic() - t0
+        spent = meter.stop()
+        if isinstance(ing, Ingestion):
+            p99 = (ing.publisher.latency.percentiles(0.99) or [float("nan")])[0]
+        else:
+            p99 = max(p99s, default=float("nan"))
+    finally:
+        report = ing.stop()
+    assert not report["failed"] and not report["shard_errors"], report
+    return {
+        "processes": processes,
+        "shards": len(p.shards),
+        "msg_per_s": acked / elapsed,
+        "offered_per_s": made / elapsed,
+        "p99_ms": p99,
+        "cpu_us": per_message_us(spent, acked),
+        "cores": {name: s / elapsed for name, s in spent.items()},
+    }
+
+
+def _sustained(
+    settings: config.Settings, topic: str, args: argparse.Namespace, processes: int = 0
+) -> dict:
     """The highest offered rate the path kept up with; if none was, the step that acked
-    most, with ``sustained`` False."""
+    most, with ``sustained`` False. ``processes`` 0: phase 1 as always (``_ingest``);
+    else ``_ingest_procs`` with that many processes."""
     best: dict = {}
     fastest: dict = {}
     rate = args.start_rate
     while rate <= args.max_rate:
         with _simulator(rate, 5) as sim:
-            r = _ingest(settings, sim, topic, args.warmup, args.seconds)
+            if processes:
+                r = _ingest_procs(
+                    settings, sim, topic, args.warmup, args.seconds, processes, args.shard_size
+                )
+            else:
+                r = _ingest(settings, sim, topic, args.warmup, args.seconds)
         kept = r["msg_per_s"] >= 0.97 * r["offered_per_s"] and r["p99_ms"] < 250
         print(
             f"  offered {r['offered_per_s']:8.0f}/s  acked {r['msg_per_s']:8.0f}/s  "
@@ -172,8 +268,15 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--rate-step", type=float, default=4_000)
     a.add_argument("--max-rate", type=float, default=60_000)
     a.add_argument("--latency-rate", type=float, default=2_000, help="phase 3 trades/s")
+    a.add_argument(
+        "--processes", type=int, default=1, help="N >= 2: compare 1 and N processes (phase 1)"
+    )
+    a.add_argument("--shard-size", type=int, default=3, help="symbols per shard (--processes)")
     args = a.parse_args(argv)
     settings = config.load()
+    if args.processes > 1:
+        compare_processes(settings, args)
+        return
     topics = [f"bench.ingest.{uuid.uuid4().hex[:8]}" for _ in range(3)]
     client = admin(settings)
     client.create_topics([NewTopic(t, settings.topics.partitions, 1) for t in topics])
@@ -224,6 +327,48 @@ def main(argv: list[str] | None = None) -> None:
         "raw": raw, "raw_paced": raw_paced, "sustained": sustained, "paced": paced,
         "ratio": ratio, "cpu_ratio_top": cpu_top, "cpu_ratio_paced": cpu_paced,
     }))  # fmt: skip
+
+
+def compare_processes(settings: config.Settings, args: argparse.Namespace) -> None:
+    """Phase 1 with the shards in one process, then over ``args.processes`` children."""
+    topics = [f"bench.ingest.{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    client = admin(settings)
+    client.create_topics([NewTopic(t, settings.topics.partitions, 1) for t in topics])
+    results = []
+    try:
+        for n, topic in zip((1, args.processes), topics, strict=True):
+            print(f"sustained rate with {n} process(es), simulator -> ingestion -> Kafka")
+            results.append(_sustained(settings, topic, args, processes=n))
+    finally:
+        client.delete_topics(topics)
+        client.close()
+    cores = os.cpu_count() or 1
+    print(f"\n{'processes':>9} {'shards':>6} {'msg/s':>9} {'p99 ms':>7}  "
+          f"CPU us/msg and cores busy per process (this machine: {cores} cores)")  # fmt: skip
+    for r in results:
+        per = "  ".join(
+            f"{name} {us:.1f} us ({r['cores'][name]:.2f})"
+            for name, us in r["cpu_us"].items()
+            if name != MACHINE
+        )
+        top = "" if r["sustained"] else " (best, NOT sustained)"
+        print(
+            f"{r['processes']:>9} {r['shards']:>6} {r['msg_per_s']:>9.0f} {r['p99_ms']:>7.1f}  "
+            f"{per}; machine: {r['cores'][MACHINE]:.2f} cores busy{top}"
+        )
+    one, many = results
+    ratio = many["msg_per_s"] / one["msg_per_s"]
+    busy = many["cores"][MACHINE]
+    limit = "the cores are the limit" if busy >= 0.9 * cores else "the cores are not the limit"
+    ingest_us = [us for name, us in many["cpu_us"].items() if name.startswith("ingestion")]
+    print(
+        f"{args.processes} processes / 1: {ratio:.2f}x (target >= 1.7: "
+        f"{'met' if ratio >= 1.7 else 'MISSED'}); at the top rate the machine's {cores} cores "
+        f"were {busy / cores:.0%} busy ({limit}); ingestion CPU per message: "
+        f"{one['cpu_us']['ingestion']:.1f} us in one process, {sum(ingest_us):.1f} us summed "
+        f"over {args.processes}"
+    )
+    print(json.dumps({"one": one, "many": many, "ratio": ratio, "cores": cores}))
 
 
 if __name__ == "__main__":

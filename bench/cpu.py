@@ -17,6 +17,7 @@ from tasks.core import config
 
 _TICK = os.sysconf("SC_CLK_TCK")
 SELF = 0  # this process, all its threads (time.process_time)
+MACHINE_ID = -1  # every process on the host: all CPUs' busy time (/proc/stat)
 
 
 def _stats() -> dict[int, tuple[int, int]]:
@@ -38,9 +39,13 @@ def cpu_s(pid: int) -> float:
     """User + system CPU seconds of the process tree under ``pid`` (a service as the stack
     started it: the broker's JVM, PostgreSQL's server with its backends, including those
     that have exited, whose time their parent has reaped), or of this process, all its
-    threads, when ``pid`` is ``SELF``."""
+    threads, when ``pid`` is ``SELF``; the whole host's busy CPU time (any process's, on
+    all cores) when it is ``MACHINE_ID``."""
     if pid == SELF:
         return time.process_time()
+    if pid == MACHINE_ID:  # user nice system idle iowait irq softirq steal: all but idle+iowait
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return (sum(f) - f[3] - f[4]) / _TICK
     stats = _stats()
     children: dict[int, list[int]] = {}
     for child, (parent, _) in stats.items():

@@ -13,10 +13,13 @@ Runbook of one run:
    the previous holder has stopped by then, so this is really the last one): its id, and
    its time, from which venues with REST by time (Coinbase, Kraken) look for the rest.
 5. Stream: one thread per shard (a long-running ``connect-shard`` task each), one shared
-   producer; gaps are repaired from REST as ``repair-gap`` tasks. A progress line is
-   logged every ``progress_every_s``. A thread renews the lease every 5 s; if it was taken,
-   or could not be renewed for ~35 s, publishing stops at once and the run fails
-   "fenced: ...".
+   producer; gaps are repaired from REST as ``repair-gap`` tasks. With ``processes`` N > 1
+   the shards are spread over N supervised child processes instead, each with its own
+   producer (``tasks/ingest/processes.py``: a child that dies is restarted, one that
+   keeps dying fails the run; the children's shards and repairs are not Prefect tasks).
+   A progress line is logged every ``progress_every_s``. A thread renews the lease every
+   5 s (and passes each new fence point to the children); if it was taken, or could not
+   be renewed for ~35 s, publishing stops at once and the run fails "fenced: ...".
 6. Shutdown (cancellation, SIGTERM, Ctrl-C or ``run_seconds``): stop reading, flush the
    producer, close sockets, release the lease (so the next run need not wait out its
    TTL), log and return the counts.
@@ -64,6 +67,7 @@ from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
 from tasks.ingest.lease import Keeper, Lease, LeaseLost, Unreachable, feed_key
 from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
+from tasks.ingest.processes import Supervisor
 from tasks.ingest.publish import ProducerDied, Topics
 from tasks.ingest.validate import check
 from tasks.ingest.validate import validate as run_checks
@@ -71,6 +75,7 @@ from tasks.venues.connection import ConnectionPolicy
 
 DEFAULT_SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT", "XRP-USDT", "DOGE-USDT"]
 _serving: set[int] = set()  # metrics ports this process already serves
+MAX_PROCESSES = 64
 
 
 @task(name="acquire-lease", cache_policy=NO_CACHE, task_run_name="acquire lease {lease.feed}")
@@ -119,6 +124,7 @@ def _check(
     first_message_timeout_s: float,
     run_seconds: float | None,
     validate_mode: str,
+    processes: int = 1,
     **_: Any,
 ) -> None:
     """Refused before the run starts; in validate_mode 'only' a bad venue or symbol is
@@ -137,6 +143,7 @@ def _check(
     params.number("first_message_timeout_s", first_message_timeout_s, 1, 3600)
     if run_seconds is not None:
         params.number("run_seconds", run_seconds, 0, 366 * 86_400)
+    params.whole("processes", processes, 1, MAX_PROCESSES)
 
 
 @checked(_check)
@@ -159,6 +166,7 @@ def ingest(
     books_topic: str = BOOKS,
     book_depth: int = 10,
     book_snapshot_s: float = 10.0,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Stream ``symbols`` of ``venue`` (a name in ``tasks.venues.REGISTRY``) into Kafka.
 
@@ -166,7 +174,9 @@ def ingest(
     None uses TAPELINE_METRICS_PORT, 0 serves none; ``run_seconds`` None runs until
     cancelled. Channel 'books' (asked for by name) publishes each verified order book's
     top ``book_depth`` levels: a snapshot every ``book_snapshot_s`` of event time and the
-    deltas between. Returns the run's counts (or, with validate_mode='only', the report).
+    deltas between. ``processes`` > 1 spreads the shards over that many supervised child
+    processes (at most one per shard), child ``i`` serving metrics on ``metrics_port + i``.
+    Returns the run's counts (or, with validate_mode='only', the report).
     """
     logger = get_run_logger()
     terminated = sigterm_noticed()  # a SIGTERM Python swallowed (see _watch)
@@ -197,44 +207,57 @@ def ingest(
                 failed = [c["check"] for c in checks["checks"] if not c["ok"]]
                 raise RuntimeError(f"validation failed: {', '.join(failed)}")
         port = settings.metrics_port if metrics_port is None else metrics_port
-        _serve_metrics(port, settings.listen_host, logger)
+        if processes == 1:  # else each child serves its own (metrics_port + index)
+            _serve_metrics(port, settings.listen_host, logger)
         last = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
         last_ids = {s: t.trade_id for s, t in last.items()}
         logger.info("resuming from %d known trade ids: %s", len(last_ids), last_ids)
 
-        ingestion = Ingestion(
-            p,
-            settings,
-            run_id=run_id,
-            topics=topics,
-            max_in_flight=max_in_flight,
-            policy=ConnectionPolicy(stall_timeout_s=stall_timeout(p, stall_timeout_s, logger)),
-            last_trades=last,
-        )
-        for w in ingestion.workers:
-            if w.tracker is not None:
-                w.tracker.fill_gap = partial(repair_gap, w.tracker)
+        policy = ConnectionPolicy(stall_timeout_s=stall_timeout(p, stall_timeout_s, logger))
+        ingestion: Ingestion | Supervisor
+        if processes == 1:
+            ingestion = Ingestion(
+                p, settings, run_id=run_id, topics=topics, max_in_flight=max_in_flight,
+                policy=policy, last_trades=last,
+            )  # fmt: skip
+            for w in ingestion.workers:
+                if w.tracker is not None:
+                    w.tracker.fill_gap = partial(repair_gap, w.tracker)
+        else:
+            ingestion = Supervisor(
+                p, settings, processes, run_id=run_id, topics=topics,
+                max_in_flight=max_in_flight, policy=policy, last_trades=last,
+                metrics_port=port, logger=logger,
+            )  # fmt: skip
         # Publishing is allowed until the lease's fence point; each renewal moves it on.
         # Renewed here first: validation and the resume scan may have taken a while.
         try:
             lease.renew()
         except Unreachable as e:  # still ours until fence_at; the keeper retries
             logger.warning("lease %s: renewal before streaming failed: %s", lease.feed, e)
-        ingestion.publisher.valid_until = lease.fence_at
-        keeper = Keeper(lease, ingestion.fence, ingestion.publisher.extend, logger=logger)
+        ingestion.extend(lease.fence_at)
+        keeper = Keeper(lease, ingestion.fence, ingestion.extend, logger=logger)
         keeper.start()
+        where = f"{len(p.shards)} shards"
+        if isinstance(ingestion, Supervisor):
+            where += f" in {len(ingestion.slots)} processes"
         logger.info(
-            "streaming %s %s for %d symbols on %d shards",
-            p.config.name, "+".join(p.channels), len(p.symbols), len(p.shards),
+            "streaming %s %s for %d symbols on %s",
+            p.config.name, "+".join(p.channels), len(p.symbols), where,
         )  # fmt: skip
-        ingestion.start(connect_shard)
+        if isinstance(ingestion, Supervisor):
+            ingestion.start()
+        else:
+            ingestion.start(connect_shard)
         ended = threading.Event()  # the server ended this run (see watch_ending)
         watch_ending(ended)
         try:
+            if isinstance(ingestion, Supervisor) and not ingestion.wait_started(60.0):
+                logger.warning("not every process streams after 60 s: %s", ingestion.progress())
             _watch(ingestion, run_seconds, progress_every_s, logger, ended, terminated)
         finally:
             ended.set()  # the watch thread stops too
-            fenced = ingestion.publisher.fence_reason()
+            fenced = ingestion.fence_reason()
             if fenced is not None:
                 fenced = keeper.verdict or fenced
                 ingestion.fence(fenced)
@@ -259,7 +282,9 @@ def ingest(
         lease.close()
     if fenced is not None:
         raise LeaseLost(f"{fenced} (published until then: {report['acked']} acked)")
-    if isinstance(ingestion.publisher.fatal, ProducerDied):
+    if isinstance(ingestion, Supervisor) and ingestion.failed is not None:
+        raise RuntimeError(f"ingestion stopped: {ingestion.failed}")
+    if isinstance(ingestion, Ingestion) and isinstance(ingestion.publisher.fatal, ProducerDied):
         # Infrastructure, not data: end the run Crashed, which the deployment's trigger
         # restarts with a new process and producer (the lease is released above).
         raise SystemExit(f"ingestion stopped: {ingestion.publisher.fatal}")
@@ -312,7 +337,7 @@ def _serve_metrics(port: int, host: str, logger: Any) -> None:
 
 
 def _watch(
-    ingestion: Ingestion,
+    ingestion: Ingestion | Supervisor,
     run_seconds: float | None,
     every_s: float,
     logger: Any,
@@ -373,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--book-snapshot", type=float, default=10.0, help="seconds between snapshots")
     a.add_argument("--max-in-flight", type=int, default=10_000)
     a.add_argument("--progress-every", type=float, default=10.0)
+    a.add_argument(
+        "--processes", type=int, default=1, help="child processes for the shards (default 1)"
+    )
     args = a.parse_args(argv)
     simulator = args.simulator
     if simulator == "":
@@ -394,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         book_snapshot_s=args.book_snapshot,
         max_in_flight=args.max_in_flight,
         progress_every_s=args.progress_every,
+        processes=args.processes,
     )
     print(json.dumps(result), flush=True)
     return 0 if result.get("ok", True) else 1

@@ -131,6 +131,13 @@ def number(name: str, value: object, low: float, high: float) -> float:
     return value
 
 
+def whole(name: str, value: object, low: int, high: int) -> int:
+    """An int in ``[low, high]`` (a count of things: 2.5 processes is refused, not cut)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(name, value, f"expected a whole number in [{low}, {high}]")
+    return value
+
+
 def pages(count: int, per_symbol: float) -> int:
     """A backfill's planned page count within ``MAX_PAGES``."""
     if count > MAX_PAGES:

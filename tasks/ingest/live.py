@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -359,20 +359,29 @@ class Ingestion:
         max_in_flight: int = 10_000,
         policy: ConnectionPolicy | None = None,
         last_trades: dict[str, Trade] | None = None,
+        shards: Sequence[int] | None = None,
     ):
         self.plan = plan
         self.run_id = run_id
+        # ``shards``: the plan's shard indices this process runs (default: all of them);
+        # a shard keeps its index as its name, so metrics and logs name it alike whichever
+        # process runs it (``tasks.ingest.processes``).
+        self.shard_ids = list(range(len(plan.shards)) if shards is None else shards)
+        if not self.shard_ids or not set(self.shard_ids) <= set(range(len(plan.shards))):
+            raise ValueError(f"shards {self.shard_ids} are not among the plan's {len(plan.shards)}")
+        mine = {s for i in self.shard_ids for s in plan.shards[i]}
+        self.symbols = [s for s in plan.symbols if s in mine]
         self.publisher = Publisher(
             producer(settings, **PRODUCER_TUNING),
             plan.config.name,
             topics,
             max_in_flight,
-            lanes=len(plan.shards),
+            lanes=len(self.shard_ids),
         )
         policy = policy or ConnectionPolicy()
         self.workers = [
             ShardWorker(plan, i, self.publisher.lane(str(i)), run_id, policy, last_trades or {})
-            for i in range(len(plan.shards))
+            for i in self.shard_ids
         ]
         self.errors: list[tuple[int, BaseException]] = []
         self._threads: list[threading.Thread] = []
@@ -414,6 +423,14 @@ class Ingestion:
             and self.publisher.fatal is None
             and self.publisher.fence_reason() is None
         )
+
+    def extend(self, valid_until: float) -> None:
+        """The lease was renewed: publishing is allowed until ``valid_until`` (``clock``)."""
+        self.publisher.extend(valid_until)
+
+    def fence_reason(self) -> str | None:
+        """Why this ingestion may no longer publish (None: it may)."""
+        return self.publisher.fence_reason()
 
     def fence(self, reason: str) -> str:
         """Stop publishing now, for good: no lane sends again, the shards stop reading and
@@ -499,7 +516,7 @@ class Ingestion:
         return {
             "run_id": self.run_id,
             "venue": self.plan.config.name,
-            "symbols": list(self.plan.symbols),
+            "symbols": self.symbols,
             "channels": list(self.plan.channels),
             "seconds": round(time.monotonic() - self._started, 3),
             **totals,
