@@ -9,6 +9,8 @@ machine, one after the other:
   the same batch size, one commit per batch, no Kafka;
 - this drain: ``tasks.drain.loop`` with the PostgreSQL sink (decode, DLQ checks, staging
   COPY + INSERT, fenced offsets, SERIALIZABLE, Kafka commit), group join included;
+- two such drains at once, each in its own process on half of the trade topic's six
+  partitions (``partitions`` "0-2" and "3-5", as two deployments would split them);
 - the reference projects' method on a sample: one INSERT and one COMMIT per message;
 - the same for user transactions into MongoDB: raw ``insert_many`` of the documents,
   this drain (transactions + wallets + offsets), one ``insert_one`` per message.
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import time
 import uuid
@@ -64,6 +67,31 @@ def measured(name: str, rows: int, fn, cpu: Cpu):
     result = fn()
     cpu[name] = per_message_us(meter.stop(), rows)
     return result
+
+
+def _drain_part(schema: str, consumer_name: str, topic: str, partitions: str, batch: int):
+    """One of the parallel drains (a child process): rows written and when it ended."""
+    s = config.load()
+    res = drain(
+        PostgresSink(s.pg_dsn, schema), consumer_name, [topic], dlq_source="bench.drain",
+        settings=s, batch_size=batch, max_seconds=3600, partitions=partitions,
+    )  # fmt: skip
+    return res.written.rows.get("trades", 0), time.perf_counter()
+
+
+def parallel_drains(schema: str, consumer_name: str, topic: str, batch: int) -> float:
+    """Two drains in two processes on disjoint partitions; rows/s over both, from the
+    moment both were asked to start until the last one ended (start-up included)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        t0 = time.perf_counter()
+        parts = [
+            pool.apply_async(_drain_part, (schema, consumer_name, topic, p, batch))
+            for p in ("0-2", "3-5")
+        ]
+        results = [p.get(timeout=3600) for p in parts]
+    rows = sum(n for n, _ in results)
+    return rows / (max(end for _, end in results) - t0), rows
 
 
 def produce(settings, topic: str, events) -> float:
@@ -162,7 +190,7 @@ def main() -> None:
     client.create_topics(
         [NewTopic(t_topic, 6, 1), NewTopic(q_topic, 1, 1), NewTopic(x_topic, 6, 1)]
     )
-    schemas = [f"bench_{k}_{run}" for k in ("copy", "drain", "ref")]
+    schemas = [f"bench_{k}_{run}" for k in ("copy", "drain", "ref", "two")]
     databases = [f"bench_{k}_{run}" for k in ("raw", "drain", "ref")]
     mongo = pymongo.MongoClient(s.mongo_url)
     out: list[tuple[str, float]] = []
@@ -197,6 +225,11 @@ def main() -> None:
         drain_rate = res.written.rows.get("trades", 0) / (time.perf_counter() - t0)
         assert res.written.rows.get("trades") == args.trades, res.written
         out.append(("this drain, trades -> PostgreSQL", drain_rate))
+        two_rate, two_rows = parallel_drains(
+            schemas[3], f"bench-two-{run}", t_topic, args.batch_size
+        )
+        assert two_rows == args.trades, two_rows
+        out.append(("two drains at once (partitions 0-2, 3-5), trades", two_rate))
         out.append((f"reference: INSERT+COMMIT per message ({args.sample:,} sample)",
                     reference_prices(s, schemas[2], t_topic, args.sample)))  # fmt: skip
 
@@ -224,6 +257,7 @@ def main() -> None:
             print(f"{name:56} {rate:>10,.0f}")
         slower = min(kafka_rate, copy_rate)
         print(f"\ntrade drain / slower raw limit: {drain_rate / slower:.0%} (target >= 70%)")
+        print(f"two drains / one: {two_rate / drain_rate:.2f}x ({os.cpu_count()} cores)")
         print(f"\nCPU microseconds per trade ({os.cpu_count()} cores on this machine):")
         print(f"{'':12}" + "".join(f"{k:>14}" for k in cpu["drain"]) + f"{'sum':>10}")
         for name, per in cpu.items():
