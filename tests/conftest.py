@@ -41,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test that needs the stack ``services``: scripts/test.sh runs the rest
     (CPU-bound: properties, parsers, manifests) beside them, in a second process."""
     for item in items:
+        if item.get_closest_marker("beside"):
+            continue  # its own brokers, the stack's PostgreSQL in its own schemas
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
 

@@ -49,6 +49,9 @@ from tests.ingest.support import (
     trade_ids,
 )
 
+# Its own three brokers and its own schemas of the stack's PostgreSQL: scripts/test.sh runs
+# it beside the tests that use the stack's broker (the second process).
+pytestmark = pytest.mark.beside
 PORT = 39120  # nodes on 39120/39121, 39122/39123, 39124/39125
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
 SLOW_ACK_S = "2.5"  # a histogram bucket bound: acks slower than this waited for a leader
