@@ -25,7 +25,7 @@ from collections.abc import Callable
 from decimal import Decimal
 
 from tasks.books.book import Book
-from tasks.books.keeper import BookKeeper, keep_levels
+from tasks.books.keeper import BookKeeper, diff, keep_levels
 from tasks.books.sync import kraken_checksum
 from tasks.core.codec import encode
 from tasks.venues.binance import Binance
@@ -107,8 +107,8 @@ def kraken_frames(n: int, seed: int, depth: int) -> tuple[list[str], str]:
     for i in range(n):
         truth.change()
         new_bids, new_asks = truth.book.top(depth)
-        d_bids = _diff(dict(view.bids()), new_bids)
-        d_asks = _diff(dict(view.asks()), new_asks)
+        d_bids = diff(dict(view.bids()), new_bids)
+        d_asks = diff(dict(view.asks()), new_asks)
         view.replace(new_bids, new_asks)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(T0_MS // 1000 + i // 1000))
         data = {
@@ -117,13 +117,6 @@ def kraken_frames(n: int, seed: int, depth: int) -> tuple[list[str], str]:
         }  # fmt: skip
         frames.append(text({"channel": "book", "type": "update", "data": [data]}))
     return frames, snapshot
-
-
-def _diff(old: dict, new: list) -> list:
-    now = dict(new)
-    return [(p, q) for p, q in new if old.get(p) != q] + [
-        (p, Decimal(0)) for p in old if p not in now
-    ]
 
 
 def coinbase_frames(n: int, seed: int) -> list[str]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -94,6 +94,7 @@ class BookKeeper:
         keep: int,
         snapshot_every_s: float = 10.0,
         max_buffer: int = 1000,
+        on_resync: Callable[[str, int], None] | None = None,
     ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"no book procedure {protocol!r}; known: {PROTOCOLS}")
@@ -105,6 +106,7 @@ class BookKeeper:
         self.symbols = list(dict.fromkeys(symbols))
         self.every_us = int(snapshot_every_s * 1_000_000)
         self.max_buffer = max_buffer
+        self.on_resync = on_resync  # (reason, count so far): metrics and the log
         seq0 = time.time_ns() // 1000  # see the module docstring
         self.views = {s: _View(seq=seq0) for s in self.symbols}
         self.resyncs: Counter[str] = Counter()  # reason -> count, since this keeper began
@@ -252,13 +254,13 @@ class BookKeeper:
     ) -> list[BookUpdate]:
         sync = self.coinbase
         mine = [e for e in books if e.symbol in self.views]
-        touched = {s for s in self.symbols if sync.synced(s)} | {e.symbol for e in mine}
+        touched = {e.symbol for e in mine}  # only a book the frame changed can end crossed
         for e in mine:
             if isinstance(e, BookSnapshot):
                 self._due.pop(e.symbol, None)  # the (re)subscription answered
         outcome = sync.on_frame(sequence, mine)
         if outcome is not None:
-            self.resyncs[outcome.reason] += 1
+            self._count(outcome)
             # after lost messages any book may be wrong, and a snapshot may be among them
             lost = self.symbols if outcome.reason == SEQUENCE_GAP else touched
             for s in lost:
@@ -288,8 +290,13 @@ class BookKeeper:
             self.coinbase.drop(symbol)
         self._lost(symbol, outcome)
 
-    def _lost(self, symbol: str, outcome: Resync) -> None:
+    def _count(self, outcome: Resync) -> None:
         self.resyncs[outcome.reason] += 1
+        if self.on_resync is not None:
+            self.on_resync(outcome.reason, self.resyncs[outcome.reason])
+
+    def _lost(self, symbol: str, outcome: Resync) -> None:
+        self._count(outcome)
         self._forget(symbol)
         self._ask(symbol)
 
@@ -318,7 +325,7 @@ class BookKeeper:
             self._emit(view, symbol, "snapshot", bids, asks, bids, asks, event_us, recv_us, out)
             view.snapshot_us = event_us
             return
-        d_bids, d_asks = _diff(view.bids, bids), _diff(view.asks, asks)
+        d_bids, d_asks = diff(view.bids, bids), diff(view.asks, asks)
         if not d_bids and not d_asks:
             return  # the change was below the published depth
         if len(d_bids) > self.depth or len(d_asks) > self.depth:
@@ -354,7 +361,7 @@ class BookKeeper:
         self._tries.pop(symbol, None)  # published again: the next failure asks at once
 
 
-def _diff(old: dict[Decimal, Decimal], new: list[Level]) -> list[Level]:
+def diff(old: dict[Decimal, Decimal], new: list[Level]) -> list[Level]:
     """The levels of ``new`` whose quantity differs from ``old``, then ``old``'s levels
     that are gone (quantity 0)."""
     now = dict(new)

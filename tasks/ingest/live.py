@@ -158,14 +158,13 @@ class ShardWorker:
             self.books = BookKeeper(
                 name, protocol, self.symbols, plan.config.book_depth,
                 keep=keep_levels(protocol, plan.config.book_depth, subscribed),
-                snapshot_every_s=plan.book_snapshot_s,
+                snapshot_every_s=plan.book_snapshot_s, on_resync=self._resynced,
             )  # fmt: skip
             if protocol == "binance":
                 # One quick try, no waiting for the venue's weight budget: the fetch runs in
                 # the reader thread, and a failed one is asked again later (BookKeeper).
                 http = Http(plan.config.rest_url, timeout_s=5.0, attempts=1, weight_slowdown=2.0)
                 self.depth_rest = venues.spec(plan.venue).rest(plan.config, http)
-            self._resyncs_seen: dict[str, int] = {}
         self.connection = Connection(
             self.adapter,
             self.symbols,
@@ -238,6 +237,11 @@ class ShardWorker:
             self.connection.stop()
             raise
 
+    def _resynced(self, reason: str, so_far: int) -> None:
+        BOOK_RESYNCS.labels(venue=self.plan.config.name, reason=reason).inc()
+        log.warning("%s shard %s: book resync (%s), %d so far",
+                    self.source, self.shard, reason, so_far)  # fmt: skip
+
     def _books(self, parsed: Parsed, recv_us: int) -> None:
         """Book events through the keeper (every frame: Coinbase numbers them all), then
         what it asks for to rebuild a book: resubscriptions, REST snapshots (fetched
@@ -263,13 +267,6 @@ class ShardWorker:
         elif resubscribe := books.take_resubscribe():
             for frame in self.adapter.book_resync_frames(resubscribe):  # type: ignore[attr-defined]
                 self.connection.send(frame)
-        for reason, n in books.resyncs.items():
-            seen = self._resyncs_seen.get(reason, 0)
-            if n > seen:
-                BOOK_RESYNCS.labels(venue=self.plan.config.name, reason=reason).inc(n - seen)
-                self._resyncs_seen[reason] = n
-                log.warning("%s shard %s: book resync (%s), %d so far",
-                            self.source, self.shard, reason, n)  # fmt: skip
 
     def _control(self, parsed: Parsed) -> None:
         if parsed.control == "server_shutdown":
