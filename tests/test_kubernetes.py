@@ -236,6 +236,17 @@ def test_kafka_is_kraft_with_three_brokers_and_its_exporter() -> None:
     assert "kafkaExporter" in kafka["spec"]
 
 
+def test_kafka_runs_the_version_of_compose_and_the_local_stack() -> None:
+    """One Kafka version everywhere: the Strimzi cluster, compose's image and the jars
+    the local stack (and so every test) runs."""
+    kafka = named("Kafka", k8s.KAFKA_CLUSTER)["spec"]["kafka"]["version"]
+    root = DIR.parent.parent
+    pom = re.search(r"<kafka.version>([^<]+)<", (root / "stack" / "pom.xml").read_text())
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    image = compose["services"]["kafka"]["image"]
+    assert pom is not None and kafka == pom[1] and image == f"apache/kafka:{kafka}"
+
+
 def test_postgres_and_mongo_are_replicated_with_secret_credentials() -> None:
     (pg,) = of_kind("Cluster")
     assert pg["spec"]["instances"] == 3
