@@ -395,18 +395,20 @@ def drain(
             if max_records is not None and read >= max_records:
                 res.stopped = "record budget"
                 break
+            if not follow and run.caught_up():  # all read: stop, no poll waiting for more
+                run.settle()
+                if not run.resync:
+                    res.stopped = "caught up"
+                    break
+            if run.resync:  # a write was fenced: go on from the offsets the sink holds
+                run.resync = False
+                run._position(list(run.ends), allow_gaps)
+                continue
             limit = batch_size if max_records is None else min(batch_size, max_records - read)
             polled = run.poll(limit, poll_ms)
             if not polled:
                 run.settle()
                 run.idle()
-                if run.resync:
-                    run.resync = False
-                    run._position(list(run.ends), allow_gaps)
-                    continue
-                if not follow and run.caught_up():
-                    res.stopped = "caught up"
-                    break
                 continue
             batch = sink.open_batch()
             offsets: dict[Key, tuple[int | None, int]] = {}
