@@ -175,7 +175,8 @@ def ingest(
     cancelled. Channel 'books' (asked for by name) publishes each verified order book's
     top ``book_depth`` levels: a snapshot every ``book_snapshot_s`` of event time and the
     deltas between. ``processes`` > 1 spreads the shards over that many supervised child
-    processes (at most one per shard), child ``i`` serving metrics on ``metrics_port + i``.
+    processes (at most one per shard), the flow run serving all of their metrics on
+    ``metrics_port``, labelled ``process``.
     Returns the run's counts (or, with validate_mode='only', the report).
     """
     logger = get_run_logger()
@@ -207,7 +208,7 @@ def ingest(
                 failed = [c["check"] for c in checks["checks"] if not c["ok"]]
                 raise RuntimeError(f"validation failed: {', '.join(failed)}")
         port = settings.metrics_port if metrics_port is None else metrics_port
-        if processes == 1:  # else each child serves its own (metrics_port + index)
+        if processes == 1:  # else the Supervisor serves its children's metrics on it
             _serve_metrics(port, settings.listen_host, logger)
         last = resume_point(settings, trades_topic, p) if p.repairs_gaps else {}
         last_ids = {s: t.trade_id for s, t in last.items()}

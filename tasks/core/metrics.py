@@ -8,7 +8,21 @@ here "publish success" means the broker acknowledged, never merely queued.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import urllib.request
+from collections.abc import Iterable, Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 _SHARD = ("venue", "shard")
 
@@ -134,7 +148,60 @@ EXPORTER_ERRORS = Counter(
 )
 
 
-def serve(port: int, addr: str = "127.0.0.1") -> None:
-    """Expose this process's metrics over HTTP (port 0: do not serve)."""
-    if port:
-        start_http_server(port, addr)
+def serve(
+    port: int, addr: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY
+) -> WSGIServer | None:
+    """Expose ``registry`` (this process's metrics) over HTTP (port 0: do not serve);
+    returns the server, for an endpoint that must end with its owner."""
+    if not port:
+        return None
+    server, _ = start_http_server(port, addr, registry)
+    return server
+
+
+def serve_loopback() -> int:
+    """Expose this process's metrics on a loopback port the OS picks, for a supervising
+    process to gather (never a scrape target itself); returns the port."""
+    server, _ = start_http_server(0, "127.0.0.1")
+    return server.server_port
+
+
+# No proxy: a loopback fetch must not follow an http_proxy from the environment.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def fetch(port: int, timeout_s: float) -> list[Metric]:
+    """The families another process serves on loopback ``port`` (raises OSError if it
+    does not answer within ``timeout_s``, ValueError if its page does not parse)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    ask = urllib.request.Request(url, headers={"Accept": CONTENT_TYPE_LATEST})
+    with _LOOPBACK.open(ask, timeout=timeout_s) as r:
+        return parse(r.read().decode())
+
+
+def parse(text: str) -> list[Metric]:
+    """Families of an OpenMetrics exposition, by prometheus_client's own parser.
+
+    OpenMetrics, not the 0.0.4 text format: that one carries a counter's ``_created`` as a
+    gauge family of its own, which re-exposed as OpenMetrics (what Prometheus asks for
+    first) clashes with the counter's reserved ``_created`` sample; OpenMetrics keeps it
+    in the counter's family, and re-exposed either way it reads as the child's own page."""
+    return list(text_string_to_metric_families(text))
+
+
+def own() -> list[Metric]:
+    """This process's families as another process's would be fetched: through the
+    exposition, so that merged families have one shape."""
+    return parse(generate_latest(REGISTRY).decode())
+
+
+def merge(sources: Mapping[str, Iterable[Metric]], label: str) -> list[Metric]:
+    """Several processes' families as one set: every sample gets ``label`` = its source's
+    key and families of one name become one (one HELP and TYPE in the exposition), so
+    each series stays apart and summing over ``label`` gives the whole."""
+    merged: dict[str, Metric] = {}
+    for value, families in sources.items():
+        for f in families:
+            into = merged.setdefault(f.name, Metric(f.name, f.documentation, f.type, f.unit))
+            into.samples += [s._replace(labels={**s.labels, label: value}) for s in f.samples]
+    return list(merged.values())

@@ -59,14 +59,23 @@ host), so it means the same in the child:
 - the parent flushes children only while the lease surely holds (the flow passes the
   lease's remaining time as the flush timeout; the child bounds it by its own point).
 
-Metrics. Each child serves its own process's metrics on ``metrics_port + index`` (child
-0 on ``metrics_port`` itself; the parent, which publishes nothing, serves none): the
-series are the same as in one process, labelled by shard, so summing over the scrape
-targets gives the run. prometheus_client's multiprocess mode was the alternative; it
-needs a shared directory set before import in every process, drops ``Gauge`` semantics
-to per-pid modes and leaves files behind dead children, for one port fewer. A restarted
-child starts its counters at zero again, which ``rate()`` treats as a counter reset. The
-parent's progress line sums the children's status lines.
+Metrics. The parent serves the whole run's metrics on ``metrics_port``, the one scrape
+target whatever N (the scrape configs name one port per ingestion pod; a child serving
+``metrics_port + i`` would go unscraped, a silent undercount). Each child serves its own
+process's metrics on a loopback port the OS picks and tells the parent which (a
+``metrics_port`` line, before its first status). On each scrape the parent's endpoint
+asks every running child for its page at once (OpenMetrics, at most
+``GATHER_TIMEOUT_S``), adds label ``process`` to every sample (the child's index;
+``supervisor`` for the parent's own process metrics) and merges families of one name,
+so the page has one HELP and TYPE per family and each series is the child's own,
+counters included: summing over ``process`` gives the run. A child that does not answer
+is left out of that scrape (logged once per started process), never failing it; its
+series are absent meanwhile, as a dead child's are. prometheus_client's multiprocess
+mode was the alternative; it needs a shared directory set before import in every
+process, drops ``Gauge`` semantics to per-pid modes and leaves files behind dead
+children. A restarted child starts its counters at zero again under the same
+``process`` label, which ``rate()`` treats as a counter reset. The endpoint closes when
+the run stops. The parent's progress line sums the children's status lines.
 """
 
 from __future__ import annotations
@@ -84,8 +93,14 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from tasks.core import config, metrics
 from tasks.core.events import Trade
@@ -101,6 +116,7 @@ EXIT_FENCED = 75  # the child stopped publishing because the lease's fence point
 EXIT_FAILED = 70  # the child stopped by itself: a shard died, or its producer did
 FENCE_KILL_S = 3.0  # after a fence, children still running are killed
 STOP_GRACE_S = 15.0  # beyond the flush timeout, for a child to close and report
+GATHER_TIMEOUT_S = 2.0  # a child's page, per scrape of the parent's endpoint
 _LEVELS = {n: getattr(logging, n) for n in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")}
 
 
@@ -123,7 +139,7 @@ class ChildSpec:
     policy: ConnectionPolicy
     last_trades: dict[str, Trade] | None  # None: read back from Kafka (a restart)
     valid_until: float | None  # the fence point (lease.clock); None: no lease
-    metrics_port: int  # 0: none
+    serve_metrics: bool  # on a loopback port the OS picks, for the parent to gather
     status_every_s: float
 
 
@@ -153,6 +169,8 @@ class _Incarnation:
     exit: int | None = None
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     ready: bool = False  # spec written: commands may follow
+    metrics_port: int | None = None  # where it serves its metrics (loopback), once it said
+    unanswered: bool = False  # a gather found its metrics port silent (logged once)
     threads: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -233,16 +251,19 @@ class Supervisor:
         self._kill_at: float | None = None
         self._started = time.monotonic()
         self._last_progress = (self._started, 0, 0)
+        self._endpoint: WSGIServer | None = None
 
     # ---- starting ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._serve()
         try:
             for slot in self.slots:
                 if self.fenced is None:
                     self._spawn(slot, first=True)
         except BaseException:  # none left running behind a run that did not start
             self._kill_all("the run could not start all of its processes")
+            self._close_endpoint()
             raise
 
     def wait_started(self, timeout_s: float = 60.0) -> bool:
@@ -268,8 +289,8 @@ class Supervisor:
         last = {s: t for s, t in self.last_trades.items() if s in slot.symbols} if first else None
         spec = ChildSpec(
             slot.index, slot.shards, self.plan, self.settings, self.run_id, self.topics,
-            share, self.policy, last, self.valid_until,
-            self.metrics_port + slot.index if self.metrics_port else 0, self.status_every_s,
+            share, self.policy, last, self.valid_until, bool(self.metrics_port),
+            self.status_every_s,
         )  # fmt: skip
         proc = subprocess.Popen(
             child_command(slot.index),
@@ -327,6 +348,8 @@ class Supervisor:
                 life.status = msg["status"]
             elif "report" in msg:
                 life.report = msg["report"]
+            elif "metrics_port" in msg:
+                life.metrics_port = msg["metrics_port"]
 
     def _read_log(self, slot: _Slot, life: _Incarnation, spec: ChildSpec) -> None:
         """The child's log, into the parent's (the flow run's) with the child's name."""
@@ -443,6 +466,60 @@ class Supervisor:
                 life.proc.kill()
         self._kill_at = None
 
+    # ---- metrics -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        """Serve every process's metrics on ``metrics_port`` (0: none): the one scrape
+        target of the run whatever its number of processes. A port already taken costs
+        the run its endpoint, not its data."""
+        if not self.metrics_port:
+            return
+        registry = CollectorRegistry()
+        registry.register(_Gathered(self))
+        try:
+            self._endpoint = metrics.serve(self.metrics_port, self.settings.listen_host, registry)
+        except OSError as e:
+            self.logger.error(
+                "metrics port %d unavailable (%s): this run serves no metrics",
+                self.metrics_port, e,
+            )  # fmt: skip
+
+    def _close_endpoint(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.shutdown()
+            self._endpoint.server_close()
+            self._endpoint = None
+
+    def gather(self) -> list[Metric]:
+        """This process's families and every running child's, labelled ``process``
+        (``supervisor`` or the child's index). Children are asked at once, each for at
+        most ``GATHER_TIMEOUT_S``; one that does not answer is left out of this scrape,
+        which never fails for it."""
+        lives = [
+            (str(s.index), life) for s in self.slots
+            if (life := s.current) and life.metrics_port and life.proc.poll() is None
+        ]  # fmt: skip
+        with ThreadPoolExecutor(max(1, len(lives)), thread_name_prefix="gather") as pool:
+            asked = {index: pool.submit(self._child_metrics, index, life) for index, life in lives}
+        sources = {"supervisor": metrics.own(), **{i: page.result() for i, page in asked.items()}}
+        return metrics.merge(sources, "process")
+
+    def _child_metrics(self, index: str, life: _Incarnation) -> list[Metric]:
+        """One child's families; none if it does not answer (logged once per process:
+        a frozen child would otherwise log on every scrape)."""
+        assert life.metrics_port is not None
+        try:
+            return metrics.fetch(life.metrics_port, GATHER_TIMEOUT_S)
+        except (OSError, ValueError) as e:
+            if not life.unanswered:
+                life.unanswered = True
+                self.logger.warning(
+                    "process %s pid %d: its metrics (loopback port %d) did not answer (%s): "
+                    "left out of the scrapes it fails (logged once for this process)",
+                    index, life.proc.pid, life.metrics_port, e,
+                )  # fmt: skip
+            return []
+
     # ---- progress and stopping -----------------------------------------------------------
 
     def _total(self, key: str) -> int:
@@ -450,7 +527,7 @@ class Supervisor:
 
     def update_gauges(self) -> tuple[float, int]:
         """(max lag s, in-flight) over the children's last status lines; the gauges
-        themselves are each child's (served on its own port)."""
+        themselves are each child's (gathered into the run's endpoint)."""
         current = [s.current.status for s in self.slots if s.current and s.current.status]
         return (
             max((c["lag_s"] for c in current), default=0.0),
@@ -510,6 +587,7 @@ class Supervisor:
                 life.ready = False
                 if life.proc.stdin is not None:
                     life.proc.stdin.close()
+        self._close_endpoint()  # the port is free for the next run in this process
         return self.report()
 
     def report(self) -> dict[str, Any]:
@@ -583,6 +661,17 @@ class Supervisor:
         ]
 
 
+class _Gathered:
+    """The parent endpoint's one collector: on each scrape, what ``Supervisor.gather``
+    finds (never cached: a scrape sees the children as they are)."""
+
+    def __init__(self, supervisor: Supervisor):
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        return self.supervisor.gather()
+
+
 # ---- the child's side ----------------------------------------------------------------------
 
 
@@ -621,11 +710,8 @@ class _Child:
 
     def run(self) -> int:
         spec = self.spec
-        if spec.metrics_port:
-            try:
-                metrics.serve(spec.metrics_port, spec.settings.listen_host)
-            except OSError as e:
-                log.error("metrics port %d unavailable (%s): serving none", spec.metrics_port, e)
+        if spec.serve_metrics:  # before the first status line: the parent gathers from then
+            self.send(metrics_port=metrics.serve_loopback())
         threading.Thread(target=self.read_commands, name="commands", daemon=True).start()
         last = spec.last_trades
         if last is None and spec.plan.repairs_gaps:

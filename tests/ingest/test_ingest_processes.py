@@ -1,20 +1,31 @@
 """Ingestion across child processes (``processes`` > 1) against the simulator and the real
 local Kafka: every trade id once and in order per symbol with two processes; a SIGKILLed
 process is restarted and its downtime repaired from REST; a process that keeps dying
-fails the run with its name and exit status, leaving no process behind."""
+fails the run with its name and exit status, leaving no process behind; the run's one
+metrics endpoint holds every process's series."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+from prometheus_client.openmetrics import exposition as om_exposition
+from prometheus_client.openmetrics import parser as om_parser
+from prometheus_client.parser import text_string_to_metric_families
 
 from flows.ingest import ingest
 from simulator.process import SimulatorProcess
+from tasks.core import metrics
 from tasks.ingest import processes
 from tasks.ingest.lease import clock
 from tasks.ingest.live import plan
@@ -97,11 +108,14 @@ def _streaming(sup: processes.Supervisor) -> bool:
     return all(s.current and (s.current.status or {}).get("acked", 0) > 0 for s in sup.slots)
 
 
-def _supervisor(kafka, sim: SimulatorProcess, trades: str) -> processes.Supervisor:
+def _supervisor(
+    kafka, sim: SimulatorProcess, trades: str, metrics_port: int = 0
+) -> processes.Supervisor:
     p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url=sim.http_url)
     return processes.Supervisor(
-        p, kafka, 2, run_id=f"test-{trades}", topics=Topics(trades), status_every_s=0.2
-    )
+        p, kafka, 2, run_id=f"test-{trades}", topics=Topics(trades), status_every_s=0.2,
+        metrics_port=metrics_port,
+    )  # fmt: skip
 
 
 def test_a_killed_process_is_restarted_and_its_downtime_repaired(kafka, new_topic):
@@ -214,3 +228,189 @@ def test_processes_is_checked_like_the_other_parameters():
     for bad in (0, 65, True, 2.5):
         with pytest.raises(ParameterError, match="processes"):
             _check(**given, processes=bad)
+
+
+# ---- the run's one metrics endpoint ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _page(port: int, accept: str | None = None) -> str:
+    """A metrics page as Prometheus gets it (the 0.0.4 text format unless ``accept``)."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    ask = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if accept:
+        ask.add_header("Accept", accept)
+    with no_proxy.open(ask, timeout=10) as r:
+        return r.read().decode()
+
+
+def _valid(text: str) -> dict[str, dict[tuple, float]]:
+    """``{sample name: {sorted labels: value}}`` of a text page, asserting what Prometheus
+    needs of it: it parses, and each family has one TYPE line."""
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in types if types.count(t) > 1)
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _child_like(shard: str, acked: int) -> tuple[CollectorRegistry, int]:
+    """A registry with one shard's publish counter (and a histogram), served on a
+    loopback port the OS picks, as a child serves its own."""
+    registry = CollectorRegistry()
+    counter = Counter("kafka_publish_success", "acked", ("venue", "shard"), registry=registry)
+    counter.labels(venue="v", shard=shard).inc(acked)
+    Histogram("tapeline_event_to_ack_seconds", "latency", registry=registry).observe(0.02)
+    server, _ = start_http_server(0, "127.0.0.1", registry)
+    return registry, server.server_port
+
+
+class _Merged:
+    """A collector of fixed sources' families, merged as the parent's endpoint merges."""
+
+    def __init__(self, sources: dict[str, list]):
+        self.sources = sources
+
+    def collect(self) -> list:
+        return metrics.merge(self.sources, "p")
+
+
+def _by_process(series: dict[tuple, float]) -> dict[tuple, float]:
+    """A family's children's series (the test process's own, labelled ``supervisor``,
+    counts whatever earlier tests in this process published)."""
+    return {k: v for k, v in series.items() if ("process", "supervisor") not in k}
+
+
+def test_merged_pages_read_back_as_each_process_served_them():
+    """Two child-like processes' pages, fetched over HTTP and merged: one family per name,
+    every sample labelled with its process, each counter reads back as it was served, and
+    the OpenMetrics rendering (what Prometheus asks for first) parses too."""
+    (reg0, port0), (reg1, port1) = _child_like("0", 7), _child_like("1", 11)
+    sources = {"0": metrics.fetch(port0, 2.0), "1": metrics.fetch(port1, 2.0)}
+    merged = CollectorRegistry()
+    merged.register(_Merged(sources))
+
+    back = _valid(generate_latest(merged).decode())
+    for p, reg in (("0", reg0), ("1", reg1)):
+        for name, series in _valid(generate_latest(reg).decode()).items():
+            for labels, value in series.items():
+                assert back[name][tuple(sorted((*labels, ("p", p))))] == value, (name, labels)
+    acked = back["kafka_publish_success_total"]
+    assert acked == {
+        (("p", "0"), ("shard", "0"), ("venue", "v")): 7.0,
+        (("p", "1"), ("shard", "1"), ("venue", "v")): 11.0,
+    }
+    om = om_exposition.generate_latest(merged).decode()
+    families = {f.name: f for f in om_parser.text_string_to_metric_families(om)}
+    assert families["kafka_publish_success"].type == "counter"
+    assert {s.name for s in families["kafka_publish_success"].samples} == {
+        "kafka_publish_success_total", "kafka_publish_success_created",
+    }  # fmt: skip
+
+
+def test_a_child_that_does_not_answer_is_left_out_of_the_scrape_once_logged(
+    kafka, monkeypatch, caplog
+):
+    """One child answers, the other accepts the connection and never answers (frozen):
+    every scrape still succeeds, with the answering child's and the supervisor's series,
+    and the silent one is logged once, not on every scrape."""
+    monkeypatch.setattr(processes, "GATHER_TIMEOUT_S", 0.3)
+    _, port0 = _child_like("0", 5)
+    frozen = socket.create_server(("127.0.0.1", 0))  # listens, never accepts
+    p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url="http://127.0.0.1:9")
+    port = _free_port()
+    sup = processes.Supervisor(
+        p, kafka, 2, run_id="test-gather", metrics_port=port, logger=logging.getLogger("t")
+    )
+    stand_ins = [subprocess.Popen(["sleep", "60"]) for _ in sup.slots]  # "running" children
+    try:
+        for slot, proc, child_port in zip(
+            sup.slots, stand_ins, (port0, frozen.getsockname()[1]), strict=True
+        ):
+            life = processes._Incarnation(proc, time.monotonic(), metrics_port=child_port)
+            slot.lives.append(life)
+        sup._serve()
+        with caplog.at_level(logging.WARNING, "t"):
+            pages = [_valid(_page(port)) for _ in range(2)]
+    finally:
+        sup._close_endpoint()
+        frozen.close()
+        for proc in stand_ins:
+            proc.kill()
+            proc.wait()
+    for page in pages:
+        assert _by_process(page["kafka_publish_success_total"]) == {
+            (("process", "0"), ("shard", "0"), ("venue", "v")): 5.0
+        }
+        assert (("process", "supervisor"),) in page["process_cpu_seconds_total"]
+        assert {dict(k)["process"] for k in page["process_cpu_seconds_total"]} == {"supervisor"}
+    left_out = [r for r in caplog.records if "left out" in r.getMessage()]
+    assert len(left_out) == 1, [r.getMessage() for r in left_out]
+    assert f"pid {stand_ins[1].pid}" in left_out[0].getMessage()
+
+
+def _acked_by_shard(sup: processes.Supervisor) -> dict[str, int]:
+    """Acked per shard, from the children's last status lines."""
+    return {
+        s["shard"]: s["acked"]
+        for slot in sup.slots
+        for s in ((slot.current.status if slot.current else None) or {}).get("shards", [])
+    }
+
+
+def _quiet(sup: processes.Supervisor, timeout_s: float = 15.0) -> dict[str, int]:
+    """Acked per shard once nothing is in flight and it held still for 0.6 s (3 status
+    lines of each child)."""
+    deadline = time.monotonic() + timeout_s
+    before: dict[str, int] | None = None
+    while True:
+        time.sleep(0.6)
+        now = _acked_by_shard(sup)
+        idle = all(s.current and s.current.status["in_flight"] == 0 for s in sup.slots)
+        if now == before and idle:
+            return now
+        assert time.monotonic() < deadline, f"still acking {timeout_s:.0f} s on: {now}"
+        before = now
+
+
+def test_the_parent_serves_every_process_metrics_on_one_port(kafka, new_topic):
+    """Two processes, one scrape target: the parent's ``metrics_port`` holds each child's
+    per-shard publish counter, labelled with its process, and they add up to what the run
+    acked. Compared while the simulator holds every connection still (no trade arrives,
+    so a counter cannot move between the status line, the scrape and the report)."""
+    trades = new_topic(3)
+    port = _free_port()
+    with _sim(rate=200) as sim:
+        sup = _supervisor(kafka, sim, trades, metrics_port=port)
+        sup.start()
+        try:
+            _until("both processes to publish", lambda: _streaming(sup), sup)
+            sim.inject("stall", seconds=30)
+            quiet = _quiet(sup)
+            page = _valid(_page(port))
+            assert _acked_by_shard(sup) == quiet, "acked moved during the scrape"
+        finally:
+            report = sup.stop()
+
+    scraped = {
+        dict(labels)["shard"]: (dict(labels)["process"], value)
+        for labels, value in _by_process(page["kafka_publish_success_total"]).items()
+    }
+    assert scraped == {
+        "0": ("0", quiet["0"]), "1": ("1", quiet["1"]),
+        "2": ("0", quiet["2"]), "3": ("1", quiet["3"]),
+    }  # fmt: skip
+    assert sum(v for _, v in scraped.values()) == report["acked"] > 0
+    assert {dict(k)["process"] for k in page["process_cpu_seconds_total"]} == {
+        "supervisor", "0", "1",
+    }  # fmt: skip
+    with pytest.raises(OSError):  # the endpoint ended with the run
+        _page(port)
+    assert _children() == []
