@@ -147,7 +147,7 @@ def _listed(items: Iterable[str], most: int = 8) -> str:
 
 
 def _tokens(tokens: Iterable[int]) -> str:
-    """ "token 7", or "tokens 3-9" when the rows' tokens differ."""
+    """Tokens for a log line: "token 7", or "tokens 3-9" when the rows' tokens differ."""
     tokens = list(tokens)
     if not tokens:
         return "no token"
@@ -198,6 +198,11 @@ class Holder:
             f"{held}, renewed {self.renewed_ago_s:.0f} s ago, expires in "
             f"{self.expires_in_s:.0f} s by the database's clock unless renewed"
         )
+
+
+def _described(holders: list[Holder]) -> str:
+    """Who holds which symbols, one acquisition after another."""
+    return "; ".join(h.describe() for h in holders)
 
 
 # Run in a transaction that is committed only if every key was taken (``Lease._take``).
@@ -422,7 +427,7 @@ class Lease:
             try:
                 holders = self.try_acquire()
             except Unreachable as e:
-                holders = []
+                holders, who = [], "? (PostgreSQL does not answer)"
                 if clock() >= next_log or seen != ("unreachable",):
                     logger.warning(
                         "lease %s: PostgreSQL does not answer (%s); retrying every %.0f s",
@@ -440,12 +445,12 @@ class Lease:
                         self.renew_every_s, self.ttl_s,
                     )  # fmt: skip
                     return dict(self.tokens)
+                who = _described(holders) or "? (freed and taken again meanwhile)"
                 key = tuple((h.holder, h.tokens) for h in holders)
                 if key != seen or clock() >= next_log:
-                    logger.warning("waiting for lease %s: %s", self.name, _described(holders))
+                    logger.warning("waiting for lease %s: %s", self.name, who)
                     seen, next_log = key, clock() + log_every_s
             if deadline is not None and clock() >= deadline:
-                who = _described(holders) if holders else "? (PostgreSQL does not answer)"
                 raise LeaseBusy(f"lease {self.name} is busy: {who}", holders)
             pause = poll_s if deadline is None else min(poll_s, max(0.0, deadline - clock()))
             time.sleep(pause)
@@ -497,10 +502,6 @@ class Lease:
         except Unreachable as e:
             log.warning("lease %s: release failed (%s); it expires by itself", self.name, e)
             return False
-
-
-def _described(holders: list[Holder]) -> str:
-    return "; ".join(h.describe() for h in holders)
 
 
 class Keeper:
