@@ -3,9 +3,10 @@
 Runbook of one run:
 
 1. Plan: venue adapter, symbols, channels, shards (a bad parameter fails here).
-2. Lease (``acquire-lease``): one ingestion per feed (venue + trades topic). The run takes
-   the feed's lease in PostgreSQL before anything connects, waiting (and logging who
-   holds it) while another live run has it; see ``tasks/ingest/lease.py``.
+2. Lease (``acquire-lease``): one publisher per symbol of a feed (venue + trades topic).
+   The run takes the lease of all its symbols in PostgreSQL before anything connects,
+   waiting (and logging who holds which) while another live run has any of them; runs of
+   disjoint symbol sets run side by side. See ``tasks/ingest/lease.py``.
 3. Validate (``validate_mode='on_start'`` or ``'only'``): Kafka answers, topics exist, each
    shard delivers a first message. 'only' returns the report and stops (and takes no
    lease: it publishes nothing).
@@ -79,8 +80,9 @@ MAX_PROCESSES = 64
 
 
 @task(name="acquire-lease", cache_policy=NO_CACHE, task_run_name="acquire lease {lease.feed}")
-def acquire_lease(lease: Lease) -> int:
-    """Wait until no other live run holds the feed, then take it; returns the token."""
+def acquire_lease(lease: Lease) -> dict[str, int]:
+    """Wait until no other live run holds any of the run's symbols, then take them all;
+    returns each symbol's token."""
     return lease.acquire(logger=get_run_logger())
 
 
@@ -198,8 +200,9 @@ def ingest(
 
     run_id = str(flow_run.id or uuid.uuid4())
     migrate_schema(settings, "public")  # the leases' table is there (the owner made it)
-    lease = Lease(settings.pg_writer_dsn, feed_key(p.config.name, trades_topic), _owner(run_id))
-    token = acquire_lease(lease)
+    feed = feed_key(p.config.name, trades_topic)
+    lease = Lease(settings.pg_writer_dsn, feed, p.symbols, _owner(run_id))
+    tokens = acquire_lease(lease)
     fenced: str | None = None
     try:
         if validate_mode != "off":
@@ -235,7 +238,7 @@ def ingest(
         try:
             lease.renew()
         except Unreachable as e:  # still ours until fence_at; the keeper retries
-            logger.warning("lease %s: renewal before streaming failed: %s", lease.feed, e)
+            logger.warning("lease %s: renewal before streaming failed: %s", lease.name, e)
         ingestion.extend(lease.fence_at)
         keeper = Keeper(lease, ingestion.fence, ingestion.extend, logger=logger)
         keeper.start()
@@ -267,7 +270,7 @@ def ingest(
             keeper.stop()
             report["lease"] = {
                 "feed": lease.feed,
-                "token": token,
+                "tokens": tokens,
                 "renewals": keeper.renewals,
                 "failed_renewals": keeper.failures,
                 "fenced": fenced,
@@ -279,7 +282,7 @@ def ingest(
         # After the producer has closed: every record of ours is in (or dropped) by now.
         # (A lease taken by another run is no longer ours to release: a no-op then.)
         if lease.release():
-            logger.info("lease %s released", lease.feed)
+            logger.info("lease %s released", lease.name)
         lease.close()
     if fenced is not None:
         raise LeaseLost(f"{fenced} (published until then: {report['acked']} acked)")
@@ -346,7 +349,7 @@ def _watch(
     terminated: threading.Event,
 ) -> None:
     """Log progress until the deadline, a shard dies, or the server ended this run (a
-    false silent-run verdict after an outage: stopping releases the feed's lease to the
+    false silent-run verdict after an outage: stopping releases the run's lease to the
     replacement waiting for it, which repairs the seconds between). SIGTERM and
     cancellation arrive here as exceptions (Prefect raises TerminationSignal), which run
     the caller's finally; ``terminated`` raises it here when Python swallowed it."""

@@ -1,32 +1,45 @@
-"""One ingestion per feed: a lease in PostgreSQL that exactly one run holds while it publishes.
+"""One publisher per symbol: leases in PostgreSQL that exactly one run holds while it publishes.
 
-Why: two ingestion runs of one feed publish every trade twice, and their gap trackers
-disagree. Nothing else stops that: the deployment trigger reruns a Crashed ingestion; the
-heartbeat automation marks a run Crashed when the *Prefect server* stops hearing from it,
-although the process may still be alive and publishing; an operator may start a deployment
-twice.
+Why: two ingestion runs publishing one symbol of a feed (a venue into a trades topic) send
+each of its trades twice, and their gap trackers disagree. Nothing else stops that: the
+deployment trigger reruns a Crashed ingestion; the heartbeat automation marks a run
+Crashed when the *Prefect server* stops hearing from it, although the process may still be
+alive and publishing; an operator may start a deployment twice. Yet runs of one feed with
+disjoint symbol sets (one deployment per symbol set, to ingest on several machines) must
+be able to publish side by side.
 
 The lease (table ``ingest_leases``, migration ``0300_ingest_leases.sql``): one row per
-feed, keyed ``"<venue>:<trades topic>"`` (``feed_key``), so test and side-by-side runs on
-private topics never meet.
+symbol of a feed, keyed ``"<venue>:<trades topic>:<symbol>"`` (``lease_key``; the column
+is still called ``feed``), so test and side-by-side runs on private topics never meet, and
+runs of disjoint symbol sets never touch each other's rows. A run holds the rows of all its
+symbols as one lease. (Rows keyed ``"<venue>:<trades topic>"``, from before leases were
+per symbol, are never matched again; they may be deleted.)
 
-- **acquire** takes the row in one statement when it is free, released or expired, and
-  gives the taker the next fencing ``token`` (+1 per acquisition; rows are never deleted).
-  Otherwise it waits, polling every second and logging who holds it and until when.
-- **renew** extends the row only while holder id *and* token are still this run's. If
-  they are not, someone else has acquired it: ``LeaseLost`` ("fenced: ..."), and the run
-  stops publishing at once.
-- **release** (clean shutdown, after the producer has flushed and closed) expires the row
-  now, so the next run starts within a poll instead of waiting a TTL.
+- **acquire** takes every row of the run's symbols that is free, released or expired, in
+  one transaction, and only if it can take them all: if any row is held by a live other
+  holder, the transaction is rolled back and the run holds none of them while it waits
+  (so two runs with overlapping sets never each hold part of the other's, and a waiter
+  never keeps a free symbol from a third run). Rows are taken in key order, so concurrent
+  acquirers of overlapping sets queue on the first row they share instead of deadlocking.
+  Each row taken gets its next fencing ``token`` (+1 per acquisition of that row; rows are
+  never deleted); the holder keeps each row's token. Otherwise it waits, polling every
+  second and logging who holds which of its symbols and until when.
+- **renew** extends all the run's rows in one statement, each only while holder id *and*
+  token are still this run's. If any row is not, someone else has acquired that symbol:
+  ``LeaseLost`` ("fenced: ...", naming the symbols lost), and the run stops publishing
+  every symbol at once (it is one unit; its remaining rows are released when it stops).
+- **release** (clean shutdown, after the producer has flushed and closed) expires the
+  run's rows now, so the next run starts within a poll instead of waiting a TTL.
 
 Two clocks, one authority. Whether a lease has expired is decided only by PostgreSQL's
-``now()``: a waiter takes the row only if ``expires_at <= now()`` on the server, so the
+``now()``: a waiter takes a row only if ``expires_at <= now()`` on the server, so the
 hosts' wall clocks never matter. But a holder must also know when to stop while the
 database is unreachable, so it keeps its own bound: it reads this host's boot-time clock
 (``clock``: CLOCK_BOOTTIME, monotonic, counts suspended time, never stepped by NTP)
 *before* sending each acquire or renew. The server stamps ``expires_at = now() + ttl``
-after it received the statement, so ``sent + ttl`` (``valid_until``) is never later than
-the real expiry; only a difference in clock *rate* (parts per million) eats into it.
+after it received the statement (for acquire: the start of its transaction), so ``sent +
+ttl`` (``valid_until``) is never later than the real expiry; only a difference in clock
+*rate* (parts per million) eats into it.
 
 Self-fencing. The holder publishes only until ``fence_at = valid_until - margin``. The
 publisher enforces that per message (``tasks.ingest.publish``: a lane refuses to send past
@@ -69,7 +82,9 @@ Failure modes:
   next renewal reports the loss. Kafka itself does not check fencing tokens, so a record
   the broker had already received before the fence may still be appended: that residual
   is what the margin is for.
-- *Second start by an operator*: the second run waits, logging who holds the feed.
+- *Second start by an operator*, or a deployment whose symbol set overlaps a running
+  one's: the second run waits, logging who holds which of its symbols, and takes them all
+  when they are all free. Runs whose symbol sets are disjoint publish side by side.
 
 Nothing here imports Prefect; the flow passes its run logger.
 """
@@ -83,7 +98,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,20 +129,44 @@ else:  # pragma: no cover - not Linux
 
 
 def feed_key(venue: str, trades_topic: str) -> str:
-    """The lease key of a feed: the venue config name and the topic its trades go to."""
+    """A feed's name: the venue config name and the topic its trades go to."""
     return f"{venue}:{trades_topic}"
 
 
+def lease_key(feed: str, symbol: str) -> str:
+    """The key of one symbol's lease row (defined here only): runs of disjoint symbol sets
+    of one feed never share a row, runs of one symbol always do."""
+    return f"{feed}:{symbol}"
+
+
+def _listed(items: Iterable[str], most: int = 8) -> str:
+    """``items`` comma separated, the first ``most`` only (a run may have 1000 symbols)."""
+    items = list(items)
+    more = f", ... ({len(items) - most} more)" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
+
+
+def _tokens(tokens: Iterable[int]) -> str:
+    """Tokens for a log line: "token 7", or "tokens 3-9" when the rows' tokens differ."""
+    tokens = list(tokens)
+    if not tokens:
+        return "no token"
+    low, high = min(tokens), max(tokens)
+    return f"token {low}" if low == high else f"tokens {low}-{high}"
+
+
 class LeaseLost(RuntimeError):
-    """The lease is no longer this holder's (taken, or not renewed in time): stop publishing."""
+    """Some symbol's lease is no longer this holder's (taken, or not renewed in time): stop
+    publishing."""
 
 
 class LeaseBusy(TimeoutError):
-    """Another live holder kept the lease for as long as the caller was willing to wait."""
+    """Other live holders kept some of the symbols for as long as the caller was willing to
+    wait."""
 
-    def __init__(self, message: str, holder: Holder | None):
+    def __init__(self, message: str, holders: list[Holder]):
         super().__init__(message)
-        self.holder = holder
+        self.holders = holders
 
 
 class Unreachable(RuntimeError):
@@ -136,66 +175,105 @@ class Unreachable(RuntimeError):
 
 @dataclass(frozen=True)
 class Holder:
-    """Who holds a feed's lease, as the database sees it now."""
+    """One acquisition's rows among some symbols' leases, as the database sees them now."""
 
-    feed: str
-    token: int
+    symbols: tuple[str, ...]
+    tokens: tuple[int, ...]  # each symbol's row's token
     holder: str
     owner: str
-    expires_in_s: float  # by the database's clock; <= 0: expired
+    expires_in_s: float  # by the database's clock, the earliest of the rows; <= 0: expired
     renewed_ago_s: float
     released: bool
 
+    @property
+    def live(self) -> bool:
+        """Neither released nor expired: nobody else may take these rows."""
+        return not self.released and self.expires_in_s > 0
+
     def describe(self) -> str:
+        held = f"{_listed(self.symbols)} held by {self.owner} ({_tokens(self.tokens)})"
         if self.released:
-            return f"{self.owner} (token {self.token}), released"
+            return f"{held}, released"
         return (
-            f"{self.owner} (token {self.token}), renewed {self.renewed_ago_s:.0f} s ago, "
-            f"expires in {self.expires_in_s:.0f} s by the database's clock unless renewed"
+            f"{held}, renewed {self.renewed_ago_s:.0f} s ago, expires in "
+            f"{self.expires_in_s:.0f} s by the database's clock unless renewed"
         )
 
 
+def _described(holders: list[Holder]) -> str:
+    """Who holds which symbols, one acquisition after another."""
+    return "; ".join(h.describe() for h in holders)
+
+
+# Run in a transaction that is committed only if every key was taken (``Lease._take``).
+# Rows are taken in key order, so acquirers of overlapping sets queue on their first
+# shared row instead of deadlocking.
 _ACQUIRE = """
 INSERT INTO ingest_leases AS l
     (feed, token, holder, owner, acquired_at, renewed_at, expires_at)
-VALUES (%(feed)s, 1, %(holder)s, %(owner)s, now(), now(),
-        now() + %(ttl)s * interval '1 second')
+SELECT key, 1, %(holder)s, %(owner)s, now(), now(), now() + %(ttl)s * interval '1 second'
+  FROM unnest(%(keys)s::text[]) AS key
+ ORDER BY key
 ON CONFLICT (feed) DO UPDATE
    SET token = l.token + 1, holder = excluded.holder, owner = excluded.owner,
        acquired_at = now(), renewed_at = now(), expires_at = excluded.expires_at,
        released_at = NULL
  WHERE l.expires_at <= now() OR l.released_at IS NOT NULL
-RETURNING token
+RETURNING feed, token
 """
-_RENEW = """
-UPDATE ingest_leases SET renewed_at = now(), expires_at = now() + %(ttl)s * interval '1 second'
- WHERE feed = %(feed)s AND holder = %(holder)s AND token = %(token)s AND released_at IS NULL
-RETURNING token
+# This holder's rows that are still its own (holder id and token), locked in key order
+# like _ACQUIRE's, so a renewal and an acquisition never deadlock.
+_MINE = """
+WITH mine AS (
+    SELECT l.feed FROM ingest_leases AS l
+      JOIN unnest(%(keys)s::text[], %(tokens)s::bigint[]) AS m (feed, token)
+        ON l.feed = m.feed AND l.token = m.token
+     WHERE l.holder = %(holder)s AND l.released_at IS NULL
+     ORDER BY l.feed
+       FOR UPDATE OF l
+)
 """
-_RELEASE = """
-UPDATE ingest_leases SET expires_at = now(), released_at = now()
- WHERE feed = %(feed)s AND holder = %(holder)s AND token = %(token)s AND released_at IS NULL
-RETURNING token
+_RENEW = (
+    _MINE
+    + """
+UPDATE ingest_leases AS l SET renewed_at = now(), expires_at = now() + %(ttl)s * interval '1 second'
+  FROM mine WHERE l.feed = mine.feed
+RETURNING l.feed
 """
+)
+_RELEASE = (
+    _MINE
+    + """
+UPDATE ingest_leases AS l SET expires_at = now(), released_at = now()
+  FROM mine WHERE l.feed = mine.feed
+RETURNING l.feed
+"""
+)
 _CURRENT = """
-SELECT token, holder, owner, extract(epoch FROM expires_at - now())::float8,
-       extract(epoch FROM now() - renewed_at)::float8, released_at IS NOT NULL
-  FROM ingest_leases WHERE feed = %(feed)s
+SELECT array_agg(feed ORDER BY feed), array_agg(token ORDER BY feed), holder, owner,
+       min(extract(epoch FROM expires_at - now()))::float8,
+       max(extract(epoch FROM now() - renewed_at))::float8, released_at IS NOT NULL
+  FROM ingest_leases WHERE feed = ANY(%(keys)s)
+ GROUP BY holder, owner, released_at IS NOT NULL
+ ORDER BY 1
 """
 
 
 class Lease:
-    """The lease of one feed, as one would-be holder sees it (one acquisition at a time).
+    """The lease of one run's symbols of a feed (a row each, taken, renewed and released
+    together), as one would-be holder sees it (one acquisition at a time).
 
-    ``token`` is the fencing token of the current acquisition (None when not held);
-    ``valid_until``/``fence_at`` are on ``clock``. Thread-safe: statements are serialised
-    on one connection, which is reopened after any connection error.
+    ``tokens`` maps each symbol whose row this holder still has to that row's fencing token
+    (empty when not held); ``valid_until``/``fence_at`` are on ``clock``. Thread-safe:
+    statements are serialised on one connection, which is reopened after any connection
+    error.
     """
 
     def __init__(
         self,
         dsn: str,
         feed: str,
+        symbols: Iterable[str],
         owner: str,
         *,
         schema: str = "public",
@@ -208,15 +286,20 @@ class Lease:
                 f"lease timing: need 0 < renew_every_s ({renew_every_s}) and "
                 f"renew_every_s + margin_s ({margin_s}) < ttl_s ({ttl_s})"
             )
+        self.symbols = tuple(sorted(set(symbols)))
+        if not self.symbols:
+            raise ValueError(f"lease {feed}: no symbols")
         self.dsn = dsn
         self.schema = schema
         self.feed = feed
+        self.name = f"{feed} [{_listed(self.symbols)}]"  # for logs
+        self._symbol_of = {lease_key(feed, s): s for s in self.symbols}
         self.owner = owner
         self.ttl_s = ttl_s
         self.renew_every_s = renew_every_s
         self.margin_s = margin_s
         self.holder = ""
-        self.token: int | None = None
+        self.tokens: dict[str, int] = {}
         self.valid_until = -math.inf  # the server's expiry is no earlier than this
         self.lost: str | None = None  # why the last acquisition ended, if it was not released
         self._conn: Any = None
@@ -232,7 +315,7 @@ class Lease:
     @property
     def held(self) -> bool:
         """Held, and not past ``fence_at`` by this host's own reckoning."""
-        return self.token is not None and clock() < self.fence_at
+        return bool(self.tokens) and clock() < self.fence_at
 
     def remaining(self) -> float:
         """Seconds left to publish without another renewal (negative once past)."""
@@ -240,7 +323,9 @@ class Lease:
 
     # ---- statements -------------------------------------------------------------------
 
-    def _execute(self, sql: str, **params: Any) -> list[tuple]:
+    def _call(self, work: Callable[[Any], list[tuple]]) -> list[tuple]:
+        """``work(cursor)`` on the connection (opened on demand); any database error drops
+        the connection (the server rolls back an open transaction) and is ``Unreachable``."""
         with self._lock:
             try:
                 if self._conn is None:
@@ -251,11 +336,35 @@ class Lease:
                         cur.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
                     self._conn = conn
                 with self._conn.cursor() as cur:
-                    cur.execute(sql, {"feed": self.feed, **params})
-                    return cur.fetchall() if cur.description else []
+                    return work(cur)
             except psycopg2.Error as e:  # lost, refused, read-only after a failover, ...
                 self._drop()
                 raise Unreachable(" ".join(str(e).split()) or type(e).__name__) from e
+
+    def _execute(self, sql: str, **params: Any) -> list[tuple]:
+        def run(cur: Any) -> list[tuple]:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+        return self._call(run)
+
+    def _take(self, holder: str) -> dict[str, int]:
+        """Every symbol's row with its new token, or none: ``_ACQUIRE`` in a transaction
+        that is rolled back unless it took them all (all-or-nothing)."""
+        keys = list(self._symbol_of)
+
+        def run(cur: Any) -> list[tuple]:
+            cur.execute("BEGIN")
+            params = {"keys": keys, "holder": holder, "owner": self.owner, "ttl": self.ttl_s}
+            cur.execute(_ACQUIRE, params)
+            rows = cur.fetchall()
+            cur.execute("COMMIT" if len(rows) == len(keys) else "ROLLBACK")
+            return rows
+
+        rows = self._call(run)
+        if len(rows) < len(keys):
+            return {}
+        return {self._symbol_of[k]: t for k, t in sorted(rows)}
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -268,29 +377,31 @@ class Lease:
         with self._lock:
             self._drop()
 
-    def current(self) -> Holder | None:
-        """Who holds the lease now (None: nobody ever took it)."""
-        rows = self._execute(_CURRENT)
-        if not rows:
-            return None
-        token, holder, owner, expires_in, renewed_ago, released = rows[0]
-        return Holder(self.feed, token, holder, owner, expires_in, renewed_ago, released)
+    def current(self, symbols: Iterable[str] | None = None) -> list[Holder]:
+        """Who holds (or last held) the rows of ``symbols`` (default: all of this lease's),
+        one entry per acquisition; symbols nobody ever took are left out."""
+        keys = [lease_key(self.feed, s) for s in (self.symbols if symbols is None else symbols)]
+        return [
+            Holder(tuple(self._symbol_of[k] for k in held), tuple(tokens), *rest)
+            for held, tokens, *rest in self._execute(_CURRENT, keys=keys)
+        ]
 
-    def try_acquire(self) -> Holder | None:
-        """One attempt: take the lease if it is free, released or expired (then None,
-        and ``token`` is set), else return who holds it. Raises ``Unreachable``."""
-        for _ in range(3):  # freed between the two statements: take it at once
+    def try_acquire(self) -> list[Holder] | None:
+        """One attempt: take every symbol's row if none is held by a live other holder
+        (then None, and ``tokens`` is set), else take none and return who holds which.
+        Raises ``Unreachable``."""
+        for _ in range(3):  # freed between the two statements: try again at once
             holder = uuid.uuid4().hex
             sent = clock()
-            rows = self._execute(_ACQUIRE, holder=holder, owner=self.owner, ttl=self.ttl_s)
-            if rows:
-                self.holder, self.token, self.lost = holder, rows[0][0], None
+            taken = self._take(holder)
+            if taken:
+                self.holder, self.tokens, self.lost = holder, taken, None
                 self.valid_until = sent + self.ttl_s
                 return None
-            current = self.current()
-            if current is not None and current.expires_in_s > 0 and not current.released:
-                return current
-        return current or Holder(self.feed, 0, "", "nobody (row deleted)", 0.0, 0.0, True)
+            holders = self.current()
+            if any(h.live for h in holders):
+                return [h for h in holders if h.live]
+        return holders  # freed and taken again each time: who had them last
 
     def acquire(
         self,
@@ -299,11 +410,12 @@ class Lease:
         poll_s: float = POLL_S,
         logger: Any = None,
         log_every_s: float = 60.0,
-    ) -> int:
-        """Take the lease, waiting while another live holder has it; returns the token.
+    ) -> dict[str, int]:
+        """Take every symbol's row, waiting while another live holder has any of them (and
+        holding none meanwhile); returns each symbol's token.
 
-        Logs who holds it when waiting starts, when the holder changes and every
-        ``log_every_s``; a database that does not answer is retried the same way.
+        Logs who holds which symbols when waiting starts, when the holders change and
+        every ``log_every_s``; a database that does not answer is retried the same way.
         ``timeout_s`` None waits for as long as it takes; else ``LeaseBusy``.
         """
         logger = logger or log
@@ -313,72 +425,82 @@ class Lease:
         waited_from = clock()
         while True:
             try:
-                holder = self.try_acquire()
+                holders = self.try_acquire()
             except Unreachable as e:
-                holder = None
+                holders, who = [], "? (PostgreSQL does not answer)"
                 if clock() >= next_log or seen != ("unreachable",):
                     logger.warning(
                         "lease %s: PostgreSQL does not answer (%s); retrying every %.0f s",
-                        self.feed, e, poll_s,
+                        self.name, e, poll_s,
                     )  # fmt: skip
                     seen, next_log = ("unreachable",), clock() + log_every_s
             else:
-                if holder is None:
+                if holders is None:
                     waited = clock() - waited_from
                     logger.info(
-                        "lease %s acquired: token %d%s; publishing only while it is renewed"
+                        "lease %s acquired: %s%s; publishing only while it is renewed"
                         " (every %.0f s, expires %.0f s after the last renewal)",
-                        self.feed, self.token,
+                        self.name, _tokens(self.tokens.values()),
                         f" after waiting {waited:.0f} s" if seen is not None else "",
                         self.renew_every_s, self.ttl_s,
                     )  # fmt: skip
-                    return self.token  # type: ignore[return-value]
-                key = (holder.holder, holder.token)
+                    return dict(self.tokens)
+                who = _described(holders) or "? (freed and taken again meanwhile)"
+                key = tuple((h.holder, h.tokens) for h in holders)
                 if key != seen or clock() >= next_log:
-                    logger.warning("waiting for lease %s: held by %s", self.feed, holder.describe())
+                    logger.warning("waiting for lease %s: %s", self.name, who)
                     seen, next_log = key, clock() + log_every_s
             if deadline is not None and clock() >= deadline:
-                raise LeaseBusy(
-                    f"lease {self.feed} is held by "
-                    + (holder.describe() if holder else "? (PostgreSQL does not answer)"),
-                    holder,
-                )
+                raise LeaseBusy(f"lease {self.name} is busy: {who}", holders)
             pause = poll_s if deadline is None else min(poll_s, max(0.0, deadline - clock()))
             time.sleep(pause)
 
-    def renew(self) -> float:
-        """Extend the lease by ``ttl_s``; returns the new ``fence_at``.
+    def _mine(self) -> dict[str, Any]:
+        """The parameters by which ``_MINE`` finds this holder's rows."""
+        keys = [lease_key(self.feed, s) for s in self.tokens]
+        return {"keys": keys, "tokens": list(self.tokens.values()), "holder": self.holder}
 
-        ``LeaseLost`` ("fenced: ...") when it is no longer this holder's; ``Unreachable``
+    def renew(self) -> float:
+        """Extend every row of the lease by ``ttl_s``; returns the new ``fence_at``.
+
+        ``LeaseLost`` ("fenced: ...") when any is no longer this holder's; ``Unreachable``
         when the database does not answer (the lease then holds until ``fence_at``)."""
-        if self.token is None:
-            raise LeaseLost(f"fenced: lease {self.feed} is not held ({self.lost or 'released'})")
+        if self.lost is not None or not self.tokens:
+            raise LeaseLost(f"fenced: lease {self.name} is not held ({self.lost or 'released'})")
         sent = clock()
-        rows = self._execute(_RENEW, holder=self.holder, token=self.token, ttl=self.ttl_s)
-        if rows:
+        renewed = {k for (k,) in self._execute(_RENEW, **self._mine(), ttl=self.ttl_s)}
+        if len(renewed) == len(self.tokens):
             self.valid_until = max(self.valid_until, sent + self.ttl_s)
             return self.fence_at
+        raise self._lose(renewed)
+
+    def _lose(self, kept: set[str]) -> LeaseLost:
+        """Some rows were taken: the whole lease is lost (the run stops every symbol), the
+        rows still ours are kept for ``release``, and the others' new holders are named."""
+        lost = {s: t for s, t in self.tokens.items() if lease_key(self.feed, s) not in kept}
         try:
-            now = self.current()
-            who = now.describe() if now is not None else "nobody (its row was deleted)"
+            who = _described(self.current(lost)) or "nobody (their rows were deleted)"
         except Unreachable:
             who = "? (PostgreSQL stopped answering)"
-        mine = self.token
-        self.lost = f"fenced: lease {self.feed} (token {mine}) was taken; it is now held by {who}"
-        self.token, self.valid_until = None, -math.inf
-        raise LeaseLost(self.lost)
+        self.lost = (
+            f"fenced: lease {self.name}: {_listed(lost)} ({_tokens(lost.values())}) was taken;"
+            f" now {who}"
+        )
+        self.tokens = {s: t for s, t in self.tokens.items() if s not in lost}
+        self.valid_until = -math.inf
+        return LeaseLost(self.lost)
 
     def release(self) -> bool:
-        """Give the lease up now (after the last record was delivered); False if it was
-        no longer held or the database did not answer (it then expires by itself)."""
-        if self.token is None:
+        """Give up every row still ours now (after the last record was delivered); False if
+        none was or the database did not answer (they then expire by themselves)."""
+        if not self.tokens:
             return False
-        token = self.token
-        self.token, self.valid_until = None, -math.inf
+        mine = self._mine()
+        self.tokens, self.valid_until = {}, -math.inf
         try:
-            return bool(self._execute(_RELEASE, holder=self.holder, token=token))
+            return bool(self._execute(_RELEASE, **mine))
         except Unreachable as e:
-            log.warning("lease %s: release failed (%s); it expires by itself", self.feed, e)
+            log.warning("lease %s: release failed (%s); it expires by itself", self.name, e)
             return False
 
 
@@ -442,8 +564,9 @@ class Keeper:
         last_error = ""
         while not self._stop.is_set():
             if clock() >= lease.fence_at:
+                tokens = _tokens(lease.tokens.values())
                 self._fence(
-                    f"fenced: could not renew lease {lease.feed} (token {lease.token}) for "
+                    f"fenced: could not renew lease {lease.name} ({tokens}) for "
                     f"{clock() - last_ok:.0f} s (last error: {last_error or 'none'}); stopped "
                     f"publishing {lease.margin_s:.0f} s before it could expire"
                 )
@@ -466,7 +589,7 @@ class Keeper:
                     self.logger.warning(
                         "lease %s: renewal failed (%s); still ours for %.0f s by this host's"
                         " clock, publishing stops then unless PostgreSQL answers",
-                        lease.feed, e, lease.remaining(),
+                        lease.name, e, lease.remaining(),
                     )  # fmt: skip
                     next_warn = clock() + self.warn_every_s
                 next_at = clock() + self.retry_s
@@ -475,7 +598,7 @@ class Keeper:
             if failing_since is not None:
                 self.logger.info(
                     "lease %s renewed again after %.0f s of failed renewals",
-                    lease.feed, clock() - failing_since,
+                    lease.name, clock() - failing_since,
                 )  # fmt: skip
                 failing_since, next_warn = None, -math.inf
             last_ok = clock()

@@ -39,8 +39,9 @@ dead process had already written to its socket has reached the broker by then, s
 read-back sees it. (A broker stalled longer than that could append such a record after
 the new child's copy of it: a duplicate, which the drains' natural keys absorb.)
 
-The lease still fences, across processes. Only the parent holds the feed's lease
-(``tasks.ingest.lease``) and renews it; a child never talks to PostgreSQL. The fence
+The lease still fences, across processes. Only the parent holds the lease of the run's
+symbols (``tasks.ingest.lease``: a row per symbol, all children's included, taken, renewed
+and released together) and renews it; a child never talks to PostgreSQL. The fence
 point is a value of ``lease.clock`` (CLOCK_BOOTTIME, one clock for every process on the
 host), so it means the same in the child:
 
@@ -50,10 +51,11 @@ host), so it means the same in the child:
   exactly as in one process. A late or lost update can only make a child stop *earlier*
   (its point never moves on without a renewal the parent made). A parent that froze or
   died sends nothing more, so its children stop at the last point it sent.
-- on losing the lease (taken, or not renewed in time) the parent sends ``{"fence":
-  reason}`` to every child at once (the child fences its publisher, stops its shards and
-  aborts its producer's unsent records, exit status ``EXIT_FENCED``), and kills any child
-  still running ``FENCE_KILL_S`` later; a child starting meanwhile is not started again.
+- on losing the lease (any symbol's row taken, or not renewed in time) the parent sends
+  ``{"fence": reason}`` to every child at once (the child fences its publisher, stops its
+  shards and aborts its producer's unsent records, exit status ``EXIT_FENCED``), and kills
+  any child still running ``FENCE_KILL_S`` later; a child starting meanwhile is not
+  started again.
 - commands are written without blocking (each line is shorter than PIPE_BUF, so it is
   written whole or not at all): a frozen child cannot stall the parent's lease thread.
 - the parent flushes children only while the lease surely holds (the flow passes the

@@ -1,8 +1,10 @@
-"""One ingestion per feed: the lease in the real PostgreSQL (two holders, expiry, takeover
+"""One publisher per symbol: the lease in the real PostgreSQL (two holders, expiry, takeover
 only after it, tokens, a lost lease reported, the database unreachable for a while, the
-keeper renewing and self-fencing), the publisher refusing to send past its lease, and two
-real ingestion runs of one feed against the simulator: exactly one publishes, the other
-waits and takes over when the first stops; a run whose lease is taken stops.
+keeper renewing and self-fencing; disjoint symbol sets held at once, overlapping ones
+waiting, all-or-nothing acquisition, one symbol taken over), the publisher refusing to
+send past its lease, and two real ingestion runs of one feed against the simulator:
+exactly one publishes, the other waits and takes over when the first stops; a run one of
+whose symbols is taken stops.
 
 Waits are liveness bounds with generous margins; nothing here asserts a speed.
 """
@@ -38,6 +40,7 @@ from tasks.ingest.lease import (
     Unreachable,
     clock,
     feed_key,
+    lease_key,
 )
 from tasks.ingest.publish import PRODUCER_TUNING, Fenced, Publisher, Topics
 from tests.ingest.support import (
@@ -49,6 +52,7 @@ from tests.ingest.support import (
 )
 
 FEED = "binance:test.trades"
+PAIR = ("BTC-USDT", "ETH-USDT")  # the symbols of the class's own leases, unless told
 # Short leases for the class's own tests: ttl 3 s, renew every 0.5 s, stop 1 s before expiry.
 SHORT = {"ttl_s": 3.0, "renew_every_s": 0.5, "margin_s": 1.0}
 
@@ -85,11 +89,12 @@ def schema(postgres) -> Iterator[str]:
 
 @pytest.fixture
 def leases(postgres, schema) -> Iterator[Callable[..., Lease]]:
-    """Factory of leases on FEED in the private schema, closed afterwards."""
+    """Factory of leases on FEED (of PAIR unless told) in the private schema, closed
+    afterwards."""
     made: list[Lease] = []
 
-    def make(owner: str, **timing: float) -> Lease:
-        lease = Lease(postgres.pg_dsn, FEED, owner, schema=schema, **{**SHORT, **timing})
+    def make(owner: str, symbols: tuple[str, ...] = PAIR, **timing: float) -> Lease:
+        lease = Lease(postgres.pg_dsn, FEED, symbols, owner, schema=schema, **{**SHORT, **timing})
         made.append(lease)
         return lease
 
@@ -98,13 +103,18 @@ def leases(postgres, schema) -> Iterator[Callable[..., Lease]]:
         lease.close()
 
 
-def _row(dsn: str, schema: str, feed: str = FEED) -> dict | None:
+def _tokens(token: int, symbols: tuple[str, ...] = PAIR) -> dict[str, int]:
+    return dict.fromkeys(symbols, token)
+
+
+def _row(dsn: str, schema: str, key: str = lease_key(FEED, PAIR[0])) -> dict | None:
+    """The lease row of ``key`` (default: PAIR's first symbol's)."""
     with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
         try:
             cur.execute(
                 f"SELECT token, owner, acquired_at, renewed_at, expires_at, released_at"
                 f" FROM {schema}.ingest_leases WHERE feed = %s",
-                (feed,),
+                (key,),
             )
         except psycopg2.errors.UndefinedTable:  # no run has migrated this database yet
             return None
@@ -120,12 +130,12 @@ def _row(dsn: str, schema: str, feed: str = FEED) -> dict | None:
 
 def test_a_second_holder_waits_and_is_told_who_holds_the_lease(leases, caplog):
     a, b = leases("run A"), leases("run B", ttl_s=60)
-    assert a.acquire(timeout_s=10) == 1 and a.held
+    assert a.acquire(timeout_s=10) == _tokens(1) and a.held
     caplog.set_level(logging.INFO, logger="tasks.ingest.lease")
-    with pytest.raises(LeaseBusy, match=r"held by run A \(token 1\)") as busy:
+    with pytest.raises(LeaseBusy, match=r"BTC-USDT, ETH-USDT held by run A \(token 1\)") as busy:
         b.acquire(timeout_s=1.5, poll_s=0.2)
-    assert busy.value.holder is not None and busy.value.holder.owner == "run A"
-    assert b.token is None and not b.held
+    assert [h.owner for h in busy.value.holders] == ["run A"]
+    assert b.tokens == {} and not b.held
     waiting = [r.getMessage() for r in caplog.records if "waiting for lease" in r.getMessage()]
     assert waiting and "held by run A (token 1)" in waiting[0], waiting
     assert a.renew() and a.held  # the waiter changed nothing
@@ -147,9 +157,9 @@ def test_of_many_simultaneous_acquirers_exactly_one_wins(leases):
         t.join(30)
     winners = [i for i, outcome in outcomes.items() if outcome is None]
     assert len(outcomes) == len(contenders) and len(winners) == 1, outcomes
-    assert [c.token for c in contenders if c.token is not None] == [1]
+    assert [c.tokens for c in contenders if c.tokens] == [_tokens(1)]
     losers = [o for o in outcomes.values() if o is not None]
-    assert {o.owner for o in losers} == {f"run {winners[0]}"}  # type: ignore[attr-defined]
+    assert {h.owner for o in losers for h in o} == {f"run {winners[0]}"}  # type: ignore[attr-defined]
 
 
 def test_takeover_only_after_expiry_with_a_higher_token(postgres, schema, leases):
@@ -161,11 +171,12 @@ def test_takeover_only_after_expiry_with_a_higher_token(postgres, schema, leases
     row = _row(postgres.pg_dsn, schema)
     # By the database's clock, B got it no earlier than A's lease expired.
     assert row["acquired_at"] >= expires, (row, expires)
-    assert token_b == token_a + 1 and row["token"] == token_b and row["owner"] == "run B"
+    assert token_b == {s: t + 1 for s, t in token_a.items()} == _tokens(2)
+    assert row["token"] == 2 and row["owner"] == "run B"
     assert not a.held  # A's own reckoning ran out before B could take over
     with pytest.raises(LeaseLost, match=r"^fenced: .*taken.*held by run B \(token 2\)"):
         a.renew()
-    assert a.token is None and "run B" in (a.lost or "")
+    assert a.tokens == {} and "run B" in (a.lost or "")
     assert a.release() is False  # not A's any more: releasing changes nothing
     assert _row(postgres.pg_dsn, schema)["owner"] == "run B"
     assert b.renew() and b.held
@@ -173,12 +184,12 @@ def test_takeover_only_after_expiry_with_a_higher_token(postgres, schema, leases
 
 def test_release_lets_the_next_holder_in_at_once_and_tokens_keep_growing(postgres, schema, leases):
     a, b = leases("run A", ttl_s=600), leases("run B", ttl_s=600)
-    assert a.acquire(timeout_s=10) == 1
-    assert a.release() is True and a.token is None and not a.held
+    assert a.acquire(timeout_s=10) == _tokens(1)
+    assert a.release() is True and a.tokens == {} and not a.held
     assert _row(postgres.pg_dsn, schema)["released_at"] is not None
-    assert b.acquire(timeout_s=10) == 2  # a 600 s lease: only the release let B in
+    assert b.acquire(timeout_s=10) == _tokens(2)  # a 600 s lease: only the release let B in
     assert b.release() is True
-    assert a.acquire(timeout_s=10) == 3
+    assert a.acquire(timeout_s=10) == _tokens(3)
     with pytest.raises(LeaseBusy):
         b.acquire(timeout_s=0.5, poll_s=0.1)
 
@@ -186,20 +197,20 @@ def test_release_lets_the_next_holder_in_at_once_and_tokens_keep_growing(postgre
 def test_database_unreachable_for_a_while_does_not_lose_an_unexpired_lease(postgres, leases):
     a = leases("run A", ttl_s=30, margin_s=5)
     b = leases("run B", ttl_s=30)
-    token = a.acquire(timeout_s=10)
+    tokens = a.acquire(timeout_s=10)
     # The server goes away: A's connection is gone and nothing answers on its address.
     a.dsn = _closed_dsn(postgres.pg_dsn)
     a.close()
     for _ in range(3):
         with pytest.raises(Unreachable, match=r"refused|failed"):
             a.renew()
-    assert a.held and a.token == token and a.remaining() > 0
+    assert a.held and a.tokens == tokens and a.remaining() > 0
     with pytest.raises(LeaseBusy, match="held by run A"):
         b.acquire(timeout_s=1, poll_s=0.2)  # not expired: nobody takes it
     # The server is back: the same lease, the same token, renewed.
     a.dsn = postgres.pg_dsn
     a.renew()
-    assert a.held and a.token == token
+    assert a.held and a.tokens == tokens
     with pytest.raises(LeaseBusy):
         b.acquire(timeout_s=0.5, poll_s=0.2)
 
@@ -207,7 +218,7 @@ def test_database_unreachable_for_a_while_does_not_lose_an_unexpired_lease(postg
 def test_a_dropped_connection_is_reopened_by_the_next_renewal(postgres, leases):
     """What a PostgreSQL restart looks like to a holder: its backend is gone."""
     a = leases("run A", ttl_s=30, margin_s=5)
-    token = a.acquire(timeout_s=10)
+    tokens = a.acquire(timeout_s=10)
     backend = a._conn.get_backend_pid()
     with contextlib.closing(psycopg2.connect(postgres.pg_dsn)) as conn:
         conn.autocommit = True
@@ -217,7 +228,7 @@ def test_a_dropped_connection_is_reopened_by_the_next_renewal(postgres, leases):
     with pytest.raises(Unreachable):
         a.renew()
     a.renew()
-    assert a.held and a.token == token
+    assert a.held and a.tokens == tokens
 
 
 def test_the_keeper_rides_out_an_outage_shorter_than_its_lease(postgres, leases):
@@ -260,7 +271,7 @@ def test_the_keeper_fences_before_a_waiter_can_take_over(postgres, leases):
     assert fenced_at, "A never fenced itself"
     assert fenced_at[0] < taken_at  # A had stopped before B could start
     assert keeper.verdict is not None and keeper.verdict.startswith(
-        "fenced: could not renew lease binance:test.trades (token 1)"
+        "fenced: could not renew lease binance:test.trades [BTC-USDT, ETH-USDT] (token 1)"
     ), keeper.verdict
     assert "refused" in keeper.verdict or "failed" in keeper.verdict, keeper.verdict
 
@@ -272,24 +283,138 @@ def test_the_keeper_reports_a_lease_taken_by_another_holder(postgres, schema, le
     keeper = Keeper(a, reasons.append)
     keeper.start()
     try:
-        _steal(postgres.pg_dsn, FEED, schema)
+        _steal(postgres.pg_dsn, lease_key(FEED, "ETH-USDT"), schema)
         _wait_for("the keeper to notice", lambda: reasons, 30)
     finally:
         assert keeper.stop()
-    assert len(reasons) == 1 and reasons[0].startswith("fenced: lease binance:test.trades")
-    assert "held by a thief (token 2)" in reasons[0], reasons
+    assert len(reasons) == 1, reasons
+    assert reasons[0].startswith(
+        "fenced: lease binance:test.trades [BTC-USDT, ETH-USDT]: ETH-USDT (token 1) was taken;"
+    ), reasons
+    assert "now ETH-USDT held by a thief (token 2)" in reasons[0], reasons
 
 
-def _steal(dsn: str, feed: str, schema: str = "public") -> None:
-    """What a takeover looks like to the holder (as if its own reckoning had failed)."""
+def _steal(dsn: str, key: str, schema: str = "public") -> None:
+    """What a takeover of one symbol's row looks like to the holder (as if its own
+    reckoning had failed)."""
     with contextlib.closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
         cur.execute(
             f"UPDATE {schema}.ingest_leases SET token = token + 1, holder = 'thief',"
             " owner = 'a thief', acquired_at = now(), renewed_at = now(),"
             " expires_at = now() + interval '10 minutes' WHERE feed = %s RETURNING token",
-            (feed,),
+            (key,),
         )
-        assert cur.fetchone(), f"no lease row for {feed}"
+        assert cur.fetchone(), f"no lease row for {key}"
+
+
+# ---- symbol sets of one feed ---------------------------------------------------------------
+
+
+def test_disjoint_symbol_sets_of_one_feed_are_held_at_once(leases):
+    a, b = leases("run A", PAIR), leases("run B", ("SOL-USDT", "XRP-USDT"))
+    assert a.acquire(timeout_s=5) == _tokens(1)
+    assert b.acquire(timeout_s=5) == _tokens(1, ("SOL-USDT", "XRP-USDT"))
+    assert a.renew() and b.renew() and a.held and b.held
+
+
+def test_an_overlapping_set_waits_for_the_shared_symbol_then_takes_them_all(
+    postgres, schema, leases
+):
+    a = leases("run A", PAIR, ttl_s=600)
+    b = leases("run B", ("ETH-USDT", "SOL-USDT"), ttl_s=600)
+    a.acquire(timeout_s=5)
+    with pytest.raises(LeaseBusy, match=r"busy: ETH-USDT held by run A \(token 1\)") as busy:
+        b.acquire(timeout_s=1, poll_s=0.2)
+    [holder] = busy.value.holders
+    assert holder.owner == "run A" and holder.symbols == ("ETH-USDT",)
+    assert a.release()  # a 600 s lease: only the release lets B in
+    assert b.acquire(timeout_s=5) == {"ETH-USDT": 2, "SOL-USDT": 1}
+    assert _row(postgres.pg_dsn, schema, lease_key(FEED, "SOL-USDT"))["owner"] == "run B"
+
+
+def test_a_waiter_holds_none_of_its_symbols_while_one_is_held(postgres, schema, leases):
+    """All or nothing: the free rows a waiter could take stay as they were while it waits."""
+    a = leases("run A", ("ETH-USDT",), ttl_s=600)
+    c = leases("run C", ("SOL-USDT",), ttl_s=600)
+    b = leases("run B", ("BTC-USDT", "ETH-USDT", "SOL-USDT"), ttl_s=600)
+    a.acquire(timeout_s=5)
+    c.acquire(timeout_s=5)
+    assert c.release()  # SOL-USDT: released (a row to take); BTC-USDT: no row yet
+    keys = [lease_key(FEED, "BTC-USDT"), lease_key(FEED, "SOL-USDT")]
+    free = {key: _row(postgres.pg_dsn, schema, key) for key in keys}
+    busy: list[LeaseBusy] = []
+
+    def wait() -> None:
+        try:
+            b.acquire(timeout_s=3, poll_s=0.1)
+        except LeaseBusy as e:
+            busy.append(e)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    while waiter.is_alive():
+        for key, row in free.items():
+            assert _row(postgres.pg_dsn, schema, key) == row, key
+        time.sleep(0.05)
+    assert busy and [h.symbols for h in busy[0].holders] == [("ETH-USDT",)]
+    assert b.tokens == {} and a.renew() and a.held
+
+
+def test_overlapping_acquirers_in_any_order_never_deadlock_or_share_a_symbol(postgres, schema):
+    symbols = ["A", "B", "C", "D"]
+    sets = [(x, y) for x in symbols for y in symbols if x != y]  # every order of every pair
+    contenders = [
+        Lease(postgres.pg_dsn, FEED, s, f"run {i}", schema=schema, **SHORT)
+        for i, s in enumerate(sets)
+    ]
+    start = threading.Barrier(len(contenders))
+    errors: list[BaseException] = []
+
+    def attempt(lease: Lease) -> None:
+        start.wait()
+        try:
+            lease.try_acquire()
+        except Unreachable as e:  # a deadlock the database broke would show up here
+            errors.append(e)
+
+    threads = [threading.Thread(target=attempt, args=(c,)) for c in contenders]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        winners = [c for c in contenders if c.tokens]
+        assert not errors and winners, errors
+        taken = [s for c in winners for s in c.tokens]
+        assert len(taken) == len(set(taken)), [c.tokens for c in winners]  # pairwise disjoint
+        for c in winners:
+            for symbol in c.tokens:
+                assert _row(postgres.pg_dsn, schema, lease_key(FEED, symbol))["owner"] == c.owner
+    finally:
+        for c in contenders:
+            c.close()
+
+
+def test_a_holder_one_of_whose_symbols_was_taken_loses_the_lease_naming_it(
+    postgres, schema, leases
+):
+    a = leases("run A", ("BTC-USDT", "ETH-USDT", "SOL-USDT"), ttl_s=30, margin_s=5)
+    a.acquire(timeout_s=5)
+    _steal(postgres.pg_dsn, lease_key(FEED, "ETH-USDT"), schema)
+    with pytest.raises(
+        LeaseLost,
+        match=r"^fenced: lease \S+ \[BTC-USDT, ETH-USDT, SOL-USDT\]: ETH-USDT \(token 1\) was "
+        r"taken; now ETH-USDT held by a thief \(token 2\)",
+    ):
+        a.renew()
+    assert not a.held and a.tokens == {"BTC-USDT": 1, "SOL-USDT": 1}
+    with pytest.raises(LeaseLost, match="not held"):
+        a.renew()
+    assert a.release() is True and a.tokens == {}  # the rows still its own, at once
+    for symbol in ("BTC-USDT", "SOL-USDT"):
+        assert _row(postgres.pg_dsn, schema, lease_key(FEED, symbol))["released_at"] is not None
+    stolen = _row(postgres.pg_dsn, schema, lease_key(FEED, "ETH-USDT"))
+    assert stolen["owner"] == "a thief" and stolen["released_at"] is None
 
 
 # ---- the publisher keeps to its lease ------------------------------------------------------
@@ -348,8 +473,8 @@ def _text(log: Path, suffix: str) -> str:
     return log.with_suffix(suffix).read_text(errors="replace")
 
 
-def _holder_pid(dsn: str, feed: str) -> int | None:
-    row = _row(dsn, "public", feed)
+def _holder_pid(dsn: str, key: str) -> int | None:
+    row = _row(dsn, "public", key)
     if row is None or row["released_at"] is not None:
         return None
     return int(re.search(r" pid (\d+)$", row["owner"]).group(1))  # type: ignore[union-attr]
@@ -357,13 +482,24 @@ def _holder_pid(dsn: str, feed: str) -> int | None:
 
 @pytest.fixture
 def public_lease_rows(postgres) -> Iterator[list[str]]:
-    """Feeds whose rows in public.ingest_leases a test leaves behind (deleted afterwards)."""
-    feeds: list[str] = []
-    yield feeds
-    with contextlib.closing(psycopg2.connect(postgres.pg_dsn)) as conn, conn, conn.cursor() as cur:
-        for feed in feeds:
-            with contextlib.suppress(psycopg2.Error):
-                cur.execute("DELETE FROM public.ingest_leases WHERE feed = %s", (feed,))
+    """Keys of the rows in public.ingest_leases a test leaves behind (deleted afterwards)."""
+    keys: list[str] = []
+    yield keys
+    with (
+        contextlib.closing(psycopg2.connect(postgres.pg_dsn)) as conn,
+        conn,
+        conn.cursor() as cur,
+        contextlib.suppress(psycopg2.Error),
+    ):
+        cur.execute("DELETE FROM public.ingest_leases WHERE feed = ANY(%s)", (keys,))
+
+
+def _feed_lease(trades: str, public_lease_rows: list[str]) -> tuple[str, str]:
+    """The lease of SYMBOLS of the simulator's venue into ``trades``: its name in logs and
+    its first symbol's key (every row of a run has the same holder)."""
+    feed = feed_key(SIM_VENUE, trades)
+    public_lease_rows.extend(lease_key(feed, s) for s in SYMBOLS)
+    return f"{feed} [{', '.join(SYMBOLS)}]", lease_key(feed, SYMBOLS[0])
 
 
 def _stopped_report(log: Path) -> dict:
@@ -377,8 +513,7 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
     kafka, postgres, prefect_server, new_topic, tmp_path, public_lease_rows
 ):
     trades = new_topic(3)
-    feed = feed_key(SIM_VENUE, trades)
-    public_lease_rows.append(feed)
+    name, key = _feed_lease(trades, public_lease_rows)
     logs = [tmp_path / "run-1", tmp_path / "run-2"]
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "200") as sim:
         runs = [_ingestion(sim, trades, 900, log) for log in logs]  # started together
@@ -390,7 +525,7 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
 
             def one_publishing() -> int | None:
                 alive()
-                holder = _holder_pid(postgres.pg_dsn, feed)
+                holder = _holder_pid(postgres.pg_dsn, key)
                 return holder if sum(end_offsets(kafka, trades).values()) > 0 else None
 
             holder = _wait_for("one run to take the lease and publish", one_publishing, 180)
@@ -400,7 +535,8 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
 
             def second_waits() -> bool:
                 alive()
-                return f"waiting for lease {feed}: held by" in _text(second_log, ".err")
+                waiting = f"waiting for lease {name}: {', '.join(SYMBOLS)} held by"
+                return waiting in _text(second_log, ".err")
 
             _wait_for("the second run to wait for the lease", second_waits, 180)
             # While the first holds the lease, the second never starts streaming. (Its log
@@ -409,7 +545,7 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
             for _ in range(10):
                 alive()
                 waiting = _text(second_log, ".err")
-                row = _row(postgres.pg_dsn, "public", feed)
+                row = _row(postgres.pg_dsn, "public", key)
                 assert row["token"] == 1 and row["released_at"] is None, row
                 assert f"pid {first.pid} (token 1)" in waiting, waiting[-3000:]
                 assert "streaming binance" not in waiting, waiting[-3000:]
@@ -418,13 +554,13 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
             # over and publishes.
             first.send_signal(signal.SIGTERM)
             first.wait(timeout=120)
-            assert f"lease {feed} released" in _text(first_log, ".err")
+            assert f"lease {name} released" in _text(first_log, ".err")
             by_first = sum(end_offsets(kafka, trades).values())
 
             def second_publishing() -> bool:
                 assert second.poll() is None, _text(second_log, ".err")[-3000:]
                 return (
-                    _holder_pid(postgres.pg_dsn, feed) == second.pid
+                    _holder_pid(postgres.pg_dsn, key) == second.pid
                     and sum(end_offsets(kafka, trades).values()) > by_first + 300
                 )
 
@@ -438,7 +574,10 @@ def test_two_ingestions_of_one_feed_publish_every_trade_once(
                     r.wait(10)
 
     reports = [_stopped_report(log) for log in (first_log, second_log)]
-    assert [r["lease"]["token"] for r in reports] == [1, 2], [r["lease"] for r in reports]
+    assert [r["lease"]["tokens"] for r in reports] == [
+        _tokens(1, tuple(SYMBOLS)),
+        _tokens(2, tuple(SYMBOLS)),
+    ], [r["lease"] for r in reports]
     assert all(r["lease"]["fenced"] is None for r in reports)
     assert all(r["unresolved_at_exit"] == 0 and r["failed"] == 0 for r in reports), reports
     ids = trade_ids(kafka, trades)
@@ -454,8 +593,8 @@ def test_a_run_whose_lease_is_taken_stops_publishing(
     kafka, postgres, prefect_server, new_topic, tmp_path, public_lease_rows
 ):
     trades = new_topic(3)
-    feed = feed_key(SIM_VENUE, trades)
-    public_lease_rows.append(feed)
+    name, key = _feed_lease(trades, public_lease_rows)
+    stolen = lease_key(feed_key(SIM_VENUE, trades), "ETH-USDT")
     log = tmp_path / "run"
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "200") as sim:
         run = _ingestion(sim, trades, 120, log)
@@ -464,12 +603,12 @@ def test_a_run_whose_lease_is_taken_stops_publishing(
             def publishing() -> bool:
                 assert run.poll() is None, _text(log, ".err")[-3000:]
                 return (
-                    _holder_pid(postgres.pg_dsn, feed) == run.pid
+                    _holder_pid(postgres.pg_dsn, key) == run.pid
                     and sum(end_offsets(kafka, trades).values()) > 100
                 )
 
             _wait_for("the run to take the lease and publish", publishing, 180)
-            _steal(postgres.pg_dsn, feed)
+            _steal(postgres.pg_dsn, stolen)
             code = run.wait(timeout=120)  # its next renewal (every 5 s) finds it taken
         finally:
             if run.poll() is None:
@@ -477,11 +616,14 @@ def test_a_run_whose_lease_is_taken_stops_publishing(
                 run.wait(10)
     err = _text(log, ".err")
     assert code != 0, err[-3000:]
-    fenced = f"fenced: lease {feed} (token 1) was taken; it is now held by a thief"
+    fenced = f"fenced: lease {name}: ETH-USDT (token 1) was taken; now ETH-USDT held by a thief"
     assert fenced in err, err[-3000:]
     report = _stopped_report(log)
-    assert report["lease"]["fenced"].startswith(f"fenced: lease {feed} (token 1) was taken")
-    assert _row(postgres.pg_dsn, "public", feed)["owner"] == "a thief"  # left to the new holder
+    assert report["lease"]["fenced"].startswith(fenced)
+    assert _row(postgres.pg_dsn, "public", stolen)["owner"] == "a thief"  # left to the new holder
+    # The symbols still its own were released when it stopped: nobody waits a TTL for them.
+    assert f"lease {name} released" in err, err[-3000:]
+    assert _row(postgres.pg_dsn, "public", key)["released_at"] is not None
     ids = trade_ids(kafka, trades)
     for symbol in SYMBOLS:
         assert_contiguous(ids[symbol], symbol)
