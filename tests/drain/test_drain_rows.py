@@ -27,9 +27,10 @@ NOW_US = 1_790_000_000_000_000
 NUMERIC = {3, 4, 5, 7, 8}  # trade_id, price, qty, event_us, recv_us
 
 
-def _add(value: bytes) -> tuple[PriceBatch, list]:
+def _add(*values: bytes) -> tuple[PriceBatch, list]:
     batch = PriceBatch()
-    rejects = batch.add("t", 0, [SimpleNamespace(value=value, offset=0)])
+    records = [SimpleNamespace(value=v, offset=i) for i, v in enumerate(values)]
+    rejects = batch.add("t", 0, records)
     return batch, rejects
 
 
@@ -89,6 +90,23 @@ def test_the_fast_path_takes_ordinary_trades():
     assert batch.trades == [
         b"binance\tBTC-USDT\tBTCUSDT\t42\t64000.10\t0.5\tbuy\t%d\t%d" % (NOW_US, NOW_US + 1)
     ]
+
+
+def test_freshness_is_the_newest_trade_of_each_symbol_that_is_written():
+    def trade(tid: int, symbol: str, event_us: int, venue: str = "binance") -> Trade:
+        return Trade(venue, symbol, symbol.replace("-", ""), tid, Decimal("1.5"), Decimal("2"),
+                     "buy", event_us, event_us + 1)  # fmt: skip
+
+    odd = trade(4, "ETH-USDT", NOW_US - 5, venue="bin\\ance\t")  # escaped: the slow path
+    batch, _ = _add(
+        encode(trade(1, "BTC-USDT", NOW_US - 30)), encode(trade(2, "BTC-USDT", NOW_US - 10)),
+        encode(trade(3, "BTC-USDT", NOW_US - 20)), encode(odd),
+    )  # fmt: skip
+    assert batch.newest_us() == {
+        ("binance", "BTC-USDT"): NOW_US - 10, ("bin\\ance\t", "ETH-USDT"): NOW_US - 5,
+    }  # fmt: skip
+    batch.drop([batch.trade_records[1], batch.trade_records[3]])  # refused by the table
+    assert batch.newest_us() == {("binance", "BTC-USDT"): NOW_US - 20}
 
 
 MUTATIONS = st.sampled_from([*b'0123456789.-+eE"\\ :,{}[]abtx\x00\x7f', 0xC3, 0xFF])
