@@ -12,15 +12,21 @@ The lease (table ``ingest_leases``, migration ``0300_ingest_leases.sql``): one r
 symbol of a feed, keyed ``"<venue>:<trades topic>:<symbol>"`` (``lease_key``; the column
 is still called ``feed``), so test and side-by-side runs on private topics never meet, and
 runs of disjoint symbol sets never touch each other's rows. A run holds the rows of all its
-symbols as one lease. (Rows keyed ``"<venue>:<trades topic>"``, from before leases were
-per symbol, are never matched again; they may be deleted.)
+symbols as one lease. A row keyed ``"<venue>:<trades topic>"`` is an earlier version's
+lease of the whole feed: while one is live (a run of that version may be publishing every
+symbol, say during an upgrade), no run takes any symbol of that feed and the waiting log
+names it; released or expired, it is never used again and may be deleted. (The earlier
+version does not see per-symbol rows: never start it beside this one.)
 
 - **acquire** takes every row of the run's symbols that is free, released or expired, in
   one transaction, and only if it can take them all: if any row is held by a live other
   holder, the transaction is rolled back and the run holds none of them while it waits
   (so two runs with overlapping sets never each hold part of the other's, and a waiter
-  never keeps a free symbol from a third run). Rows are taken in key order, so concurrent
-  acquirers of overlapping sets queue on the first row they share instead of deadlocking.
+  never keeps a free symbol from a third run). The transaction locks the rows it meets,
+  the holder's too; an acquirer that freezes or loses the network inside it has it ended
+  by the server after ``IDLE_TX_MS``, so it never stalls the holder's renewals. Rows are
+  taken in key order, so concurrent acquirers of overlapping sets queue on the first row
+  they share instead of deadlocking.
   Each row taken gets its next fencing ``token`` (+1 per acquisition of that row; rows are
   never deleted); the holder keeps each row's token. Otherwise it waits, polling every
   second and logging who holds which of its symbols and until when.
@@ -116,6 +122,10 @@ RETRY_S = 1.0  # after a failed renewal (or while a waiter cannot reach the data
 POLL_S = 1.0  # how often a waiter asks whether the lease is free
 STATEMENT_TIMEOUT_MS = 5000
 TCP_USER_TIMEOUT_MS = 10_000
+IDLE_TX_MS = 2000  # the server ends an acquisition left open longer (a frozen acquirer)
+# How a live row of an earlier version's whole-feed lease (key ``feed_key``) is named: a
+# run of that version may still be publishing every symbol, so no symbol is taken.
+_WHOLE_FEED = "every symbol (an earlier version's lease of the whole feed)"
 
 if hasattr(time, "CLOCK_BOOTTIME"):
     _CLOCK_ID = time.CLOCK_BOOTTIME
@@ -213,6 +223,9 @@ INSERT INTO ingest_leases AS l
     (feed, token, holder, owner, acquired_at, renewed_at, expires_at)
 SELECT key, 1, %(holder)s, %(owner)s, now(), now(), now() + %(ttl)s * interval '1 second'
   FROM unnest(%(keys)s::text[]) AS key
+ WHERE NOT EXISTS (  -- an earlier version's lease of the whole feed, still live
+       SELECT 1 FROM ingest_leases AS old
+        WHERE old.feed = %(feed)s AND old.released_at IS NULL AND old.expires_at > now())
  ORDER BY key
 ON CONFLICT (feed) DO UPDATE
    SET token = l.token + 1, holder = excluded.holder, owner = excluded.owner,
@@ -334,6 +347,10 @@ class Lease:
                     conn.autocommit = True  # now() is each statement's own start time
                     with conn.cursor() as cur:
                         cur.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                        # An acquisition is a transaction that locks rows, possibly the
+                        # holder's: if this process freezes or loses the network inside
+                        # it, the server ends it so that the holder's renewals go on.
+                        cur.execute(f"SET idle_in_transaction_session_timeout = {IDLE_TX_MS}")
                     self._conn = conn
                 with self._conn.cursor() as cur:
                     return work(cur)
@@ -355,7 +372,10 @@ class Lease:
 
         def run(cur: Any) -> list[tuple]:
             cur.execute("BEGIN")
-            params = {"keys": keys, "holder": holder, "owner": self.owner, "ttl": self.ttl_s}
+            params = {
+                "keys": keys, "feed": self.feed, "holder": holder, "owner": self.owner,
+                "ttl": self.ttl_s,
+            }  # fmt: skip
             cur.execute(_ACQUIRE, params)
             rows = cur.fetchall()
             cur.execute("COMMIT" if len(rows) == len(keys) else "ROLLBACK")
@@ -382,8 +402,8 @@ class Lease:
         one entry per acquisition; symbols nobody ever took are left out."""
         keys = [lease_key(self.feed, s) for s in (self.symbols if symbols is None else symbols)]
         return [
-            Holder(tuple(self._symbol_of[k] for k in held), tuple(tokens), *rest)
-            for held, tokens, *rest in self._execute(_CURRENT, keys=keys)
+            Holder(tuple(self._symbol_of.get(k, _WHOLE_FEED) for k in held), tuple(tokens), *rest)
+            for held, tokens, *rest in self._execute(_CURRENT, keys=[*keys, self.feed])
         ]
 
     def try_acquire(self) -> list[Holder] | None:
@@ -456,9 +476,11 @@ class Lease:
             time.sleep(pause)
 
     def _mine(self) -> dict[str, Any]:
-        """The parameters by which ``_MINE`` finds this holder's rows."""
-        keys = [lease_key(self.feed, s) for s in self.tokens]
-        return {"keys": keys, "tokens": list(self.tokens.values()), "holder": self.holder}
+        """The parameters by which ``_MINE`` finds this holder's rows (one read of
+        ``tokens``: ``release`` may replace it meanwhile)."""
+        tokens = self.tokens
+        keys = [lease_key(self.feed, s) for s in tokens]
+        return {"keys": keys, "tokens": list(tokens.values()), "holder": self.holder}
 
     def renew(self) -> float:
         """Extend every row of the lease by ``ttl_s``; returns the new ``fence_at``.

@@ -360,6 +360,61 @@ def test_a_waiter_holds_none_of_its_symbols_while_one_is_held(postgres, schema, 
     assert b.tokens == {} and a.renew() and a.held
 
 
+def test_a_live_lease_of_the_whole_feed_from_an_earlier_version_keeps_every_symbol(
+    postgres, schema, leases
+):
+    """An earlier version leased the whole feed (key ``feed_key``): while that row is live
+    its run may publish every symbol, so nobody takes any; once it expires, they do."""
+    with contextlib.closing(psycopg2.connect(postgres.pg_dsn)) as conn, conn.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {schema}.ingest_leases (feed, token, holder, owner, acquired_at,"
+            " renewed_at, expires_at) VALUES (%s, 4, 'h', 'old run', now(), now(),"
+            " now() + interval '2 seconds')",
+            (FEED,),
+        )
+        conn.commit()
+    b = leases("run B", ("SOL-USDT",))
+    with pytest.raises(LeaseBusy, match=r"every symbol \(an earlier version.*held by old run"):
+        b.acquire(timeout_s=0.5, poll_s=0.1)
+    assert _row(postgres.pg_dsn, schema, lease_key(FEED, "SOL-USDT")) is None
+    assert b.acquire(timeout_s=30, poll_s=0.2) == {"SOL-USDT": 1}  # after its expiry
+
+
+def test_an_acquirer_frozen_inside_its_transaction_never_stalls_the_holder(postgres, leases):
+    """A waiter's acquisition locks the holder's rows until it ends; one that freezes in
+    it (here: sleeps before its ROLLBACK) is ended by the server, and renewals go on."""
+    a, b = leases("run A", PAIR, ttl_s=60), leases("run B", PAIR, ttl_s=60)
+    a.acquire(timeout_s=5)
+    locked = threading.Event()
+    ended: list[BaseException] = []
+
+    def freeze(cur) -> list:
+        cur.execute("BEGIN")
+        cur.execute(
+            "SELECT 1 FROM ingest_leases WHERE feed = ANY(%s) FOR UPDATE",
+            ([lease_key(FEED, s) for s in PAIR],),
+        )
+        locked.set()
+        time.sleep(8)  # longer than a renewal's statement timeout (5 s)
+        cur.execute("ROLLBACK")
+        return []
+
+    def frozen() -> None:
+        try:
+            b._call(freeze)
+        except Unreachable as e:  # the server ended its session
+            ended.append(e)
+
+    waiter = threading.Thread(target=frozen)
+    waiter.start()
+    assert locked.wait(10), "the frozen acquirer never locked the rows"
+    t0 = time.monotonic()
+    assert a.renew() and a.held  # waits for the server to end the frozen transaction
+    print(f"renewal waited {time.monotonic() - t0:.1f} s for the frozen acquirer")
+    waiter.join(15)
+    assert ended, "the frozen acquirer's transaction was not ended by the server"
+
+
 def test_overlapping_acquirers_in_any_order_never_deadlock_or_share_a_symbol(postgres, schema):
     symbols = ["A", "B", "C", "D"]
     sets = [(x, y) for x in symbols for y in symbols if x != y]  # every order of every pair
