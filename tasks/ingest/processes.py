@@ -512,7 +512,8 @@ class Supervisor:
         assert life.metrics_port is not None
         try:
             return metrics.fetch(life.metrics_port, GATHER_TIMEOUT_S)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # refused, timed out, cut off mid-page, unparsable: one
+            # child's page never fails the scrape of the others
             if not life.unanswered:
                 life.unanswered = True
                 self.logger.warning(
@@ -580,7 +581,8 @@ class Supervisor:
                         slot.name(), life.proc.pid, grace,
                     )  # fmt: skip
                     life.proc.kill()
-                    life.proc.wait(10)
+                    with contextlib.suppress(subprocess.TimeoutExpired):  # report it as running
+                        life.proc.wait(10)
             if life.exit is None:
                 life.exit = life.proc.returncode
             for t in life.threads:
@@ -713,7 +715,10 @@ class _Child:
     def run(self) -> int:
         spec = self.spec
         if spec.serve_metrics:  # before the first status line: the parent gathers from then
-            self.send(metrics_port=metrics.serve_loopback())
+            try:
+                self.send(metrics_port=metrics.serve_loopback())
+            except OSError as e:  # no loopback port: publish anyway, without metrics
+                log.error("no loopback port for this process's metrics (%s): serving none", e)
         threading.Thread(target=self.read_commands, name="commands", daemon=True).start()
         last = spec.last_trades
         if last is None and spec.plan.repairs_gaps:
