@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     a.add_argument("--shard-size", type=int, default=3, help="symbols per shard (--processes)")
     args = a.parse_args(argv)
+    if not 0 < args.start_rate <= args.max_rate:
+        a.error("need 0 < --start-rate <= --max-rate")
     settings = config.load()
     if args.processes > 1:
         compare_processes(settings, args)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         with _simulator(args.latency_rate, 1) as sim:
             paced = _ingest(settings, sim, topics[2], args.warmup, args.seconds * 2)
-        top_rate = round(sustained["msg_per_s"], -2)
+        top_rate = max(100, round(sustained["msg_per_s"], -2))
         raw_top = _raw(settings, messages[: int(top_rate * args.seconds * 2)], topics[1], top_rate)
         some = messages[: int(args.latency_rate * args.seconds * 2)]
         raw_paced = _raw(settings, some, topics[1], args.latency_rate)

@@ -144,7 +144,7 @@ def ended_by_server(run_id: str) -> bool:
     """True once the Prefect server holds flow run ``run_id`` in a final state. A server
     outage longer than the silent-run window makes the automation end a live run Crashed
     and its trigger start a replacement; without this check both would send, doubling the
-    users' activity (trading) or leave the replacement waiting on the feed's lease while
+    users' activity (trading) or leave the replacement waiting on the lease of its symbols while
     the ended run publishes on (ingestion). An unreachable server is not an ending."""
     from prefect.client.orchestration import get_client
 

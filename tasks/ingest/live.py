@@ -412,7 +412,7 @@ class Ingestion:
     @property
     def alive(self) -> bool:
         """True while every shard thread runs, the producer can still deliver and the
-        feed's lease (if any) still allows publishing."""
+        run's lease (if any) still allows publishing."""
         return (
             all(t.is_alive() for t in self._threads)
             and not self.errors

@@ -24,7 +24,7 @@ Guarantee (what ``Publisher`` keeps, with the producer settings of ``tasks.core.
   send fails; ``Publisher.fatal`` then holds the error and the ingestion stops with it
   (retrying cannot help: it needs an operator). Nothing acknowledged is lost, and the
   next run resumes from what Kafka holds.
-- Only while the feed's lease holds (``tasks.ingest.lease``): with ``valid_until`` set,
+- Only while the run's lease holds (``tasks.ingest.lease``): with ``valid_until`` set,
   every send first checks the lease clock, and from ``valid_until`` on (or once
   ``fence`` was called) a lane refuses to send (``Fenced``); ``abort`` then drops what
   the producer holds unsent. Records already handed to the producer's network thread
@@ -52,19 +52,15 @@ from tasks.ingest.lease import clock
 from tasks.ingest.resume import partition_of
 
 log = logging.getLogger(__name__)
-# Producer settings on top of tasks.core.kafka's. linger 5 ms: kafka-python spends most
-# of its CPU per request, not per record, so at venue rates (a few thousand a second)
-# batching decides the cost. Measured on 2 cores at 2,000 msg/s against linger 1 ms:
-# ingestion CPU 270-300 against 410 us a message, broker 32-40 against 65, p50/p99
-# event-to-ack 6.5-7/14-15 against 4.5/13-14 ms; at 4,000 msg/s 150 against 170-180 us.
-# 10 ms saved no more CPU and doubled p99. Reconnect backoff capped at 1 s
-# (kafka-python's grows to 30 s), so a backlog starts draining within a second of the
-# broker coming back.
-PRODUCER_TUNING: dict[str, Any] = {
-    "linger_ms": 5,
-    "batch_size": 256 * 1024,
-    "reconnect_backoff_max_ms": 1000,
-}
+# Producer settings on top of tasks.core.kafka's, whose linger of 5 ms suits ingestion
+# too: kafka-python spends most of its CPU per request, not per record, so at venue rates
+# (a few thousand a second) batching decides the cost. Measured on 2 cores at 2,000
+# msg/s against linger 1 ms: ingestion CPU 270-300 against 410 us a message, broker 32-40
+# against 65, p50/p99 event-to-ack 6.5-7/14-15 against 4.5/13-14 ms; at 4,000 msg/s 150
+# against 170-180 us. 10 ms saved no more CPU and doubled p99. Reconnect backoff capped
+# at 1 s (kafka-python's grows to 30 s), so a backlog starts draining within a second of
+# the broker coming back.
+PRODUCER_TUNING: dict[str, Any] = {"reconnect_backoff_max_ms": 1000}
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ class Closed(Exception):
 
 
 class Fenced(Closed):
-    """The feed's lease is lost or expiring: this run must not send anything more."""
+    """The run's lease is lost or expiring: this run must not send anything more."""
 
 
 class ProducerDied(RuntimeError):

@@ -47,7 +47,7 @@ KAFKA_PORT = 29192
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
 MAX_IN_FLIGHT = 1000
 OUTAGE_S = 20
-# A trades topic of its own: the feed's lease (venue + trades topic) is then this test's
+# A trades topic of its own: the lease (venue + trades topic + symbol) is then this test's
 # alone, whatever ingestion of the default topic runs on this machine meanwhile.
 TRADES = f"test.outage.{uuid.uuid4().hex[:10]}"
 
