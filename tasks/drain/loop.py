@@ -43,6 +43,7 @@ stay in order); at most two batches are in memory.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -99,6 +100,12 @@ class DrainResult:
 
 
 HANDOVER_CHECK_S = 1.0  # how often a following run looks for a newer one
+# Python's cyclic garbage collector while a drain runs: a batch is tens of thousands of
+# records, lines and tuples, freed by reference counting, and the default thresholds
+# (700, 10, 10) start a collection every 700 of them, each also walking whatever the
+# process holds (a flow run: all of Prefect). Measured on 500,000 trades, five runs each:
+# 14-19 against 18-21 us of Python CPU a trade. Restored when the drain ends.
+GC_THRESHOLD = (50_000, 50, 1000)
 
 
 class OffsetOutOfLog(Exception):
@@ -381,6 +388,8 @@ def drain(
     t0 = time.monotonic()
     run = _Run(sink, consumer, topics, settings, dlq_source, batch_size)
     res = run.result
+    collect = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         run.assign(parse_partitions(partitions), allow_gaps, reset_log)
         handover = _Handover(sink, consumer) if follow else None
@@ -432,6 +441,7 @@ def drain(
         run.settle()
         res.lag = run.lag()
     finally:
+        gc.set_threshold(*collect)
         res.seconds = time.monotonic() - t0
         run.close()
     return res
