@@ -22,8 +22,9 @@ if [ "$#" -gt 0 ]; then
   exit
 fi
 # The whole suite in two processes at once: the tests that need no service (parsers,
-# properties, manifests: CPU) and those marked `beside` (their own brokers) beside the
-# tests that need the stack (mostly waiting on it). The first ones' output follows the
+# properties, manifests: CPU) and those marked `beside` (the stack, but only their own
+# topics, schemas, databases or brokers) beside the tests that need the stack (mostly
+# waiting on it). The first ones' output follows the
 # second's. Both must pass.
 quiet_log="$(mktemp)"
 .venv/bin/python -m pytest -m "not services" >"$quiet_log" 2>&1 &

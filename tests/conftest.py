@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     (CPU-bound: properties, parsers, manifests) beside them, in a second process."""
     for item in items:
         if item.get_closest_marker("beside"):
-            continue  # its own brokers, the stack's PostgreSQL in its own schemas
+            continue  # its own topics, schemas, databases or brokers: safe beside the rest
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
 

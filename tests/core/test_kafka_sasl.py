@@ -21,6 +21,9 @@ from tasks.core.kafka import admin, producer
 from tests.broker import private_broker
 from tests.drain.support import drain_prices_now, pg_schema, publish, trades
 
+# Its own broker, topic and schema: scripts/test.sh runs it in the second process.
+pytestmark = pytest.mark.beside
+
 KAFKA_PORT = 29292
 # Reserved characters of URLs, properties files and JAAS; SCRAM's own (, ] ") are refused.
 PASSWORD = f"s@sl:pa/ss%{uuid.uuid4().hex[:6]}#?\\end"

@@ -15,6 +15,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+import pytest
+
 from tasks.core.pg import connect
 from tasks.core.wallets import wallet_balances
 from tests.drain.support import (
@@ -27,6 +29,9 @@ from tests.drain.support import (
     trades,
     transactions,
 )
+
+# Its own topics, schemas and databases: scripts/test.sh runs it in the second process.
+pytestmark = pytest.mark.beside
 
 GAP_BOUND_S = 10.0  # the bound on a drain idle with records waiting
 LIVENESS_S = 120.0  # how long any step may take on a loaded machine

@@ -17,6 +17,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import pytest
+
 from tasks.core.codec import encode
 from tasks.core.wallets import fold_transactions, wallet_balances
 from tests.drain.support import (
@@ -29,6 +31,9 @@ from tests.drain.support import (
     run_crashing,
     transactions,
 )
+
+# Its own topics and databases: scripts/test.sh runs it in the second process.
+pytestmark = pytest.mark.beside
 
 
 def _name() -> str:

@@ -43,6 +43,9 @@ from tests.ingest.support import (
     trade_ids,
 )
 
+# Its own brokers, topics and schemas: scripts/test.sh runs it in the second process.
+pytestmark = pytest.mark.beside
+
 KAFKA_PORT = 29192
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
 MAX_IN_FLIGHT = 1000

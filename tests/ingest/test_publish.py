@@ -26,6 +26,9 @@ from tasks.venues.binance import BinanceRest
 from tests.broker import private_broker
 from tests.ingest.support import trade_ids
 
+# Its own topics and brokers: scripts/test.sh runs it in the second process.
+pytestmark = pytest.mark.beside
+
 
 def _failures(shard: str) -> float:
     labels = {"venue": "binance", "shard": shard}
