@@ -79,7 +79,8 @@ def cmdline(pid: int) -> str:
 
 
 class Sandbox:
-    """A work pool with queues ``a`` and ``b``, deployments in it, workers on it."""
+    """A work pool with queues ``a`` and ``b``, deployments in it, workers on it, and
+    queue ``idle`` that no worker polls: a run the test moves by hand stays its own."""
 
     def __init__(self, client, tag: str, logs: Path) -> None:
         from prefect.client.schemas.actions import WorkPoolCreate
@@ -87,7 +88,7 @@ class Sandbox:
         self.client, self.tag, self.logs = client, tag, logs
         self.pool = f"tapeline-test-{tag}"
         client.create_work_pool(WorkPoolCreate(name=self.pool, type="process"))
-        for queue in ("a", "b"):
+        for queue in ("a", "b", "idle"):
             client.create_work_queue(name=queue, work_pool_name=self.pool)
         self.deployments: list = []
         self.workers: dict[str, subprocess.Popen] = {}
@@ -310,8 +311,8 @@ def test_runs_orphaned_before_the_automations_existed_are_ended_at_setup(sandbox
     pending_dep = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
     running_dep = sandbox.deploy("tests/schedules_flow.py:fail_once", "tapeline-test-fail-once")
     names = [f"tapeline-test-tick/{sandbox.tag}", f"tapeline-test-fail-once/{sandbox.tag}"]
-    stuck = sandbox.run(pending_dep)
-    silent = sandbox.run(running_dep)
+    stuck = sandbox.run(pending_dep, queue="idle")
+    silent = sandbox.run(running_dep, queue="idle")
     sandbox.client.set_flow_run_state(stuck, Pending())
     sandbox.client.set_flow_run_state(silent, Pending())
     sandbox.client.set_flow_run_state(silent, Running())
@@ -346,7 +347,7 @@ def test_a_slot_no_live_run_holds_is_given_back(sandbox):
     assert end_orphans([name]) == [f"freed 1 concurrency slot(s) of {name} that no live run held"]
     assert sandbox.active_slots(deployment) == 0
 
-    live = sandbox.run(deployment)
+    live = sandbox.run(deployment, queue="idle")
     sandbox.client.set_flow_run_state(live, Pending())
     assert sandbox.active_slots(deployment) == 1
     assert end_orphans([name]) == []  # a young Pending run holds it: kept
@@ -366,7 +367,7 @@ def test_a_running_run_whose_local_process_is_gone_is_ended_at_once(sandbox):
     name = f"tapeline-test-fail-once/{sandbox.tag}"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    run = sandbox.run(deployment)
+    run = sandbox.run(deployment, queue="idle")
     sandbox.client.set_flow_run_state(run, Pending())
     sandbox.client.set_flow_run_state(run, Running())
     standin = subprocess.Popen(  # a live flow-run process, as far as its command line says
@@ -396,7 +397,7 @@ def test_a_drain_whose_only_run_stays_pending_gets_a_reader(sandbox, monkeypatch
 
     deployment = sandbox.deploy("tests/schedules_flow.py:tick", "tapeline-test-tick")
     name = f"tapeline-test-tick/{sandbox.tag}"
-    stuck = sandbox.run(deployment)
+    stuck = sandbox.run(deployment, queue="idle")
     # forced: the run stands for one a worker took, whatever the deployment's slot says
     # (proposed, it was once Cancelled "concurrency limit reached" on a loaded CI machine)
     sandbox.client.set_flow_run_state(stuck, Pending(), force=True)

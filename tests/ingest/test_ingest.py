@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from prefect.exceptions import TerminationSignal
@@ -47,11 +48,19 @@ def _sim(*faults: str, rate: int = 400, symbols: list[str] = SYMBOLS) -> Simulat
 
 
 def _script(
-    sim: SimulatorProcess, steps: list[tuple[float, str, dict]], out: dict
+    sim: SimulatorProcess,
+    steps: list[tuple[float, str, dict]],
+    out: dict,
+    started: Callable[[], bool],
 ) -> threading.Thread:
-    """Run ``(at_s, action, params)`` steps against the simulator while the flow runs."""
+    """Run ``(at_s, action, params)`` steps against the simulator while the flow runs,
+    timed from when ``started()`` first holds (the flow is connected and publishing: a
+    fault injected before then finds no connection to hit)."""
 
     def run() -> None:
+        deadline = time.monotonic() + 120  # liveness: a flow run's start on a busy machine
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.1)
         t0 = time.monotonic()
         for at, action, params in steps:
             time.sleep(max(0.0, at - (time.monotonic() - t0)))
@@ -84,7 +93,7 @@ def test_faults_leave_every_trade_once_in_id_order(kafka, prefect_server, new_to
             (14.5, "faults", {"malformed_every": 0}),
             (15.5, "report", {}),
         ]
-        script = _script(sim, steps, seen)
+        script = _script(sim, steps, seen, lambda: sum(end_offsets(kafka, trades).values()) > 0)
         report = ingest(
             venue="binance",
             symbols=SYMBOLS,
@@ -92,7 +101,7 @@ def test_faults_leave_every_trade_once_in_id_order(kafka, prefect_server, new_to
             validate_mode="off",
             metrics_port=0,
             stall_timeout_s=1.5,
-            run_seconds=17,
+            run_seconds=25,  # the steps end 15.5 s after the first trade is published
             trades_topic=trades,
             quotes_topic=quotes,
             progress_every_s=5,

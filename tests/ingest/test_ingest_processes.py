@@ -167,10 +167,10 @@ def test_children_publish_only_until_the_fence_point_the_parent_sent(kafka, new_
         sup.start()
         try:
             _until("both processes to publish", lambda: _streaming(sup), sup)
-            sup.extend(clock() + 1.5)  # the lease is taken: a first fence point
-            first_wall = time.time() + 1.5
+            sup.extend(clock() + 3)  # the lease is taken: a first fence point
+            first_wall = time.time() + 3
             time.sleep(0.5)
-            until = clock() + 2.5  # a renewal: 1.5 s beyond the first point
+            until = clock() + 5.5  # a renewal: 3 s beyond the first point
             sup.extend(until)
             fence_wall = time.time() + (until - clock())
             deadline = time.monotonic() + 30  # liveness: a busy machine
@@ -184,7 +184,11 @@ def test_children_publish_only_until_the_fence_point_the_parent_sent(kafka, new_
     lives = [life for proc in report["processes"] for life in proc["lives"]]
     assert [life["exit"] for life in lives] == [processes.EXIT_FENCED] * 2, lives
     stamps = [r.timestamp for recs in read_topic(kafka, trades).values() for r in recs]
-    assert stamps and max(stamps) <= fence_wall * 1000 + 5, max(stamps) - fence_wall * 1000
+    # A send checked the fence just before the point may be stamped a little after it
+    # (kafka-python stamps inside send; a loaded machine can pause the thread between):
+    # 250 ms of that, where the points are 3 s apart.
+    late = max(stamps) - fence_wall * 1000
+    assert stamps and late <= 250, late
     assert max(stamps) > first_wall * 1000, "the renewal did not reach the children"
     assert _children() == []
 
@@ -203,14 +207,14 @@ def test_a_process_that_keeps_dying_fails_the_run(
     with _sim(rate=100) as sim:
         t0 = time.monotonic()
         with pytest.raises(RuntimeError) as failed:
-            _run(sim, trades, 60)
+            _run(sim, trades, 180)
         took = time.monotonic() - t0
 
     message = str(failed.value)
     assert "ingestion process 0 (shards 0,2: BTC-USDT, SOL-USDT)" in message, message
     assert "exit status 3" in message and "cannot start" in message, message
     assert "died 4 times within 60 s" in message, message
-    assert took < 30, f"gave up only after {took:.0f} s"
+    assert took < 90, f"gave up only after {took:.0f} s"  # the error, not the 180 s clock
     assert _children() == []  # process 1 was stopped too
 
 
@@ -365,16 +369,18 @@ def _acked_by_shard(sup: processes.Supervisor) -> dict[str, int]:
     }
 
 
-def _quiet(sup: processes.Supervisor, timeout_s: float = 15.0) -> dict[str, int]:
-    """Acked per shard once nothing is in flight and it held still for 0.6 s (3 status
-    lines of each child)."""
+def _quiet(sup: processes.Supervisor, timeout_s: float = 60.0) -> dict[str, int]:
+    """Acked per shard once nothing is in flight and it held still for 3 s (five reads
+    0.6 s apart: a child starved for a second sends stale lines, not a still count)."""
     deadline = time.monotonic() + timeout_s
     before: dict[str, int] | None = None
+    still = 0
     while True:
         time.sleep(0.6)
         now = _acked_by_shard(sup)
         idle = all(s.current and s.current.status["in_flight"] == 0 for s in sup.slots)
-        if now == before and idle:
+        still = still + 1 if now == before and idle else 0
+        if still >= 5:
             return now
         assert time.monotonic() < deadline, f"still acking {timeout_s:.0f} s on: {now}"
         before = now
