@@ -63,13 +63,16 @@ def _stored(dsn: str) -> int:
         return cur.fetchone()[0]
 
 
+TRADES = 60_000  # enough that the drain is still at work when PostgreSQL goes down
+
+
 def test_postgres_stopped_mid_drain_and_restarted_equals_a_clean_run(
     kafka, postgres, private_pg, new_topic, caplog
 ):
     dsn = config.load(private_pg).pg_dsn
     migrate(dsn)
     t_topic, q_topic = new_topic(3), new_topic(1)
-    publish(kafka, t_topic, trades(15_000))
+    publish(kafka, t_topic, trades(TRADES))
     publish(kafka, q_topic, quotes(1_000))
     topics, consumer, out = [t_topic, q_topic], f"test-drain-{uuid.uuid4().hex[:8]}", []
     sink = prices_sink(kafka, "public")
@@ -90,7 +93,8 @@ def test_postgres_stopped_mid_drain_and_restarted_equals_a_clean_run(
     assert worker.is_alive(), "the drain finished before the outage: make it longer"
     time.sleep(1.5)
     _stack(private_pg, "up")
-    worker.join(40)
+    worker.join(120)  # liveness: a restart and the sink's backoff on a loaded machine
+    assert not worker.is_alive(), "the drain did not finish 120 s after PostgreSQL was back"
 
     assert len(out) == 1 and out[0].stopped == "caught up"
     retries = [r.message for r in caplog.records if "postgres sink retry" in r.message]
@@ -98,8 +102,8 @@ def test_postgres_stopped_mid_drain_and_restarted_equals_a_clean_run(
     assert out[0].lag_by_topic() == {t_topic: 0, q_topic: 0}
     with pg_schema(postgres.pg_dsn) as clean:
         single = drain_prices_now(kafka, clean, f"test-drain-{uuid.uuid4().hex[:8]}", topics)
-        assert single.written.rows["trades"] == 15_000
+        assert single.written.rows["trades"] == TRADES
         with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM trades")
-            assert cur.fetchone() == (15_000,)
+            assert cur.fetchone() == (TRADES,)
         assert price_state(dsn, "public") == price_state(postgres.pg_dsn, clean)

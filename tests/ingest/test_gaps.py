@@ -112,7 +112,7 @@ def test_after_a_connect_each_known_symbol_is_topped_up_to_now(sim, name):
     cfg = venues.venue_config(name, sim.http_url)
     rest = history(sim, name)
     symbol = "ETH-USDT"
-    deadline = time.monotonic() + 30  # liveness: a few seconds of history to top up from
+    deadline = time.monotonic() + 60  # liveness: a few seconds of history to top up from
     while sim.report()["markets"][symbol]["generated"] < 300:
         assert time.monotonic() < deadline, "the simulator made no history"
         time.sleep(0.2)

@@ -145,7 +145,7 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
             exported = scrape(f"http://127.0.0.1:{port}/metrics")
         finally:
             proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=40)
+            _, err = proc.communicate(timeout=90)  # a flush of up to 30 s, then Prefect's exit
         final = sim.report()
 
     assert max(inflight) == MAX_IN_FLIGHT, inflight  # the bound was reached and held

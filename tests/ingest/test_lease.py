@@ -369,7 +369,7 @@ def test_a_live_lease_of_the_whole_feed_from_an_earlier_version_keeps_every_symb
         cur.execute(
             f"INSERT INTO {schema}.ingest_leases (feed, token, holder, owner, acquired_at,"
             " renewed_at, expires_at) VALUES (%s, 4, 'h', 'old run', now(), now(),"
-            " now() + interval '2 seconds')",
+            " now() + interval '10 seconds')",
             (FEED,),
         )
         conn.commit()

@@ -88,9 +88,9 @@ def test_a_fatal_producer_error_stops_the_run(kafka, prefect_server):
             with pytest.raises(RuntimeError, match="MessageSizeTooLargeError"):
                 ingest(
                     symbols=["BTC-USDT"], channels=["trades"], simulator_url=sim.http_url,
-                    validate_mode="off", metrics_port=0, trades_topic=refusing, run_seconds=30,
+                    validate_mode="off", metrics_port=0, trades_topic=refusing, run_seconds=120,
                 )  # fmt: skip
-            assert time.monotonic() - started < 15  # stopped by the error, not the clock
+            assert time.monotonic() - started < 60  # stopped by the error, not the clock
     finally:
         client.delete_topics([refusing])
         client.close()
