@@ -8,8 +8,11 @@ here "publish success" means the broker acknowledged, never merely queued.
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -20,20 +23,135 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 _SHARD = ("venue", "shard")
 
+
+class Tally:
+    """A metric family for the per-message path (every frame, every acknowledgement),
+    exported like prometheus_client's but written without its lock: ``labels`` hands
+    each caller a cell of its own, a cell has one writer thread (a shard's reader, a
+    producer's network thread) that adds to plain numbers, and a scrape sums the cells
+    of each label set. A cell outlives its writer, so totals never go down. Costs
+    0.1-0.4 us an update against 1-2.5 us for a locked child."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._cells: list[tuple[tuple[str, ...], _Cell]] = []
+        self._lock = threading.Lock()  # labels (rare) against collect (a scrape)
+        REGISTRY.register(self)
+
+    def describe(self) -> list[Metric]:
+        """The family without samples (what the registry and tests look names up by)."""
+        return list(self._empty())
+
+    def _empty(self) -> Iterator[Metric]:
+        raise NotImplementedError
+
+    def labels(self, **labels: str) -> _Cell:
+        key = tuple(str(labels[n]) for n in self.labelnames)
+        cell = self._cell()
+        with self._lock:
+            self._cells.append((key, cell))
+        return cell
+
+    def _cell(self) -> _Cell:
+        return _Cell()
+
+    def _by_labels(self) -> dict[tuple[str, ...], list[_Cell]]:
+        with self._lock:
+            cells = list(self._cells)
+        out: dict[tuple[str, ...], list[_Cell]] = {}
+        for key, cell in cells:
+            out.setdefault(key, []).append(cell)
+        return out
+
+
+class _Cell:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class TallyCounter(Tally):
+    """A ``Counter`` (``<name>_total`` and ``<name>_created``) for the per-message path."""
+
+    def _empty(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, cells in self._by_labels().items():
+            total = sum(c.value for c in cells)
+            family.add_metric(key, total, created=min(c.created for c in cells))
+        yield family
+
+
+class _Latencies:
+    __slots__ = ("bounds", "buckets", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(self.bounds, seconds)] += 1  # bucket i: <= bounds[i]
+        self.sum += seconds
+
+
+class TallyHistogram(Tally):
+    """A ``Histogram`` (cumulative ``le`` buckets, ``_sum``, ``_count``, ``_created``) for
+    the per-message path."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+    ):  # fmt: skip
+        self.bounds = tuple(float(b) for b in buckets)
+        super().__init__(name, documentation, labelnames)
+
+    def _cell(self) -> _Latencies:  # type: ignore[override]
+        return _Latencies(self.bounds)
+
+    def _empty(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        edges = [*map(floatToGoString, self.bounds), "+Inf"]
+        for key, cells in self._by_labels().items():
+            counts = [sum(col) for col in zip(*(c.buckets for c in cells), strict=True)]  # type: ignore[attr-defined]
+            running, cumulative = 0, []
+            for edge, n in zip(edges, counts, strict=True):
+                running += n
+                cumulative.append((edge, running))
+            family.add_metric(key, cumulative, sum(c.sum for c in cells))  # type: ignore[attr-defined]
+            family.add_sample(
+                self.name + "_created", dict(zip(self.labelnames, key, strict=True)),
+                min(c.created for c in cells),
+            )  # fmt: skip
+        yield family
+
+
 # Ingestion (flows/ingest.py)
-VENDOR_FETCH_SUCCESS = Counter(
+VENDOR_FETCH_SUCCESS = TallyCounter(
     "vendor_fetch_success", "Frames received from the venue and parsed", _SHARD
 )
 VENDOR_FETCH_FAILURE = Counter(
     "vendor_fetch_failure", "Frames that failed to parse or validate (sent to the DLQ)", _SHARD
 )
-KAFKA_PUBLISH_SUCCESS = Counter(
+KAFKA_PUBLISH_SUCCESS = TallyCounter(
     "kafka_publish_success", "Events acknowledged by the Kafka broker", _SHARD
 )
 KAFKA_PUBLISH_FAILURE = Counter(
@@ -79,7 +197,7 @@ LAST_MESSAGE = Gauge(
 VENUE_LAG = Gauge(
     "tapeline_venue_lag_seconds", "Receive time minus venue event time, last frame", ("venue",)
 )
-EVENT_TO_ACK = Histogram(
+EVENT_TO_ACK = TallyHistogram(
     "tapeline_event_to_ack_seconds",
     "Venue event time to Kafka acknowledgement",
     ("venue", "channel"),

@@ -86,6 +86,13 @@ class BufferedWebSocket(websocket.WebSocket):
         return piece
 
 
+class _LastFrame:
+    __slots__ = ("ns",)
+
+    def __init__(self) -> None:
+        self.ns = 0  # epoch nanoseconds; 0: no frame yet
+
+
 def rotation_delay(lifetime_s: float) -> float:
     """Seconds after connecting to rotate: a margin (10% of the lifetime, at most 5 min)
     before the venue's limit, minus up to half that margin again as jitter."""
@@ -130,7 +137,10 @@ class Connection:
         self._stop = threading.Event()
         self._reconnect_reason: str | None = None
         self._ws: websocket.WebSocket | None = None
-        self._last_frame = LAST_MESSAGE.labels(venue=self.name, shard=shard)
+        # When the last data frame arrived, read at scrape time: a gauge set per frame
+        # would take its lock on every frame. (A holder, not self: the gauge outlives us.)
+        self._last = last = _LastFrame()
+        LAST_MESSAGE.labels(venue=self.name, shard=shard).set_function(lambda: last.ns / 1e9)
 
     # ---- control (any thread) -----------------------------------------------------------
 
@@ -243,7 +253,7 @@ class Connection:
     def _read(self, ws: websocket.WebSocket, rotate_at: float) -> tuple[str, bool]:
         policy = self.policy
         ws.settimeout(min(policy.poll_s, policy.stall_timeout_s))
-        on_frame, stop, mark = self.on_frame, self._stop, self._last_frame.set
+        on_frame, stop, last = self.on_frame, self._stop, self._last
         last_data = time.monotonic()
         while True:
             try:
@@ -253,8 +263,7 @@ class Connection:
             now = time.monotonic()
             if opcode in _DATA:
                 self.frames += 1
-                recv_ns = time.time_ns()
-                mark(recv_ns / 1e9)
+                last.ns = recv_ns = time.time_ns()
                 on_frame(data, recv_ns // 1000)
                 last_data = time.monotonic()  # a blocked handler is not a stalled venue
             elif opcode == websocket.ABNF.OPCODE_CLOSE:

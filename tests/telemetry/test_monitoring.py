@@ -70,7 +70,7 @@ def exported_names() -> set[str]:
     """Every series name the code exports, with the suffixes the exposition adds."""
     names = set()
     for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, (MetricWrapperBase, metrics.Tally)):
             for family in value.describe():
                 names.update(family.name + s for s in SUFFIXES[family.type])
     return names
@@ -162,7 +162,7 @@ def test_every_metric_is_on_a_dashboard() -> None:
             shown |= metric_names(expr)
     missing = []
     for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, (MetricWrapperBase, metrics.Tally)):
             family = next(iter(value.describe()))
             if not {family.name + s for s in SUFFIXES[family.type]} & shown:
                 missing.append(family.name)
