@@ -94,7 +94,7 @@ class BufferedWebSocket(websocket.WebSocket):
                 n, start = b1, at + 2
             elif b1 == 126:  # mask bit 0 and a 16-bit length
                 n, start = (chunk[at + 2] << 8) | chunk[at + 3], at + 4
-            else:  # a mask (the library reports that error) or a 64-bit length
+            else:  # a masked frame (servers never send one) or a 64-bit length
                 return super().recv_data(control_frame)
             end = start + n
             if end <= len(chunk):
