@@ -83,12 +83,16 @@ def test_killed_at_any_step_then_retried_equals_a_clean_run(kafka, mongo, new_to
         for f in faults:  # each crashed part-way: some but not all transactions stored
             assert 0 < client[names[f]].transactions.count_documents({}) < len(txs)
 
-        def finish(f: str):
-            return drain_transactions_now(kafka, names[f], consumers[f], topic, batch_size=400)
+        def finish(f: str):  # four drains at once on a loaded machine: 120 s liveness bound
+            return drain_transactions_now(
+                kafka, names[f], consumers[f], topic, batch_size=400, max_seconds=120
+            )
 
         with ThreadPoolExecutor(len(names)) as pool:
             results = dict(zip(names, pool.map(finish, names), strict=True))
-        assert all(r.stopped == "caught up" for r in results.values())
+        assert all(r.stopped == "caught up" for r in results.values()), {
+            f: r.stopped for f, r in results.items()
+        }
         clean = mongo_state(client[names["clean"]])
         assert clean["transactions"][0] == len(txs)
         want = expected_balances(txs)

@@ -55,7 +55,9 @@ def _script(
 ) -> threading.Thread:
     """Run ``(at_s, action, params)`` steps against the simulator while the flow runs,
     timed from when ``started()`` first holds (the flow is connected and publishing: a
-    fault injected before then finds no connection to hit)."""
+    fault injected before then finds no connection to hit). A connection fault that
+    found none (the client still reconnecting from the step before, slow on a loaded
+    machine) is tried again until it hits one."""
 
     def run() -> None:
         deadline = time.monotonic() + 120  # liveness: a flow run's start on a busy machine
@@ -69,7 +71,12 @@ def _script(
             elif action == "report":
                 out["report"] = sim.report()
             else:
-                out.setdefault("injected", []).append(sim.inject(action, "binance", **params))
+                hit = sim.inject(action, "binance", **params)
+                until = time.monotonic() + 60  # liveness: a reconnect on a busy machine
+                while hit.get("connections") == 0 and time.monotonic() < until:
+                    time.sleep(0.2)
+                    hit = sim.inject(action, "binance", **params)
+                out.setdefault("injected", []).append(hit)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
