@@ -47,9 +47,9 @@ class Tally:
 
     def describe(self) -> list[Metric]:
         """The family without samples (what the registry and tests look names up by)."""
-        return list(self._empty())
+        return [self._family()]
 
-    def _empty(self) -> Iterator[Metric]:
+    def _family(self) -> Metric:
         raise NotImplementedError
 
     def labels(self, **labels: str) -> _Cell:
@@ -85,11 +85,11 @@ class _Cell:
 class TallyCounter(Tally):
     """A ``Counter`` (``<name>_total`` and ``<name>_created``) for the per-message path."""
 
-    def _empty(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for key, cells in self._by_labels().items():
             total = sum(c.value for c in cells)
             family.add_metric(key, total, created=min(c.created for c in cells))
@@ -124,11 +124,11 @@ class TallyHistogram(Tally):
     def _cell(self) -> _Latencies:  # type: ignore[override]
         return _Latencies(self.bounds)
 
-    def _empty(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         edges = [*map(floatToGoString, self.bounds), "+Inf"]
         for key, cells in self._by_labels().items():
             counts = [sum(col) for col in zip(*(c.buckets for c in cells), strict=True)]  # type: ignore[attr-defined]

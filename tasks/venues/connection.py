@@ -87,15 +87,16 @@ class BufferedWebSocket(websocket.WebSocket):
         if idle and self._at >= len(self._chunk):  # the read the library would start with
             self._chunk, self._at = super()._recv(self.READ_SIZE), 0
         chunk, at = self._chunk, self._at
-        if idle and len(chunk) - at >= 4 and (chunk[at] == 0x81 or chunk[at] == 0x82):
-            # FIN, no reserved bits, text or binary
-            b1 = chunk[at + 1]
-            if b1 < 126:  # mask bit 0 (a server never masks) and a 7-bit length
+        if (
+            idle
+            and len(chunk) - at >= 4
+            and (chunk[at] == 0x81 or chunk[at] == 0x82)  # FIN, no reserved bits, text/binary
+            and (b1 := chunk[at + 1]) <= 126  # unmasked (servers never mask), not 64-bit
+        ):
+            if b1 < 126:
                 n, start = b1, at + 2
-            elif b1 == 126:  # mask bit 0 and a 16-bit length
+            else:  # a 16-bit length
                 n, start = (chunk[at + 2] << 8) | chunk[at + 3], at + 4
-            else:  # a masked frame (servers never send one) or a 64-bit length
-                return super().recv_data(control_frame)
             end = start + n
             if end <= len(chunk):
                 self._at = end
