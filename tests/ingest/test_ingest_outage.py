@@ -170,6 +170,12 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
 
 
 COINBASE_SYMBOLS = ["BTC-USD", "ETH-USD"]
+
+
+def _ended(when: str, proc: subprocess.Popen) -> str:
+    """The failure text for an ingestion process that exited early: its log's tail."""
+    err = proc.stderr.read() if proc.stderr else ""
+    return f"the ingestion ended {when} (rc {proc.returncode}):\n{err[-4000:]}"
 FROZEN_S = 12  # four times the delivery timeout below
 
 
@@ -202,7 +208,7 @@ def test_coinbase_through_a_kafka_freeze_longer_than_the_publish_timeout_stores_
             try:
                 deadline = time.monotonic() + 180  # liveness: a process start on a busy machine
                 while sum(end_offsets(s, topic).values()) < 500:
-                    assert proc.poll() is None, "the ingestion ended before publishing"
+                    assert proc.poll() is None, _ended("before publishing", proc)
                     assert time.monotonic() < deadline, "waited 180 s for 500 trades"
                     time.sleep(0.3)
                 pid = read_pid(broker.pidfile)
@@ -226,7 +232,7 @@ def test_coinbase_through_a_kafka_freeze_longer_than_the_publish_timeout_stores_
                         got = {}
                     if got and all(set(made[sym]) <= set(got[sym]) for sym in COINBASE_SYMBOLS):
                         break
-                    assert proc.poll() is None, "the ingestion ended during the freeze"
+                    assert proc.poll() is None, _ended("during the freeze", proc)
                     assert time.monotonic() < deadline, "trades of the freeze missing after 120 s"
                     time.sleep(1)
             finally:
