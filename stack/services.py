@@ -828,6 +828,28 @@ class Mongo(Service):
         return f"FerretDB {pinned.group(1) if pinned else '?'} (speaks MongoDB {info['version']})"
 
 
+# How the Prefect server runs its own services, wherever it runs (this stack, compose, the
+# Helm values; tests/test_compose.py and tests/test_kubernetes.py hold them to this):
+# - Deployment concurrency slots are held under leases; in memory (the default) a server
+#   restart forgets them and the slots stay taken for good (seen in the soak: every
+#   scheduled drain Cancelled after the server was restarted). On disk they survive, and
+#   an expired one is reclaimed.
+# - The cancellation clean-up looks, every loop, at each run Cancelled in the last day for
+#   task runs to cancel. A drain or aggregation run that finds its deployment's slots taken
+#   is Cancelled at once and has none, but there are hundreds a day: at the default 20 s
+#   loop, 620 of them kept the server at 45-70% of a core, taken from the live feed on a
+#   2-core machine. Every 5 minutes the server idles at 3%; the task runs of a cancelled
+#   drain are marked Cancelled up to 5 minutes later.
+PREFECT_SERVER_TUNING: Mapping[str, str] = MappingProxyType(
+    {
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+            "prefect.server.concurrency.lease_storage.filesystem"
+        ),
+        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "300",
+    }
+)
+
+
 class PrefectServer(Service):
     """``prefect server start`` with its own PREFECT_HOME and its database in the stack's
     PostgreSQL (database ``prefect``), as in compose. On SQLite a busy server (a soak,
@@ -868,13 +890,7 @@ class PrefectServer(Service):
             "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
             "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origin,
             "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url(),
-            # Deployment concurrency slots are held under leases; in memory (the default)
-            # a server restart forgets them and the slots stay taken for good (seen in the
-            # soak: every scheduled drain Cancelled after the server was restarted). On
-            # disk they survive, and an expired one is reclaimed.
-            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
-                "prefect.server.concurrency.lease_storage.filesystem"
-            ),
+            **PREFECT_SERVER_TUNING,
         } | (
             {"PREFECT_SERVER_API_AUTH_STRING": self.settings.prefect_auth}
             if self.settings.prefect_auth

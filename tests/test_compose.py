@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from stack.services import PREFECT_SERVER_TUNING
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -378,6 +380,9 @@ def test_app_containers_get_the_fixed_environment(
     auth = server["PREFECT_SERVER_API_AUTH_STRING"]
     assert auth == "tapeline:${PREFECT_API_PASSWORD:?set in .env}"
     assert server["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] == "true"
+    # The server runs its own services as the local stack's does, leases on a volume.
+    assert PREFECT_SERVER_TUNING.items() <= server.items()
+    assert "prefect-home:/root/.prefect" in services["prefect-server"]["volumes"]
     for env in (worker, probe):
         assert env["PREFECT_API_AUTH_STRING"] == auth
 

@@ -36,6 +36,7 @@ import yaml
 from prefect.utilities.templating import apply_values
 
 from deployments import kubernetes as k8s
+from stack.services import PREFECT_SERVER_TUNING
 from tasks.core import topics
 
 KUBERNETES_VERSION = "1.31"
@@ -370,6 +371,12 @@ def test_every_secret_reference_names_a_secret_with_that_key() -> None:
     assert len(refs) > 15
     for name, key in refs:
         assert key in keys.get(name, set()), f"secret {name} has no key {key}"
+
+
+def test_prefect_server_cleans_up_cancelled_runs_as_the_local_stack_does() -> None:
+    env = {e["name"]: e.get("value") for e in HELM_VALUES["prefect-server.yaml"]["server"]["env"]}
+    key = "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS"
+    assert env[key] == PREFECT_SERVER_TUNING[key]
 
 
 def test_secrets_are_placeholders() -> None:
