@@ -67,7 +67,7 @@ from simulator.process import SimulatorProcess
 from tasks.core import config
 from tasks.core.codec import decode
 from tasks.core.kafka import admin, consumer, producer
-from tasks.ingest.live import Ingestion, plan
+from tasks.ingest.live import Ingestion, freeze_heap, plan
 from tasks.ingest.processes import Supervisor
 from tasks.ingest.publish import PRODUCER_TUNING, Topics
 
@@ -93,6 +93,7 @@ def _ingest(
     ing = Ingestion(
         p, settings, run_id=f"bench-{uuid.uuid4().hex[:8]}", topics=Topics(topic, topic)
     )
+    freeze_heap()  # as the flow does
     ing.start()
     time.sleep(warmup)
     meter = Meter(

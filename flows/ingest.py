@@ -67,7 +67,7 @@ from tasks.core.topics import BOOKS, QUOTES, TRADES
 from tasks.ingest import resume
 from tasks.ingest.gaps import GapTracker
 from tasks.ingest.lease import Keeper, Lease, LeaseLost, Unreachable, feed_key
-from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, plan
+from tasks.ingest.live import CHANNELS, Ingestion, Plan, ShardWorker, freeze_heap, plan
 from tasks.ingest.processes import Supervisor
 from tasks.ingest.publish import ProducerDied, Topics
 from tasks.ingest.validate import check
@@ -252,6 +252,7 @@ def ingest(
         if isinstance(ingestion, Supervisor):
             ingestion.start()
         else:
+            freeze_heap()
             ingestion.start(connect_shard)
         ended = threading.Event()  # the server ended this run (see watch_ending)
         watch_ending(ended)

@@ -13,6 +13,7 @@ Nothing here imports Prefect; the flow decides which steps show up as Prefect ta
 from __future__ import annotations
 
 import contextvars
+import gc
 import logging
 import threading
 import time
@@ -341,6 +342,20 @@ _SUMMED = (
     "connects", "duplicates_dropped", "gaps_found", "gaps_repaired", "gaps_given_up",
     "trades_repaired", "sequence_gaps", "messages_missed", "book_snapshots", "book_deltas",
 )  # fmt: skip
+
+
+def freeze_heap() -> None:
+    """Take every object alive now out of the garbage collector's sight; for a process
+    that is about to stream, once it is set up.
+
+    A flow-run process holds 130,000+ objects before its first frame (Prefect, the run's
+    state, the modules). A full collection walks all of them with every thread stopped:
+    90 ms of CPU on this project's 2-core machine, one every 30 s or so at 2,000 msg/s,
+    and each holds ~180 messages past the 50 ms p99 target. Frozen, a full collection
+    walks only what streaming made (4 ms). Frozen objects are still freed when nothing
+    refers to them; only a cycle among them would stay, so garbage is collected first."""
+    gc.collect()
+    gc.freeze()
 
 
 class Ingestion:

@@ -108,7 +108,7 @@ from tasks.core import config, metrics
 from tasks.core.events import Trade
 from tasks.ingest import resume
 from tasks.ingest.lease import clock
-from tasks.ingest.live import _SUMMED, Ingestion, Plan
+from tasks.ingest.live import _SUMMED, Ingestion, Plan, freeze_heap
 from tasks.ingest.publish import Topics
 from tasks.venues.connection import ConnectionPolicy
 
@@ -761,6 +761,7 @@ class _Child:
                     break
                 continue  # take every queued command before anything else
             if not started:  # after the commands queued while it was being built
+                freeze_heap()
                 ing.start()
                 started = True
             if not ing.alive:
