@@ -17,7 +17,9 @@ Three phases against the local Kafka, each on throwaway topics:
    the ingestion, then the raw producer paced the same (the simulator's ticks: 5 ms at the
    top rate, as in phase 1, 1 ms at ``--latency-rate``) with the same messages, back to
    back; p50/p99 from venue event time to broker ack, exactly, from
-   the publisher's latency window.
+   the publisher's latency window, beside the raw producer's own send-to-ack (one send
+   in 16 timed). The top rate is one the ingestion kept up with in every round: when a
+   round falls behind, the rounds start again at 90% of the rate.
 
 The ingestion runs in this process through ``tasks.ingest.live.Ingestion`` (what the flow
 runs, without Prefect's per-run bookkeeping, which is not on the message path).
@@ -31,7 +33,8 @@ get): the ratios that compare like with like are the paced ones, the same messag
 same rate; the flat-out one is printed too. This VM's neighbours take 20-40% of its CPU at
 times, which moves CPU per message too (a colder cache, a slower clock) and even the
 ratio of two runs a minute apart by 0.3; so each round pairs the two back to back, and
-the judged ratio (and p99) is the median round's, with every round printed beside it.
+the judged ratio (and p99) is the median round's, with every round printed beside it,
+and with the share of the VM's CPU time its hypervisor took meanwhile (steal, /proc/stat).
 A benchmark never aborts because the machine is slow: when no rate is sustained it
 reports the best one it measured, marked as such.
 
@@ -62,7 +65,7 @@ import uuid
 from kafka import TopicPartition
 from kafka.admin import NewTopic
 
-from bench.cpu import MACHINE_ID, SELF, Meter, per_message_us, service_pid
+from bench.cpu import MACHINE_ID, SELF, Meter, Steal, per_message_us, service_pid
 from simulator.process import SimulatorProcess
 from tasks.core import config
 from tasks.core.codec import decode
@@ -102,11 +105,13 @@ def _ingest(
     acked0, made0 = sum(w.lane.acked for w in ing.workers), _generated(sim)
     ing.publisher.latency.reset()
     meter.start()
+    steal = Steal()
     t0 = time.monotonic()
     time.sleep(seconds)
     acked, made = sum(w.lane.acked for w in ing.workers) - acked0, _generated(sim) - made0
     elapsed = time.monotonic() - t0
     cpu = per_message_us(meter.stop(), acked)
+    stolen = steal.stop()
     p50, p99 = ing.publisher.latency.percentiles(0.5, 0.99) or (float("nan"),) * 2
     report = ing.stop()
     assert not report["failed"] and not report["shard_errors"], report
@@ -116,6 +121,7 @@ def _ingest(
         "p50_ms": p50,
         "p99_ms": p99,
         "cpu_us": cpu,
+        "steal": stolen,
     }
 
 
@@ -210,7 +216,7 @@ def _steps(
                 )
             else:
                 r = _ingest(settings, sim, topic, args.warmup, args.seconds)
-        kept = r["msg_per_s"] >= 0.97 * r["offered_per_s"] and r["p99_ms"] < 250
+        kept = _kept_up(r)
         print(
             f"  offered {r['offered_per_s']:8.0f}/s  acked {r['msg_per_s']:8.0f}/s  "
             f"p99 {r['p99_ms']:8.1f} ms  {'sustained' if kept else 'falls behind'}",
@@ -275,12 +281,17 @@ def _raw(
 ) -> dict:
     """A bare producer sending ``messages``: as fast as ``send`` goes, or paced at
     ``rate`` messages/s in ``tick_ms`` ticks (as the simulator paced the ingestion it is
-    compared with: bigger ticks, fuller batches)."""
+    compared with: bigger ticks, fuller batches). Paced, every ``SAMPLE``-th message's
+    send-to-ack time is kept: what the bare client's p50/p99 was on the machine as it
+    was then, the floor under the ingestion's event-to-ack (a callback on one message
+    in 16 costs too little to move its CPU per message)."""
     prod = producer(settings, **PRODUCER_TUNING)
     prod.send(topic, key=messages[0][0], value=messages[0][1]).get(timeout=30)  # metadata
     send = prod.send
     meter = Meter({"raw producer": SELF, "broker": service_pid(settings, "kafka")})
+    took: list[float] = []
     meter.start()
+    steal = Steal()
     t0 = time.monotonic()
     if rate is None:
         for key, value in messages:
@@ -289,15 +300,31 @@ def _raw(
         sent = 0
         while sent < len(messages):
             due = min(len(messages), int((time.monotonic() - t0) * rate) + 1)
-            for key, value in messages[sent:due]:
-                send(topic, key=key, value=value)
+            for i in range(sent, due):
+                key, value = messages[i]
+                future = send(topic, key=key, value=value)
+                if i % SAMPLE == 0:
+                    future.add_callback(_took, time.monotonic(), took)
             sent = due
             time.sleep(tick_ms / 1000)
     prod.flush()
     elapsed = time.monotonic() - t0
     cpu = per_message_us(meter.stop(), len(messages))
+    stolen = steal.stop()
     prod.close()
-    return {"msg_per_s": len(messages) / elapsed, "messages": len(messages), "cpu_us": cpu}
+    took.sort()
+    p50, p99 = (took[int(q * len(took))] * 1000 if took else float("nan") for q in (0.5, 0.99))
+    return {
+        "msg_per_s": len(messages) / elapsed, "messages": len(messages), "cpu_us": cpu,
+        "steal": stolen, "p50_ms": p50, "p99_ms": p99,
+    }  # fmt: skip
+
+
+SAMPLE = 16  # the raw producer times one send in 16 to its ack
+
+
+def _took(sent: float, took: list[float], _metadata: object) -> None:
+    took.append(time.monotonic() - sent)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         top_rate = max(100, round(sustained["msg_per_s"], -2))
         print(f"2. CPU per message against the raw producer, {args.rounds} rounds", flush=True)
-        tops = [_pair(settings, messages, topics, top_rate, 5, args) for _ in range(args.rounds)]
+        top_rate, tops = _top_rounds(settings, messages, topics, top_rate, args)
         paceds = [
             _pair(settings, messages, topics, args.latency_rate, 1, args)
             for _ in range(args.rounds)
@@ -348,8 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     top = "max" if sustained["sustained"] else "best, NOT sustained"
     ing_top, raw_top, cpu_top = _median(tops)
     paced, raw_paced, cpu_paced = _median(paceds)
-    p99s = sorted(p["p99_ms"] for p, _, _ in paceds)
-    p99 = p99s[len(p99s) // 2]
+    p99 = sorted(p["p99_ms"] for p, _, _ in paceds)[len(paceds) // 2]
     rows = [
         ("raw kafka-python producer, flat out", raw, "raw producer"),
         (f"simulator->ingestion->Kafka, {top}", sustained, "ingestion"),
@@ -360,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print(
         f"\n{'path (paced rows: the median round)':42} {'msg/s':>9} {'p50 ms':>7} {'p99 ms':>7}"
-        "   CPU us/msg: client, sim, broker"
+        "   CPU us/msg: client, sim, broker   steal"
     )
     for name, r, client in rows:
         cpu = r["cpu_us"]
@@ -368,14 +394,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:42} {r['msg_per_s']:9.0f} {r.get('p50_ms', float('nan')):7.1f} "
             f"{r.get('p99_ms', float('nan')):7.1f}   {cpu[client]:7.1f} "
             f"{cpu.get('simulator', float('nan')):7.1f} {cpu.get('broker', float('nan')):7.1f}"
+            f"   {r['steal']:5.0%}"
         )
     met = {True: "met", False: "MISSED"}
     cpu_flat = sustained["cpu_us"]["ingestion"] / raw["cpu_us"]["raw producer"]
-    top_rounds, paced_rounds = (", ".join(f"{c:.2f}" for *_, c in p) for p in (tops, paceds))
+    p99_rounds = ", ".join(
+        f"{i['p99_ms']:.1f} ms (raw producer send-to-ack {r['p99_ms']:.1f} ms; steal "
+        f"{i['steal']:.0%})"
+        for i, r, _ in paceds
+    )
+    top_rounds, paced_rounds = (
+        ", ".join(f"{c:.2f} (steal {i['steal']:.0%}, {r['steal']:.0%})" for i, r, c in p)
+        for p in (tops, paceds)
+    )
     print(
         f"ratio ingestion/raw msg/s: {ratio:.2f} (target >= 0.80: {met[ratio >= 0.8]}); "
-        f"p99 at {args.latency_rate:.0f}/s, median of "
-        f"{', '.join(f'{v:.1f}' for v in p99s)} ms: {p99:.1f} ms "
+        f"p99 at {args.latency_rate:.0f}/s, median of the rounds' {p99_rounds}: {p99:.1f} ms "
         f"(target < 50: {met[p99 < 50]})\n"
         f"ratio ingestion/raw CPU per message, the same messages in the same order at the "
         f"same rate, median of {args.rounds} rounds: {cpu_top:.2f} at the top rate "
@@ -408,6 +442,44 @@ def _pair(
         ing = _ingest(settings, sim, topics[2], args.warmup, args.seconds * 2)
     raw = _raw(settings, messages[: int(rate * args.seconds * 2)], topics[1], rate, tick_ms)
     return ing, raw, ing["cpu_us"]["ingestion"] / raw["cpu_us"]["raw producer"]
+
+
+def _kept_up(r: dict) -> bool:
+    """Phase 1's test: acked >= 97% of what the simulator generated, p99 < 250 ms."""
+    return r["msg_per_s"] >= 0.97 * r["offered_per_s"] and r["p99_ms"] < 250
+
+
+def _top_rounds(
+    settings: config.Settings,
+    messages: list[tuple[bytes, bytes]],
+    topics: list[str],
+    rate: float,
+    args: argparse.Namespace,
+) -> tuple[float, list[tuple[dict, dict, float]]]:
+    """``args.rounds`` rounds at the top rate, each of which the ingestion kept up in.
+    Phase 1 finds that rate in one short step; a round falling behind at it (the VM's
+    neighbours come and go) would compare a backlog with a raw producer that kept pace,
+    so the rounds start again at 90% of the rate, at most three times; the rate the
+    rounds ran at is returned, with the rounds (the last try's, kept up or not)."""
+    for _ in range(4):
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append(_pair(settings, messages, topics, rate, 5, args))
+            ing = rounds[-1][0]
+            if not _kept_up(ing):
+                break
+        else:
+            return rate, rounds
+        print(
+            f"  the ingestion fell behind at {rate:.0f}/s in round {len(rounds)} (acked "
+            f"{ing['msg_per_s']:.0f}/s of {ing['offered_per_s']:.0f}/s, p99 "
+            f"{ing['p99_ms']:.0f} ms, steal {ing['steal']:.0%}): again at 90%",
+            flush=True,
+        )
+        if rate * 0.9 < 100:
+            break
+        rate = round(rate * 0.9, -2)
+    return rate, rounds
 
 
 def _median(pairs: list[tuple[dict, dict, float]]) -> tuple[dict, dict, float]:

@@ -59,6 +59,28 @@ def cpu_s(pid: int) -> float:
     return total / _TICK
 
 
+class Steal:
+    """The share of this VM's CPU time its hypervisor gave to others between ``start()``
+    and ``stop()`` (/proc/stat "steal"). At 20-40% the busy vCPUs stall for milliseconds
+    at a time: latency percentiles and CPU per message move with it, so the benchmarks
+    print it beside them."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return sum(f), f[7]
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> float:
+        total, steal = self._read()
+        return (steal - self._start[1]) / max(1, total - self._start[0])
+
+
 def service_pid(settings: config.Settings, name: str) -> int | None:
     """The pid the local stack recorded for service ``name`` (kafka, postgres), if running."""
     return read_pid(settings.home / "run" / f"{name}.pid")
