@@ -87,7 +87,15 @@ def first_message(plan: Plan, index: int, timeout_s: float) -> dict[str, Any]:
     event = got.get("event")
     if event is None:
         why = f"; a frame was rejected: {got['rejected']}" if "rejected" in got else ""
-        return check(name, False, f"nothing parsed from {symbols} within {timeout_s:.0f} s{why}")
+        # what the connection did meanwhile: the one failure seen in a user run (a simulator
+        # that answers in 0.01-0.08 s otherwise) left no other trace
+        ended = ", ".join(f"{n} {reason}" for reason, n in conn.reconnects.items()) or "none"
+        return check(
+            name,
+            False,
+            f"nothing parsed from {symbols} within {timeout_s:.0f} s{why} ({conn.connects} "
+            f"connects, {conn.frames} frames read, sessions ended: {ended})",
+        )
     took = time.monotonic() - started
     return check(
         name,
