@@ -104,6 +104,13 @@ def first_message(plan: Plan, index: int, timeout_s: float) -> dict[str, Any]:
     )
 
 
+def only_first_messages_failed(report: dict[str, Any]) -> bool:
+    """True when every failed check of ``report`` is a shard's first message (the feed
+    was silent; configuration, Kafka and topics were fine)."""
+    failed = [c["check"] for c in report["checks"] if not c["ok"]]
+    return bool(failed) and all(name.endswith(" first message") for name in failed)
+
+
 def validate(
     plan: Plan, settings: config.Settings, names: Topics, timeout_s: float = 15.0
 ) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import pytest
 from prefect.exceptions import TerminationSignal
 
+import flows.ingest as ingest_flow
 from flows.common import sigterm_noticed, stop_if_terminated
 from flows.ingest import ingest
 from simulator.process import ROOT, SimulatorProcess
@@ -220,6 +222,38 @@ def test_validate_only_reports(kafka, prefect_server, new_topic):
         "configuration": True, "kafka": True, "topics": False, "shard 0 first message": True
     }  # fmt: skip
     assert not bad_symbol["ok"] and "BTCUSDT" in bad_symbol["checks"][0]["detail"]
+
+
+def test_a_feed_silent_at_start_is_asked_again(kafka, prefect_server, new_topic, monkeypatch):
+    """on_start: nothing answers the first validation (the feed comes up only after it has
+    failed); the run asks again instead of failing, and streams."""
+    trades = new_topic(1)
+    with socket.socket() as s:  # a port nothing listens on until the simulator takes it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sims: list[SimulatorProcess] = []
+    passed: list[bool] = []
+    real = ingest_flow._validate
+
+    def feed_up_after_the_first(*args, **kwargs):
+        report = real(*args, **kwargs)
+        passed.append(report["ok"])
+        if len(passed) == 1:  # started (and ready) only now
+            sims.append(SimulatorProcess("--symbols", SYMBOLS[0], "--port", str(port)))
+        return report
+
+    monkeypatch.setattr(ingest_flow, "_validate", feed_up_after_the_first)
+    try:
+        report = ingest(
+            symbols=SYMBOLS[:1], channels=["trades"], simulator_url=f"http://127.0.0.1:{port}",
+            validate_mode="on_start", first_message_timeout_s=3, run_seconds=3,
+            trades_topic=trades, metrics_port=0,
+        )  # fmt: skip
+    finally:
+        for sim in sims:
+            sim.stop()
+    assert passed == [False, True]
+    assert report["sent"] == report["acked"] > 0 and report["failed"] == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX signals")
