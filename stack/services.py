@@ -837,7 +837,7 @@ class Mongo(Service):
 # - The cancellation clean-up looks, every loop, at each run Cancelled in the last day for
 #   task runs to cancel. A drain or aggregation run that finds its deployment's slots taken
 #   is Cancelled at once and has none, but there are hundreds a day: at the default 20 s
-#   loop, 620 of them kept the server at 45-70% of a core, taken from the live feed on a
+#   loop, 623 of them kept the server at 44-70% of a core, taken from the live feed on a
 #   2-core machine. Every 5 minutes the server idles at 3%; the task runs of a cancelled
 #   drain are marked Cancelled up to 5 minutes later.
 PREFECT_SERVER_TUNING: Mapping[str, str] = MappingProxyType(
