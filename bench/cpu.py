@@ -60,7 +60,7 @@ def cpu_s(pid: int) -> float:
 
 
 class Steal:
-    """The share of this VM's CPU time its hypervisor gave to others between ``start()``
+    """The share of this VM's CPU time its hypervisor gave to others between making this
     and ``stop()`` (/proc/stat "steal"). At 20-40% the busy vCPUs stall for milliseconds
     at a time: latency percentiles and CPU per message move with it, so the benchmarks
     print it beside them."""
@@ -72,9 +72,6 @@ class Steal:
     def _read() -> tuple[int, int]:
         f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
         return sum(f), f[7]
-
-    def start(self) -> None:
-        self._start = self._read()
 
     def stop(self) -> float:
         total, steal = self._read()

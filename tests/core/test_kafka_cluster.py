@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from tests.ingest.support import (
     scrape,
     trade_ids,
 )
+from tests.ports import free_port
 
 # Its own three brokers and its own schemas of the stack's PostgreSQL: scripts/test.sh runs
 # it beside the tests that use the stack's broker (the second process).
@@ -119,12 +119,6 @@ def _restart(broker: Kafka) -> None:
     up([broker])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _slow_acks(metrics: dict[str, float]) -> int:
     """Acks of this ingestion that took longer than ``SLOW_ACK_S``."""
     total = slow = 0.0
@@ -151,7 +145,7 @@ def test_busiest_leader_killed_during_ingestion_loses_and_doubles_nothing(
 ):
     env, s, broker = cluster
     topic = _topic(s, "ingest-kill")
-    port = _free_port()
+    port = free_port()
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "100") as sim:
         proc = subprocess.Popen(
             [

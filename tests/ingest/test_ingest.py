@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from tests.ingest.support import (
     read_topic,
     trade_ids,
 )
+from tests.ports import free_port
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 
@@ -228,9 +228,7 @@ def test_a_feed_silent_at_start_is_asked_again(kafka, prefect_server, new_topic,
     """on_start: nothing answers the first validation (the feed comes up only after it has
     failed); the run asks again instead of failing, and streams."""
     trades = new_topic(1)
-    with socket.socket() as s:  # a port nothing listens on until the simulator takes it
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it until the simulator takes it
     sims: list[SimulatorProcess] = []
     passed: list[bool] = []
     real = ingest_flow._validate

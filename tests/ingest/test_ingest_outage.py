@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from tests.ingest.support import (
     scrape,
     trade_ids,
 )
+from tests.ports import free_port
 
 # Its own brokers, topics and schemas: scripts/test.sh runs it in the second process.
 pytestmark = pytest.mark.beside
@@ -66,12 +66,6 @@ def private_kafka(settings, kafka):  # the shared Kafka proves the jars are inst
         yield env, s, broker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _behind(sim: SimulatorProcess, s: config.Settings) -> int:
     """Trades the simulator has made since ingestion began that are not in the topic."""
     report = sim.report()
@@ -91,7 +85,7 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
     private_kafka, prefect_server
 ):
     env, s, broker = private_kafka
-    port = _free_port()
+    port = free_port()
     gauge = f'tapeline_inflight_messages{{venue="{SIM_VENUE}"}}'
     with SimulatorProcess("--symbols", ",".join(SYMBOLS), "--rate", "1000") as sim:
         proc = subprocess.Popen(
@@ -170,13 +164,13 @@ def test_kafka_down_20s_blocks_at_the_bound_then_resumes_exactly_once(
 
 
 COINBASE_SYMBOLS = ["BTC-USD", "ETH-USD"]
+FROZEN_S = 12  # four times the delivery timeout below
 
 
 def _ended(when: str, proc: subprocess.Popen) -> str:
     """The failure text for an ingestion process that exited early: its log's tail."""
     err = proc.stderr.read() if proc.stderr else ""
     return f"the ingestion ended {when} (rc {proc.returncode}):\n{err[-4000:]}"
-FROZEN_S = 12  # four times the delivery timeout below
 
 
 def test_coinbase_through_a_kafka_freeze_longer_than_the_publish_timeout_stores_each_trade_once(

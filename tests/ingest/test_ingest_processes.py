@@ -31,6 +31,7 @@ from tasks.ingest.lease import clock
 from tasks.ingest.live import plan
 from tasks.ingest.publish import Topics
 from tests.ingest.support import assert_contiguous, first_sent, read_topic, trade_ids
+from tests.ports import free_port
 
 SYMBOLS = ["BTC-USDT", "ETH-USDT", "SOL-USDT", "BNB-USDT"]
 
@@ -237,12 +238,6 @@ def test_processes_is_checked_like_the_other_parameters():
 # ---- the run's one metrics endpoint ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _page(port: int, accept: str | None = None) -> str:
     """A metrics page as Prometheus gets it (the 0.0.4 text format unless ``accept``)."""
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -329,7 +324,7 @@ def test_a_child_that_does_not_answer_is_left_out_of_the_scrape_once_logged(
     _, port0 = _child_like("0", 5)
     frozen = socket.create_server(("127.0.0.1", 0))  # listens, never accepts
     p = plan("binance", SYMBOLS, ["trades"], shard_size=1, simulator_url="http://127.0.0.1:9")
-    port = _free_port()
+    port = free_port()
     sup = processes.Supervisor(
         p, kafka, 2, run_id="test-gather", metrics_port=port, logger=logging.getLogger("t")
     )
@@ -392,7 +387,7 @@ def test_the_parent_serves_every_process_metrics_on_one_port(kafka, new_topic):
     acked. Compared while the simulator holds every connection still (no trade arrives,
     so a counter cannot move between the status line, the scrape and the report)."""
     trades = new_topic(3)
-    port = _free_port()
+    port = free_port()
     with _sim(rate=200) as sim:
         sup = _supervisor(kafka, sim, trades, metrics_port=port)
         sup.start()

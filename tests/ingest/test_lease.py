@@ -15,7 +15,6 @@ import contextlib
 import logging
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from tests.ingest.support import (
     last_json_line,
     trade_ids,
 )
+from tests.ports import free_port
 
 FEED = "binance:test.trades"
 PAIR = ("BTC-USDT", "ETH-USDT")  # the symbols of the class's own leases, unless told
@@ -59,10 +59,7 @@ SHORT = {"ttl_s": 3.0, "renew_every_s": 0.5, "margin_s": 1.0}
 
 def _closed_dsn(dsn: str) -> str:
     """``dsn`` pointed at a local port where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return re.sub(r"@[^/]+/", f"@127.0.0.1:{port}/", dsn, count=1)
+    return re.sub(r"@[^/]+/", f"@127.0.0.1:{free_port()}/", dsn, count=1)
 
 
 def _wait_for(what: str, predicate: Callable[[], object], timeout_s: float) -> object:

@@ -3,17 +3,14 @@ connection did meanwhile (tasks/ingest/validate.py)."""
 
 from __future__ import annotations
 
-import socket
-
 from tasks.ingest.live import plan
 from tasks.ingest.validate import first_message
+from tests.ports import free_port
 
 
 def test_a_first_message_failure_says_what_the_connection_did() -> None:
-    with socket.socket() as s:  # a port nothing listens on once this closes
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = plan("binance", ["BTC-USDT"], ["trades"], simulator_url=f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    p = plan("binance", ["BTC-USDT"], ["trades"], simulator_url=url)
     result = first_message(p, 0, timeout_s=3)
     assert not result["ok"]
     assert "nothing parsed from ['BTC-USDT'] within 3 s" in result["detail"]

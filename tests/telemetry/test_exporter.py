@@ -3,7 +3,6 @@ failed and crashed runs from the Prefect API, and how the gauges follow them."""
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,16 +17,11 @@ from tasks.core.pg import connect
 from tasks.telemetry import exporter
 from tasks.telemetry.prefect_api import PrefectApi
 from tests.analytics.support import private_schema
+from tests.ports import free_port
 
 
 def sample(name: str, **labels: str) -> float | None:
     return REGISTRY.get_sample_value(name, labels)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_lag_is_log_end_minus_committed_per_partition(kafka, new_topic) -> None:
@@ -170,7 +164,7 @@ def test_an_unreachable_source_is_counted_and_the_others_still_run(kafka, new_to
     c = consumer(group, kafka)
     c.commit({TopicPartition(topic, 0): OffsetAndMetadata(1, "", -1)})
     c.close()
-    port = closed_port()
+    port = free_port()
     nowhere = f"postgresql://u:p@127.0.0.1:{port}/x"
     broken = kafka.with_overrides(
         pg_dsn=nowhere,

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -40,6 +39,7 @@ from tasks.core import codec
 from tasks.core.events import Trade
 from tasks.core.kafka import consumer
 from tests.ingest.support import SIM_VENUE
+from tests.ports import free_port
 from tests.telemetry.test_monitoring import DASHBOARD_FILES, all_panels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +48,6 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SYMBOLS = ("BTC-USDT", "ETH-USDT")
 RATE = 100  # simulator trades/s over all symbols
 SILENCE_S = 3  # the test copy's TapelineVenueSilent threshold (30 in the real rules)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
