@@ -12,12 +12,12 @@ import string
 import threading
 import time
 import uuid
-from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 from kafka import TopicPartition
 from kafka.admin import NewTopic
+from msgspec.structs import replace
 
 from tasks.core import dlq
 from tasks.core.codec import encode

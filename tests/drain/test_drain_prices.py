@@ -9,11 +9,11 @@ import contextlib
 import random
 import threading
 import uuid
-from dataclasses import replace
 
 import psycopg2
 import pytest
 from kafka import TopicPartition
+from msgspec.structs import replace
 
 from tasks.core import dlq
 from tasks.core.kafka import consumer as kafka_consumer

@@ -15,9 +15,9 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import pytest
+from msgspec.structs import replace
 
 from tasks.core.codec import encode
 from tasks.core.wallets import fold_transactions, wallet_balances
