@@ -91,6 +91,7 @@ _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 # digits, <= 18 decimals, < 1e19), so the common case skips the checks (see _dec).
 _PLAIN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)", re.ASCII)
 _SHORT = MAX_ADJUSTED + 1
+_ZERO = Decimal(0)  # (a Decimal compares with a Decimal faster than with an int)
 assert _SHORT <= MAX_DIGITS and _SHORT - 1 <= MAX_SCALE
 
 
@@ -125,7 +126,7 @@ def _dec(name: str, v: Any, positive: bool) -> Decimal:
         raise CodecError(f"{name}: expected a decimal string, got {type(v).__name__}")
     # the hot path: a short plain decimal is within every size limit by construction
     d = Decimal(v) if len(v) <= _SHORT and _PLAIN.fullmatch(v) else _bounded(name, v)
-    if d < 0 or (positive and d == 0):
+    if d < _ZERO or (positive and not d):
         raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
     return d
 
@@ -351,8 +352,37 @@ _ENCODERS: dict[type, tuple[str, tuple[Callable[[Any], Any], ...], attrgetter]] 
 }
 
 
+_text, _dec_text = encode_basestring, Decimal.__str__
+
+
+def _encode_trade(e: Trade) -> bytes:
+    """A trade, written out: the template's bytes with ~40% less work, for the type
+    ingestion publishes most (with ``_encode_quote``); same writers, so the same refusals."""
+    return (
+        f'{{"v":{VERSION},"t":"trade","venue":{_text(e.venue)},"symbol":{_text(e.symbol)},'
+        f'"venue_symbol":{_text(e.venue_symbol)},"trade_id":{index(e.trade_id)},'
+        f'"price":"{_dec_text(e.price)}","qty":"{_dec_text(e.qty)}","side":{_text(e.side)},'
+        f'"event_us":{index(e.event_us)},"recv_us":{index(e.recv_us)}}}'
+    ).encode()
+
+
+def _encode_quote(e: Quote) -> bytes:
+    return (
+        f'{{"v":{VERSION},"t":"quote","venue":{_text(e.venue)},"symbol":{_text(e.symbol)},'
+        f'"venue_symbol":{_text(e.venue_symbol)},"update_id":{_int_or_null(e.update_id)},'
+        f'"bid_price":"{_dec_text(e.bid_price)}","bid_qty":"{_dec_text(e.bid_qty)}",'
+        f'"ask_price":"{_dec_text(e.ask_price)}","ask_qty":"{_dec_text(e.ask_qty)}",'
+        f'"event_us":{index(e.event_us)},"recv_us":{index(e.recv_us)}}}'
+    ).encode()
+
+
 def encode(event: Event) -> bytes:
-    template, writers, values = _ENCODERS[type(event)]
+    kind = type(event)
+    if kind is Trade:
+        return _encode_trade(event)  # type: ignore[arg-type]
+    if kind is Quote:
+        return _encode_quote(event)  # type: ignore[arg-type]
+    template, writers, values = _ENCODERS[kind]
     return (template % tuple(map(call, writers, values(event)))).encode()
 
 
@@ -367,18 +397,23 @@ def from_dict(obj: Any) -> Event:
     if schema is None:
         raise CodecError(f"unknown event type {obj.get('t')!r:.40}")
     cls, fields = schema
-    args = []
-    for name, check in fields:
-        try:
-            v = obj[name]
-        except KeyError:
-            if name == "source" or name == "update_id":
-                v = "trades" if name == "source" else None
-            else:
-                raise CodecError(f"{name}: missing") from None
-        args.append(check(name, v))
-    event = cls(*args)
+    try:  # every field present: one pass (the ingest hot path: every venue event)
+        event = cls(*[check(name, obj[name]) for name, check in fields])
+    except KeyError:  # a field left out: its default, or the first problem in field order
+        event = cls(*[check(name, _field(obj, name)) for name, check in fields])
     return _book(event) if cls is BookUpdate else event
+
+
+_DEFAULTS: dict[str, Any] = {"source": "trades", "update_id": None}
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    try:
+        return obj[name]
+    except KeyError:
+        if name in _DEFAULTS:
+            return _DEFAULTS[name]
+        raise CodecError(f"{name}: missing") from None
 
 
 def decode(data: bytes | str) -> Event:

@@ -299,6 +299,11 @@ def test_encode_refuses_wrong_types_instead_of_writing_bad_json():
         encode(bad)
     with pytest.raises(TypeError):
         encode(Trade("b", "A-B", "AB", 1, "1", Decimal(1), "buy", T0, T0))  # type: ignore[arg-type]
+    one = Decimal(1)
+    with pytest.raises(TypeError):
+        encode(Quote("b", "A-B", "AB", '1,"x":2', one, one, one, one, T0, T0))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        encode(Quote("b", "A-B", "AB", None, 1.5, one, one, one, T0, T0))  # type: ignore[arg-type]
 
 
 # -- size limits ---------------------------------------------------------------------------
