@@ -327,7 +327,9 @@ def _levels_json(levels: tuple[tuple[Decimal, Decimal], ...]) -> str:
 
 # encode() writes each type from a template instead of to_dict + json: it is the ingest
 # hot path, and this is ~4x faster for the same bytes (tests/core/test_codec.py checks both
-# agree). Writers refuse wrong types, so a bad value raises and never forges JSON.
+# agree); trades and quotes, most of what ingestion publishes, are written out in full
+# (``_encode_trade``, ``_encode_quote``). Writers refuse wrong types, so a bad value
+# raises and never forges JSON.
 _WRITERS: dict[Check, Callable[[Any], Any]] = {
     _str: encode_basestring, _side: encode_basestring, _tx_side: encode_basestring,
     _status: encode_basestring,
