@@ -339,9 +339,7 @@ class Lane:
             p.fatal = error  # (records dropped by ``abort`` are not the producer's fault)
 
     def _resolved(self, event: Trade | Quote | BookUpdate, live: bool, result: Any) -> None:
-        self.resolved += 1  # (``_free``, inlined: this runs for every message)
-        if self._waiting:
-            self.room.set()
+        self._free()
         if isinstance(result, BaseException):
             self._failure(result)
             if type(event) is Trade:
