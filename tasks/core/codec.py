@@ -87,9 +87,9 @@ MAX_MESSAGE_BYTES = 32 * 1024
 
 # Plain ASCII decimal syntax: Decimal() alone also takes "1_000", " 1 ", non-ASCII digits.
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-# A plain decimal of at most 19 characters meets every limit above by construction (<= 19
-# digits, <= 18 decimals, < 1e19), so the common case skips the checks (see _dec).
-_PLAIN = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)", re.ASCII)
+# An unsigned plain decimal of at most 19 characters ("123", "1.5", "1.", ".5") meets
+# every limit above by construction (<= 19 digits, <= 18 decimals, < 1e19), so the common
+# case skips the checks (see _dec).
 _SHORT = MAX_ADJUSTED + 1
 _ZERO = Decimal(0)  # (a Decimal compares with a Decimal faster than with an int)
 assert _SHORT <= MAX_DIGITS and _SHORT - 1 <= MAX_SCALE
@@ -124,8 +124,13 @@ def _utf8(v: str) -> bool:
 def _dec(name: str, v: Any, positive: bool) -> Decimal:
     if type(v) is not str:
         raise CodecError(f"{name}: expected a decimal string, got {type(v).__name__}")
-    # the hot path: a short plain decimal is within every size limit by construction
-    d = Decimal(v) if len(v) <= _SHORT and _PLAIN.fullmatch(v) else _bounded(name, v)
+    # the hot path: a short unsigned plain decimal is within every limit by construction.
+    # ASCII digits with at most one point (str methods: 2.5x cheaper than a regex; ASCII
+    # first, since isdigit also takes other scripts' digits, which Decimal would read).
+    if len(v) <= _SHORT and v.isascii() and v.replace(".", "", 1).isdigit():
+        d = Decimal(v)
+    else:
+        d = _bounded(name, v)
     if d < _ZERO or (positive and not d):
         raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
     return d
@@ -184,10 +189,20 @@ def _opt_int(name: str, v: Any) -> int | None:
     return None if v is None else _int(name, v)
 
 
+# The latest time a message may carry (now + MAX_FUTURE_US) as last read from the clock;
+# read again only for a time past it. The bound grows with the clock, so an old reading
+# is only ever too strict, and is renewed before a time is refused (a wall clock stepped
+# back lets through at most the step more).
+_latest_us = 0
+
+
 def _time(name: str, v: Any) -> int:
+    global _latest_us
     if type(v) is not int:
         raise CodecError(f"{name}: expected integer epoch microseconds, got {v!r:.60}")
-    if v < MIN_TIME_US or v > time.time_ns() // 1000 + MAX_FUTURE_US:
+    if v > _latest_us:
+        _latest_us = time.time_ns() // 1000 + MAX_FUTURE_US
+    if v < MIN_TIME_US or v > _latest_us:
         raise CodecError(f"{name}: absurd timestamp {v} (epoch microseconds)")
     return v
 

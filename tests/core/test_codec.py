@@ -550,6 +550,24 @@ def decimal_like(draw) -> str:
         out += f"E{exponent:+d}"
     return out
 
+@settings(max_examples=500)
+@given(decimal_like() | st.text("0123456789.+-eE_ \t١²", max_size=codec._SHORT + 1))
+def test_the_short_decimal_shortcut_reads_what_the_full_check_reads(v):
+    """``_dec`` skips the syntax and size checks for short unsigned plain decimals: it must
+    accept exactly what ``_bounded`` accepts, as the same value."""
+
+    def read(check):
+        try:
+            return check()
+        except CodecError:
+            return "refused"
+
+    full = read(lambda: codec._bounded("qty", v))
+    if full != "refused" and full < 0:
+        full = "refused"  # a size is >= 0
+    assert read(lambda: codec._dec("qty", v, False)) == full
+
+
 long_text = st.text(max_size=200) | st.integers(0, 200).map(lambda n: "x" * n)
 
 
