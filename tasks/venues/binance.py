@@ -31,6 +31,7 @@ from tasks.venues.parsing import (
     bad_rows,
     build,
     loads,
+    missing,
     missing_fields,
     ms_to_us,
     split_concatenated,
@@ -217,7 +218,7 @@ class Binance(Adapter):
 
     def _trade(self, d: dict[str, Any], recv_us: int) -> Trade:
         # The hot path: one dict, then the codec's own checks (no second pass here).
-        with missing_fields(self.name, "trade"):
+        try:
             vs, m, t_ms = d["s"], d["m"], d["T"]
             wire = {
                 "v": 1, "t": "trade", "venue": self.name,
@@ -228,12 +229,14 @@ class Binance(Adapter):
                 "event_us": t_ms * 1000 if type(t_ms) is int else ms_to_us(self.name, "T", t_ms),
                 "recv_us": recv_us,
             }  # fmt: skip
+        except KeyError as e:
+            raise missing(self.name, "trade", e) from None
         return build(self.name, "trade", wire)
 
     def _quote(self, d: dict[str, Any], recv_us: int) -> Quote:
         # Spot bookTicker carries no time; futures-style payloads carry T and E.
         t_field = "T" if "T" in d else "E" if "E" in d else None
-        with missing_fields(self.name, "bookTicker"):
+        try:
             vs = d["s"]
             wire = {
                 "v": 1, "t": "quote", "venue": self.name,
@@ -243,6 +246,8 @@ class Binance(Adapter):
                 "event_us": ms_to_us(self.name, t_field, d[t_field]) if t_field else recv_us,
                 "recv_us": recv_us,
             }  # fmt: skip
+        except KeyError as e:
+            raise missing(self.name, "bookTicker", e) from None
         return build(self.name, "bookTicker", wire)
 
     def _symbol(self, vs: Any) -> str:
