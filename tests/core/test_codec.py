@@ -551,7 +551,7 @@ def decimal_like(draw) -> str:
     return out
 
 @settings(max_examples=500)
-@given(decimal_like() | st.text("0123456789.+-eE_ \t١²", max_size=codec._SHORT + 1))
+@given(decimal_like() | st.text("0123456789.+-eE_ \t\u0661\u00b2", max_size=codec._SHORT + 1))
 def test_the_short_decimal_shortcut_reads_what_the_full_check_reads(v):
     """``_dec`` skips the syntax and size checks for short unsigned plain decimals: it must
     accept exactly what ``_bounded`` accepts, as the same value."""
@@ -609,6 +609,48 @@ def test_decode_raises_only_codec_error_and_accepts_only_what_fits(obj):
             assert -codec.MAX_SCALE <= exponent <= codec.MAX_ADJUSTED
             assert abs(getattr(event, f)) < Decimal("1E19")
     assert len(encode(event)) <= codec.MAX_MESSAGE_BYTES and decode(encode(event)) == event
+
+
+@st.composite
+def trade_wires(draw):
+    """Trade wire dicts, ordinary or with fields at and past every limit the shortcut
+    tests (names, decimals, ids, times, side), or left out."""
+    now = NOW_US
+    times = st.sampled_from(
+        [codec.MIN_TIME_US - 1, codec.MIN_TIME_US, now, now + codec.MAX_FUTURE_US + 10**9]
+    ) | st.integers(codec.MIN_TIME_US - 10, now + 2 * codec.MAX_FUTURE_US)
+    names = long_text | st.sampled_from(["BTC\x00", "\ud800", "é", "BTC-USDT", "x" * 64])
+    values = {
+        "venue": names, "symbol": names, "venue_symbol": names,
+        "trade_id": st.sampled_from([0, codec.MAX_ID, codec.MAX_ID + 1, -1, True]) | st.integers(),
+        "price": decimal_like() | st.sampled_from(["0", "0.0", ".5", "5.", "1" * 19, "1" * 20]),
+        "qty": decimal_like(), "side": st.sampled_from(["buy", "sell", "unknown", "hold", None]),
+        "event_us": times, "recv_us": times,
+    }  # fmt: skip
+    obj = trade_wire()
+    for f in draw(st.lists(st.sampled_from(sorted(values)), max_size=3)):
+        obj[f] = draw(values[f] | json_values) if draw(st.integers(0, 5)) == 0 else draw(values[f])
+    if draw(st.integers(0, 9)) == 0:
+        del obj[draw(st.sampled_from(sorted(values)))]
+    return obj
+
+
+@settings(max_examples=1000)
+@given(trade_wires())
+def test_the_ordinary_trade_shortcut_builds_only_what_the_full_checks_build(obj):
+    """``from_dict`` builds ordinary trades without the schema's per-field checks
+    (``_ordinary_trade``, the ingest hot path): what it builds, the full checks build too,
+    as the same event; everything else goes to them."""
+    codec.from_dict(trade_wire())  # the clock's reading the shortcut compares times with
+    fast = codec._ordinary_trade(obj)
+    if fast is not None:
+        assert codec._by_schema(obj, "trade") == fast
+        assert type(fast.price) is Decimal and type(fast.trade_id) is int
+
+
+def test_an_ordinary_trade_takes_the_shortcut():
+    codec.from_dict(trade_wire())
+    assert codec._ordinary_trade(trade_wire()) == codec._by_schema(trade_wire(), "trade")
 
 
 @settings(max_examples=300)
