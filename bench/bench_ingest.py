@@ -461,7 +461,7 @@ def _top_rounds(
     neighbours come and go) would compare a backlog with a raw producer that kept pace,
     so the rounds start again at 90% of the rate, at most three times; the rate the
     rounds ran at is returned, with the rounds (the last try's, kept up or not)."""
-    for _ in range(4):
+    for attempt in range(4):
         rounds = []
         for _ in range(args.rounds):
             rounds.append(_pair(settings, messages, topics, rate, 5, args))
@@ -470,16 +470,18 @@ def _top_rounds(
                 break
         else:
             return rate, rounds
+        last = attempt == 3 or rate * 0.9 < 100
         print(
             f"  the ingestion fell behind at {rate:.0f}/s in round {len(rounds)} (acked "
             f"{ing['msg_per_s']:.0f}/s of {ing['offered_per_s']:.0f}/s, p99 "
-            f"{ing['p99_ms']:.0f} ms, steal {ing['steal']:.0%}): again at 90%",
+            f"{ing['p99_ms']:.0f} ms, steal {ing['steal']:.0%}): "
+            + ("no tries left, these rounds are reported" if last else "again at 90%"),
             flush=True,
         )
-        if rate * 0.9 < 100:
+        if last:
             break
         rate = round(rate * 0.9, -2)
-    return rate, rounds
+    return rate, rounds  # the rate these rounds ran at
 
 
 def _median(pairs: list[tuple[dict, dict, float]]) -> tuple[dict, dict, float]:
