@@ -127,11 +127,9 @@ def _dec(name: str, v: Any, positive: bool) -> Decimal:
     # the hot path: a short unsigned plain decimal is within every limit by construction.
     # ASCII digits with at most one point (str methods, a little cheaper than a regex;
     # ASCII first, since isdigit also takes other scripts' digits, which Decimal reads).
-    if len(v) <= _SHORT and v.isascii() and v.replace(".", "", 1).isdigit():
-        d = Decimal(v)
-    else:
-        d = _bounded(name, v)
-    if d < _ZERO or (positive and not d):
+    unsigned = len(v) <= _SHORT and v.isascii() and v.replace(".", "", 1).isdigit()
+    d = Decimal(v) if unsigned else _bounded(name, v)
+    if (not unsigned and d < _ZERO) or (positive and not d):
         raise CodecError(f"{name}: must be {'> 0' if positive else '>= 0'}, got {v}")
     return d
 
@@ -421,7 +419,7 @@ def _by_schema(obj: dict[str, Any], t: Any) -> Event:
     if schema is None:
         raise CodecError(f"unknown event type {t!r:.40}")
     cls, fields = schema
-    try:  # every field present: one pass (the ingest hot path: every venue event)
+    try:  # every field present: one pass (the ingest hot path for quotes and books)
         event = cls(*[check(name, obj[name]) for name, check in fields])
     except KeyError:  # a field left out: its default, or the first problem in field order
         event = cls(*[check(name, _field(obj, name)) for name, check in fields])
